@@ -1,0 +1,152 @@
+// The one place ops are registered: torch custom ops (TORCH_LIBRARY) so they compose with
+// torch.compile and CUDA graphs. Inputs are validated in Python (ddpm_fast/ops) with readable
+// messages before any kernel runs; the checks here are the last line of defence against a crash.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "common/philox.h"
+#include "cpu/kernels.h"
+
+namespace ddpm_fast {
+namespace {
+
+using cpu::DType;
+using cpu::Geometry;
+
+constexpr int kNCHW = 1, kNHWC = 2;
+
+// Which dense layouts t is in (both for tensors whose size-1 dims make them ambiguous).
+int layouts_of(const at::Tensor& t) {
+  int l = t.is_contiguous() ? kNCHW : 0;
+  if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) l |= kNHWC;
+  return l;
+}
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat;
+    case at::kHalf: return DType::kHalf;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "ddpm_fast: expected float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+// Geometry shared by x and every other (non-null) tensor: same shape, dtype, device, dense layout.
+Geometry geometry(const at::Tensor& x, std::initializer_list<const at::Tensor*> others) {
+  TORCH_CHECK(x.device().is_cpu(), "ddpm_fast cpu kernels: tensors must be on the CPU");
+  TORCH_CHECK(x.dim() >= 1 && x.size(0) > 0 && x.numel() > 0, "ddpm_fast: expected a non-empty batch");
+  int layouts = layouts_of(x);
+  for (const at::Tensor* o : others) {
+    if (!o) continue;
+    TORCH_CHECK(o->sizes() == x.sizes(), "ddpm_fast: shape mismatch ", o->sizes(), " vs ", x.sizes());
+    TORCH_CHECK(o->scalar_type() == x.scalar_type(), "ddpm_fast: dtype mismatch");
+    TORCH_CHECK(o->device() == x.device(), "ddpm_fast: device mismatch");
+    layouts &= layouts_of(*o);
+  }
+  TORCH_CHECK(layouts != 0, "ddpm_fast: tensors must share one dense layout (contiguous or channels_last)");
+  Geometry g;
+  g.batch = x.size(0);
+  g.numel_per_sample = x.numel() / g.batch;
+  g.nhwc = !(layouts & kNCHW);
+  g.channels = x.dim() >= 2 ? x.size(1) : 1;
+  g.spatial = g.nhwc ? x.size(2) * x.size(3) : 1;
+  return g;
+}
+
+void check_timesteps(const at::Tensor& t, const at::Tensor& abar, int64_t batch) {
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == batch && t.is_contiguous() &&
+                  t.device().is_cpu(),
+              "ddpm_fast: t must be a contiguous int64 CPU tensor of shape (batch,)");
+  TORCH_CHECK(abar.scalar_type() == at::kDouble && abar.dim() == 1 && abar.is_contiguous() && abar.device().is_cpu(),
+              "ddpm_fast: alphas_cumprod must be a contiguous float64 CPU tensor");
+  if (batch > 0) {
+    const auto [lo, hi] = at::aminmax(t);
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < abar.size(0), "ddpm_fast: t out of range");
+  }
+}
+
+cpu::NoiseKey noise_key(int64_t seed, int64_t sample_offset, uint32_t stream) {
+  TORCH_CHECK(sample_offset >= 0, "ddpm_fast: sample_offset must be >= 0");
+  return {static_cast<uint64_t>(seed), sample_offset, stream};
+}
+
+void ddpm_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, const at::Tensor& t,
+                   const at::Tensor& alphas_cumprod, const std::optional<at::Tensor>& noise, int64_t seed,
+                   int64_t sample_offset, int64_t prediction_type, int64_t variance_type, bool clip_sample,
+                   double clip_range, const at::Tensor& out, const std::optional<at::Tensor>& x0_out) {
+  const at::Tensor* nz = noise ? &*noise : nullptr;
+  const at::Tensor* x0 = x0_out ? &*x0_out : nullptr;
+  cpu::StepArgs a;
+  a.geo = geometry(x_t, {&model_output, nz, &out, x0});
+  check_timesteps(t, alphas_cumprod, a.geo.batch);
+  TORCH_CHECK(prediction_type >= 0 && prediction_type <= 2, "ddpm_fast: unknown prediction_type");
+  TORCH_CHECK(variance_type >= 0 && variance_type <= 1, "ddpm_fast: unknown variance_type");
+  a.dtype = dtype_of(x_t);
+  a.x = x_t.data_ptr();
+  a.model_output = model_output.data_ptr();
+  a.noise = nz ? nz->data_ptr() : nullptr;
+  a.out = out.data_ptr();
+  a.x0_out = x0 ? x0->data_ptr() : nullptr;
+  a.t = t.data_ptr<int64_t>();
+  a.abar = alphas_cumprod.data_ptr<double>();
+  a.key = noise_key(seed, sample_offset, kStreamStep);
+  a.prediction_type = static_cast<int>(prediction_type);
+  a.variance_type = static_cast<int>(variance_type);
+  a.clip = clip_sample;
+  a.clip_range = static_cast<float>(clip_range);
+  cpu::ddpm_step(a);
+}
+
+void q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& alphas_cumprod, const at::Tensor& noise,
+                  bool generate_noise, int64_t seed, int64_t sample_offset, const at::Tensor& out) {
+  cpu::QSampleArgs a;
+  a.geo = geometry(x0, {&noise, &out});
+  check_timesteps(t, alphas_cumprod, a.geo.batch);
+  a.dtype = dtype_of(x0);
+  a.x0 = x0.data_ptr();
+  a.noise = noise.data_ptr();
+  a.generate_noise = generate_noise;
+  a.out = out.data_ptr();
+  a.t = t.data_ptr<int64_t>();
+  a.abar = alphas_cumprod.data_ptr<double>();
+  a.key = noise_key(seed, sample_offset, kStreamQSample);
+  cpu::q_sample(a);
+}
+
+void keyed_normal_cpu(const at::Tensor& t, int64_t seed, int64_t sample_offset, int64_t stream, const at::Tensor& out) {
+  cpu::NormalArgs a;
+  a.geo = geometry(out, {});
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == a.geo.batch && t.is_contiguous(),
+              "ddpm_fast: t must be a contiguous int64 tensor of shape (batch,)");
+  TORCH_CHECK(stream >= 0 && stream <= 0xffffffffLL, "ddpm_fast: stream must fit in 32 bits");
+  a.dtype = dtype_of(out);
+  a.out = out.data_ptr();
+  a.t = t.data_ptr<int64_t>();
+  a.key = noise_key(seed, sample_offset, static_cast<uint32_t>(stream));
+  cpu::keyed_normal(a);
+}
+
+}  // namespace
+}  // namespace ddpm_fast
+
+TORCH_LIBRARY(ddpm_fast, m) {
+  m.def(
+      "ddpm_step(Tensor x_t, Tensor model_output, Tensor t, Tensor alphas_cumprod, Tensor? noise, int seed, "
+      "int sample_offset, int prediction_type, int variance_type, bool clip_sample, float clip_range, "
+      "Tensor(a!) out, Tensor(b!)? x0_out) -> ()");
+  m.def(
+      "q_sample(Tensor x0, Tensor t, Tensor alphas_cumprod, Tensor(a!) noise, bool generate_noise, int seed, "
+      "int sample_offset, Tensor(b!) out) -> ()");
+  m.def("keyed_normal(Tensor t, int seed, int sample_offset, int stream, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
+  m.impl("ddpm_step", &ddpm_fast::ddpm_step_cpu);
+  m.impl("q_sample", &ddpm_fast::q_sample_cpu);
+  m.impl("keyed_normal", &ddpm_fast::keyed_normal_cpu);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ddpm_fast CPU kernels (ops registered under torch.ops.ddpm_fast)";
+  m.def("capability", &ddpm_fast::cpu::capability, "instruction set the kernels were compiled for");
+}

@@ -1,0 +1,66 @@
+// Per-timestep scalar coefficients of the DDPM noising and reverse step, in double precision from
+// the float64 schedule (abar = alphas_cumprod). Ho et al. 2020: eq. 4 (q_sample), eq. 15 (x_0 from
+// epsilon), eq. 6-7 (posterior mean and variance); v-prediction from Salimans & Ho 2022.
+// The elementwise kernels apply them in fp32.
+#pragma once
+
+#include "macros.h"
+
+#if !defined(__CUDACC__)
+#include <cmath>
+#endif
+
+namespace ddpm_fast {
+
+enum PredictionType : int { kEpsilon = 0, kSample = 1, kVPrediction = 2 };
+enum VarianceType : int { kFixedSmall = 0, kFixedLarge = 1 };
+
+// x_t = a * x_0 + b * eps
+struct QSampleCoeffs {
+  float a, b;
+};
+
+HOST_DEVICE QSampleCoeffs q_sample_coeffs(double abar_t) {
+  return {static_cast<float>(sqrt(abar_t)), static_cast<float>(sqrt(1.0 - abar_t))};
+}
+
+// x_0   = ax * x_t + am * m                       (m: the model output)
+// mean  = c0 * clip(x_0) + c1 * x_t               (eq. 7)
+//       = kx * x_t + km * m                       (folded in double when there is no clipping)
+// x_t-1 = mean + sigma * z
+struct StepCoeffs {
+  float ax, am, c0, c1, kx, km, sigma;
+};
+
+// abar_prev is abar at the previous timestep (1 when t is the last step); sigma is 0 when last_step.
+HOST_DEVICE StepCoeffs step_coeffs(double abar_t, double abar_prev, int prediction_type, int variance_type,
+                                   bool last_step) {
+  const double alpha_t = abar_t / abar_prev;  // the step's own alpha (also right for respaced steps)
+  const double beta_t = 1.0 - alpha_t;
+  double ax, am;
+  if (prediction_type == kEpsilon) {
+    ax = 1.0 / sqrt(abar_t);
+    am = -sqrt(1.0 / abar_t - 1.0);
+  } else if (prediction_type == kSample) {
+    ax = 0.0;
+    am = 1.0;
+  } else {  // kVPrediction
+    ax = sqrt(abar_t);
+    am = -sqrt(1.0 - abar_t);
+  }
+  const double c0 = sqrt(abar_prev) * beta_t / (1.0 - abar_t);
+  const double c1 = sqrt(alpha_t) * (1.0 - abar_prev) / (1.0 - abar_t);
+  double variance = variance_type == kFixedLarge ? beta_t : (1.0 - abar_prev) / (1.0 - abar_t) * beta_t;
+  variance = variance > 1e-20 ? variance : 1e-20;  // diffusers' clamp
+  StepCoeffs k;
+  k.ax = static_cast<float>(ax);
+  k.am = static_cast<float>(am);
+  k.c0 = static_cast<float>(c0);
+  k.c1 = static_cast<float>(c1);
+  k.kx = static_cast<float>(c0 * ax + c1);
+  k.km = static_cast<float>(c0 * am);
+  k.sigma = last_step ? 0.0f : static_cast<float>(sqrt(variance));
+  return k;
+}
+
+}  // namespace ddpm_fast

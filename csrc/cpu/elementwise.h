@@ -1,0 +1,140 @@
+// Building blocks of the CPU elementwise kernels: fp32 vectors loaded from fp32/fp16/bf16 memory,
+// keyed Gaussian noise generated eight Philox counters at a time, and a threaded chunk loop that hands
+// each chunk its noise in memory order (NCHW or NHWC) without it ever touching DRAM.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common/philox.h"
+#include "kernels.h"
+
+namespace ddpm_fast {
+namespace cpu {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = 2 * Vec::size();  // elements per vector iteration: one 16-bit vector, two fp32
+
+template <typename T>
+inline void load2(const T* p, Vec& lo, Vec& hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    lo = Vec::loadu(p);
+    hi = Vec::loadu(p + Vec::size());
+  } else {
+    static_assert(at::vec::Vectorized<T>::size() == kLanes);
+    std::tie(lo, hi) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+  }
+}
+
+template <typename T>
+inline void store2(T* p, const Vec& lo, const Vec& hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    lo.store(p);
+    hi.store(p + Vec::size());
+  } else {
+    at::vec::convert_from_float<T>(lo, hi).store(p);
+  }
+}
+
+// Normals of counters c .. c+7 (elements 4c .. 4c+31 of sample g at step t), in element order.
+inline void philox_normal_block8(PhiloxKey key, uint32_t c, uint32_t g, uint32_t t, uint32_t stream, float* z) {
+  constexpr int L = 8;
+  alignas(32) uint32_t w[4][L];
+  for (int l = 0; l < L; ++l) {
+    w[0][l] = c + l;
+    w[1][l] = g;
+    w[2][l] = t;
+    w[3][l] = stream;
+  }
+  uint32_t k0 = key.k0, k1 = key.k1;
+  for (int r = 0; r < 10; ++r) {
+    if (r) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    for (int l = 0; l < L; ++l) {  // vectorizes to vpmuludq on AVX2
+      const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * w[0][l];
+      const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * w[2][l];
+      const uint32_t c1 = w[1][l], c3 = w[3][l];
+      w[0][l] = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+      w[1][l] = static_cast<uint32_t>(p1);
+      w[2][l] = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+      w[3][l] = static_cast<uint32_t>(p0);
+    }
+  }
+  alignas(32) float u[4][L];
+  for (int j = 0; j < 4; ++j)
+    for (int l = 0; l < L; ++l) u[j][l] = uint_to_unit_float(w[j][l]);
+  alignas(32) float zz[4][L];
+  static_assert(L % Vec::size() == 0);
+  for (int l = 0; l < L; l += Vec::size()) {
+    for (int pair = 0; pair < 2; ++pair) {
+      const Vec r = (Vec(-2.0f) * Vec::loadu(&u[2 * pair][l]).log()).sqrt();
+      const Vec theta = Vec(kTwoPi) * Vec::loadu(&u[2 * pair + 1][l]);
+      (r * theta.cos()).store(&zz[2 * pair][l]);
+      (r * theta.sin()).store(&zz[2 * pair + 1][l]);
+    }
+  }
+  for (int l = 0; l < L; ++l)
+    for (int j = 0; j < 4; ++j) z[4 * l + j] = zz[j][l];
+}
+
+// dst[k] = normal of logical element i0 + k of sample g at step t, for k < count.
+inline void fill_normal(float* dst, PhiloxKey key, uint32_t g, uint32_t t, uint32_t stream, int64_t i0,
+                        int64_t count) {
+  const int64_t end = i0 + count;
+  alignas(32) float block[32];
+  for (int64_t c = i0 / 4; 4 * c < end; c += 8) {
+    philox_normal_block8(key, static_cast<uint32_t>(c), g, t, stream, block);
+    const int64_t lo = std::max(i0, 4 * c), hi = std::min(end, 4 * c + 32);
+    std::copy(block + (lo - 4 * c), block + (hi - 4 * c), dst + (lo - i0));
+  }
+}
+
+constexpr int64_t kChunk = 4096;       // elements a chunk: its noise (16 KB) stays in L1/L2
+constexpr int64_t kSerialBelow = 1 << 15;  // smaller tensors are not worth waking threads for
+
+// Calls body(b, lo, hi, z) over chunks [lo, hi) of each sample b (offsets in memory order within the
+// sample), in parallel. With a key, z holds the chunk's keyed normals in memory order; else nullptr.
+template <class Body>
+void for_each_chunk(const Geometry& geo, const NoiseKey* key, const int64_t* t, const Body& body) {
+  const int64_t n = geo.numel_per_sample, C = geo.channels;
+  // An NHWC chunk is whole pixels: its noise is C runs of consecutive logical indices.
+  const int64_t step = geo.nhwc ? std::max<int64_t>(1, kChunk / C) * C : kChunk;
+  const int64_t per_sample = (n + step - 1) / step;
+  const int64_t items = geo.batch * per_sample;
+  const int64_t grain = geo.batch * n < kSerialBelow ? items : std::max<int64_t>(1, kSerialBelow / step);
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> z, logical;
+    if (key) {
+      z.resize(step);
+      if (geo.nhwc) logical.resize(step);
+    }
+    const PhiloxKey pk = key ? philox_key(key->seed) : PhiloxKey{0, 0};
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / per_sample;
+      const int64_t lo = (item % per_sample) * step, hi = std::min(lo + step, n);
+      if (key) {
+        const uint32_t g = static_cast<uint32_t>(key->sample_offset + b);
+        const uint32_t tb = static_cast<uint32_t>(t[b]);
+        if (!geo.nhwc) {
+          fill_normal(z.data(), pk, g, tb, key->stream, lo, hi - lo);
+        } else {
+          const int64_t p0 = lo / C, np = (hi - lo) / C;
+          for (int64_t c = 0; c < C; ++c)
+            fill_normal(logical.data() + c * np, pk, g, tb, key->stream, c * geo.spatial + p0, np);
+          for (int64_t p = 0; p < np; ++p)
+            for (int64_t c = 0; c < C; ++c) z[p * C + c] = logical[c * np + p];
+        }
+      }
+      body(b, lo, hi, key ? z.data() : nullptr);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace ddpm_fast

@@ -1,0 +1,74 @@
+// Interface between the torch glue (csrc/bindings.cpp) and the CPU kernels: raw pointers and sizes only,
+// so the kernel translation units stay free of the Tensor API and compile fast.
+#pragma once
+
+#include <stdint.h>
+
+namespace ddpm_fast {
+namespace cpu {
+
+enum class DType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
+
+// A batch of dense samples that all share one memory layout. Each sample is contiguous in memory
+// (numel_per_sample elements); inside it the layout is NCHW (logical order) or NHWC (channels last).
+struct Geometry {
+  int64_t batch;
+  int64_t numel_per_sample;
+  int64_t channels;  // used when nhwc
+  int64_t spatial;   // H * W, used when nhwc
+  bool nhwc;
+};
+
+// Keyed noise (csrc/common/philox.h): sample b is global sample sample_offset + b, at step t[b].
+struct NoiseKey {
+  uint64_t seed;
+  int64_t sample_offset;
+  uint32_t stream;
+};
+
+struct StepArgs {
+  Geometry geo;
+  DType dtype;
+  const void* x;             // (B, ...) x_t
+  const void* model_output;  // (B, ...) epsilon, x_0 or v
+  const void* noise;         // (B, ...) z, or nullptr: keyed noise
+  void* out;                 // (B, ...) x_{t-1}; may alias x or model_output
+  void* x0_out;              // (B, ...) predicted (clipped) x_0, or nullptr
+  const int64_t* t;          // (B,) timesteps
+  const double* abar;        // (T,) alphas_cumprod, float64
+  NoiseKey key;
+  int prediction_type;  // PredictionType in csrc/common/coefficients.h
+  int variance_type;    // VarianceType
+  bool clip;
+  float clip_range;
+};
+
+struct QSampleArgs {
+  Geometry geo;
+  DType dtype;
+  const void* x0;      // (B, ...)
+  void* noise;         // (B, ...) eps: read, or written when generate_noise
+  bool generate_noise;
+  void* out;           // (B, ...) x_t; may alias x0
+  const int64_t* t;    // (B,)
+  const double* abar;  // (T,)
+  NoiseKey key;
+};
+
+struct NormalArgs {
+  Geometry geo;
+  DType dtype;
+  void* out;         // (B, ...)
+  const int64_t* t;  // (B,) the step each sample's noise is keyed with
+  NoiseKey key;
+};
+
+void ddpm_step(const StepArgs& args);
+void q_sample(const QSampleArgs& args);
+void keyed_normal(const NormalArgs& args);
+
+// The instruction set these kernels were compiled for ("avx2" or "default").
+const char* capability();
+
+}  // namespace cpu
+}  // namespace ddpm_fast

@@ -1,0 +1,268 @@
+"""Public functional ops. Validation and backend choice happen here (ops/_checks.py, ops/_dispatch.py);
+the kernels live in csrc/ (torch.ops.ddpm_fast.*) and kernels/ (Triton); ddpm_fast/reference is the spec.
+
+Every op takes ``out=`` (a preallocated result, PyTorch's convention) and ``backend=``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference as ref
+from ..reference.noise import STREAM_Q_SAMPLE, STREAM_STEP, STREAM_X_T
+from . import _checks as C
+from ._dispatch import backends, resolve
+
+__all__ = ["attention", "backends", "ddpm_step", "group_norm_silu", "keyed_normal", "q_sample"]
+
+_PREDICTION_CODE = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+_VARIANCE_CODE = {"fixed_small": 0, "fixed_large": 1}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tensors)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The dense layout the fused kernels run in: x's own if it has one, else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _dense(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    return x if x.is_contiguous(memory_format=fmt) else x.contiguous(memory_format=fmt)
+
+
+def _result_buffer(out, like: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """Where a kernel writes: ``out`` itself when it has the layout, else a fresh tensor copied into out later."""
+    if out is not None and out.is_contiguous(memory_format=fmt):
+        return out
+    return torch.empty_like(like, memory_format=fmt)
+
+
+def _finish(result: torch.Tensor, out) -> torch.Tensor:
+    if out is None or out is result:
+        return result if out is None else out
+    return out.copy_(result)
+
+
+def _signed64(seed: int) -> int:
+    """A uint64 seed as the int64 the op schema carries (same bits)."""
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+# ----------------------------------------------------------------------------------------------- noising
+def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, backend=None, out=None):
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4), t per sample.
+
+    ``noise=None`` draws eps from the keyed generator (``seed``, ``sample_offset``; seed=None takes one from
+    torch's default generator) and returns ``(x_t, eps)``; otherwise returns x_t.
+    """
+    s = C.schedule(schedule)
+    x0 = C.tensor("x0", x0)
+    B = x0.shape[0]
+    if noise is not None:
+        C.like("noise", noise, x0, "x0")
+    if out is not None:
+        C.like("out", out, x0, "x0")
+    drawn = noise is None
+    seed = C.seed_value(seed) if drawn else 0
+    sample_offset = C.sample_offset(sample_offset, B)
+    backend = resolve("q_sample", backend, x0.device, _needs_grad(x0, noise))
+    t = C.timesteps(t, B, len(s), x0.device if backend == "torch" else "cpu")
+    if backend == "torch":
+        result = ref.q_sample(x0, t, noise, s, seed=seed, sample_offset=sample_offset)
+        x_t = result[0] if drawn else result
+        x_t = _finish(x_t, out)
+        return (x_t, result[1]) if drawn else x_t
+    C.tensor("x0", x0, dtypes=C.FUSED_DTYPES)
+    fmt = _memory_format(x0)
+    x0d = _dense(x0, fmt)
+    eps = torch.empty_like(x0d, memory_format=fmt) if drawn else _dense(noise, fmt)
+    x_t = _result_buffer(out, x0d, fmt)
+    torch.ops.ddpm_fast.q_sample(
+        x0d, t, s.table("alphas_cumprod", torch.float64, "cpu"), eps, drawn, _signed64(seed), sample_offset, x_t
+    )
+    x_t = _finish(x_t, out)
+    return (x_t, eps) if drawn else x_t
+
+
+# ----------------------------------------------------------------------------------------------- reverse step
+def ddpm_step(
+    x_t,
+    model_output,
+    t,
+    schedule,
+    noise=None,
+    *,
+    seed=None,
+    sample_offset=0,
+    variance_type="fixed_small",
+    prediction_type="epsilon",
+    clip_sample=False,
+    clip_range=1.0,
+    backend=None,
+    out=None,
+):
+    """One reverse step x_t -> x_{t-1} (Ho et al. 2020, Algorithm 2 line 4; eq. 7 and 15).
+
+    ``t``: an int (the whole batch at one step) or a (B,) integer tensor. ``model_output`` is epsilon, x_0
+    ("sample") or v per ``prediction_type``. ``noise``: z, or None for keyed noise from ``seed`` and
+    ``sample_offset`` (stream 0). No noise is added where t == 0. ``out`` may be ``x_t`` (in place).
+    """
+    s = C.schedule(schedule)
+    x_t = C.tensor("x_t", x_t)
+    C.like("model_output", model_output, x_t, "x_t")
+    if noise is not None:
+        C.like("noise", noise, x_t, "x_t")
+    if out is not None:
+        C.like("out", out, x_t, "x_t")
+    C.choice("variance_type", variance_type, C.VARIANCE_TYPES)
+    C.choice("prediction_type", prediction_type, C.PREDICTION_TYPES)
+    if not isinstance(clip_sample, bool):
+        raise TypeError(f"clip_sample: expected a bool, got {type(clip_sample).__name__}")
+    clip_range = C.number("clip_range", clip_range, positive=True)
+    B = x_t.shape[0]
+    seed = C.seed_value(seed) if noise is None else 0
+    sample_offset = C.sample_offset(sample_offset, B)
+    backend = resolve("ddpm_step", backend, x_t.device, _needs_grad(x_t, model_output, noise))
+    t = C.timesteps(t, B, len(s), x_t.device if backend == "torch" else "cpu")
+    if backend == "torch":
+        result = ref.ddpm_step(
+            x_t,
+            model_output,
+            t,
+            s,
+            noise,
+            seed=seed,
+            sample_offset=sample_offset,
+            variance_type=variance_type,
+            prediction_type=prediction_type,
+            clip_sample=clip_sample,
+            clip_range=clip_range,
+        )
+        return _finish(result, out)
+    C.tensor("x_t", x_t, dtypes=C.FUSED_DTYPES)
+    fmt = _memory_format(x_t)
+    xd = _dense(x_t, fmt)
+    result = _result_buffer(out, xd, fmt)
+    torch.ops.ddpm_fast.ddpm_step(
+        xd,
+        _dense(model_output, fmt),
+        t,
+        s.table("alphas_cumprod", torch.float64, "cpu"),
+        None if noise is None else _dense(noise, fmt),
+        _signed64(seed),
+        sample_offset,
+        _PREDICTION_CODE[prediction_type],
+        _VARIANCE_CODE[variance_type],
+        clip_sample,
+        clip_range,
+        result,
+        None,
+    )
+    return _finish(result, out)
+
+
+# ----------------------------------------------------------------------------------------------- noise
+def keyed_normal(shape, *, seed, t=0, stream=STREAM_X_T, sample_offset=0, dtype=torch.float32, device="cpu",
+                 memory_format=torch.contiguous_format, backend=None, out=None):
+    """Keyed standard normal noise of ``shape`` (B, ...): what the fused kernels draw for (seed, g, t, stream).
+
+    Stream 2 (the default) is a sampling chain's initial x_T; 0 is ddpm_step's z; 1 is q_sample's eps.
+    """
+    if out is not None:
+        C.tensor("out", out)
+        shape, dtype, device = tuple(out.shape), out.dtype, out.device
+    shape = tuple(int(d) for d in shape)
+    if len(shape) == 0 or any(d <= 0 for d in shape):
+        raise ValueError(f"shape: expected a non-empty (batch, ...) shape, got {shape}")
+    if stream not in (STREAM_STEP, STREAM_Q_SAMPLE, STREAM_X_T) and not (0 <= int(stream) < 2**32):
+        raise ValueError(f"stream: expected a 32-bit non-negative int, got {stream}")
+    device = torch.device(device)
+    seed = C.seed_value(seed)
+    B = shape[0]
+    sample_offset = C.sample_offset(sample_offset, B)
+    backend = resolve("keyed_normal", backend, device)
+    t = C.timesteps(t, B, 2**32, device if backend == "torch" else "cpu")
+    if backend == "torch":
+        z = ref.keyed_normal(shape, seed, t, stream, sample_offset, device).to(dtype)
+        if memory_format is not torch.contiguous_format:
+            z = z.contiguous(memory_format=memory_format)
+        return _finish(z, out)
+    if dtype not in C.FUSED_DTYPES:
+        raise TypeError(f"dtype: the {backend} backend supports float32/float16/bfloat16, got {dtype}")
+    if out is not None:
+        fmt = _memory_format(out)
+        result = _result_buffer(out, out, fmt)
+    else:
+        result = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    torch.ops.ddpm_fast.keyed_normal(t, _signed64(seed), sample_offset, int(stream), result)
+    return _finish(result, out)
+
+
+# ----------------------------------------------------------------------------------------------- U-Net ops
+def group_norm_silu(x, num_groups, weight, bias, eps=1e-5, *, silu=True, add=None, backend=None, out=None):
+    """SiLU(GroupNorm(x + add[:, :, None, None]) * weight + bias) (Wu & He 2018); add and SiLU optional."""
+    x = C.tensor("x", x, min_dim=2)
+    Cn = x.shape[1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+        raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
+    if Cn % num_groups:
+        raise ValueError(f"num_groups: {Cn} channels are not divisible by {num_groups} groups")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(p).__name__}")
+            if tuple(p.shape) != (Cn,):
+                raise ValueError(f"{name}: expected shape ({Cn},), got {tuple(p.shape)}")
+            if p.device != x.device:
+                raise ValueError(f"{name}: on {p.device} but x is on {x.device}")
+    if add is not None:
+        C.like("add", add, x, "x", shape=x.shape[:2])
+    C.number("eps", eps, positive=True)
+    if out is not None:
+        C.like("out", out, x, "x")
+    resolve("group_norm_silu", backend, x.device, _needs_grad(x, weight, bias, add))
+    return _finish(ref.group_norm_silu(x, num_groups, weight, bias, eps, silu=silu, add=add), out)
+
+
+def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
+    """softmax(q k^T * scale) v (+ residual) for (B, H, N, D) q, k, v of any strides; scale=None: 1/sqrt(D)."""
+    q = C.tensor("q", q, min_dim=4)
+    for name, x in (("k", k), ("v", v)):
+        C.tensor(name, x, min_dim=4)
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {x.dtype} does not match q's {q.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name}: on {x.device} but q is on {q.device}")
+        if x.dim() != 4 or x.shape[:2] != q.shape[:2]:
+            raise ValueError(f"{name}: expected shape (B, H, N, D) with (B, H) = {tuple(q.shape[:2])}, got {tuple(x.shape)}")
+    if q.dim() != 4:
+        raise ValueError(f"q: expected shape (B, H, N, D), got {tuple(q.shape)}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"k: head dim {k.shape[3]} does not match q's {q.shape[3]}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"v: {v.shape[2]} keys/values but k has {k.shape[2]}")
+    out_shape = (*q.shape[:3], v.shape[3])
+    if residual is not None:
+        C.like("residual", residual, q, "q", shape=out_shape)
+    if scale is not None:
+        scale = C.number("scale", scale, positive=True)
+    if out is not None:
+        C.like("out", out, q, "q", shape=out_shape)
+    resolve("attention", backend, q.device, _needs_grad(q, k, v, residual))
+    return _finish(ref.attention(q, k, v, scale=scale, residual=residual), out)
+
+
+def _register_fakes() -> None:
+    """Shape functions of the compiled ops, so torch.compile can trace through them."""
+    if not hasattr(torch.ops.ddpm_fast, "ddpm_step"):
+        return
+    for name in ("ddpm_step", "q_sample", "keyed_normal"):
+        torch.library.register_fake(f"ddpm_fast::{name}")(lambda *args, **kwargs: None)
+
+
+_register_fakes()

@@ -1,0 +1,99 @@
+"""Input validation shared by every op: readable ValueError/TypeError naming the argument, before any kernel."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from ..schedule import NoiseSchedule
+
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REFERENCE_DTYPES = FUSED_DTYPES + (torch.float64,)
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+VARIANCE_TYPES = ("fixed_small", "fixed_large")
+
+
+def tensor(name: str, x, *, min_dim: int = 1, dtypes=REFERENCE_DTYPES) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({names}), got {str(x.dtype).replace('torch.', '')}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name}: expected at least {min_dim} dims, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    return x
+
+
+def like(name: str, x, ref: torch.Tensor, ref_name: str, *, shape=None) -> torch.Tensor:
+    """x must be a tensor with ref's dtype, device and shape (or ``shape``)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.device != ref.device:
+        raise ValueError(f"{name}: on {x.device} but {ref_name} is on {ref.device}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name}: dtype {x.dtype} does not match {ref_name}'s {ref.dtype}")
+    expected = tuple(ref.shape) if shape is None else tuple(shape)
+    if tuple(x.shape) != expected:
+        raise ValueError(f"{name}: expected shape {expected}, got {tuple(x.shape)}")
+    return x
+
+
+def schedule(s) -> NoiseSchedule:
+    if not isinstance(s, NoiseSchedule):
+        raise TypeError(f"schedule: expected a ddpm_fast.NoiseSchedule, got {type(s).__name__}")
+    return s
+
+
+def timesteps(t, batch: int, num_timesteps: int, device) -> torch.Tensor:
+    """t as an int64 tensor of shape (batch,) on ``device``; an int or 0-d tensor applies to every sample."""
+    if isinstance(t, bool) or not isinstance(t, (numbers.Integral, torch.Tensor)):
+        raise TypeError(f"t: expected an int or an integer tensor, got {type(t).__name__}")
+    if isinstance(t, torch.Tensor):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"t: expected an integer tensor, got dtype {t.dtype}")
+        if t.dim() > 1 or (t.dim() == 1 and t.numel() != batch):
+            raise ValueError(f"t: expected an int, a 0-d tensor or shape ({batch},), got shape {tuple(t.shape)}")
+        lo, hi = (int(v) for v in torch.aminmax(t))
+        t = t.to(device=device, dtype=torch.int64).reshape(-1).expand(batch).contiguous()
+    else:
+        lo = hi = int(t)
+        t = torch.full((batch,), lo, dtype=torch.int64, device=device)
+    if lo < 0 or hi >= num_timesteps:
+        raise ValueError(f"t: expected values in [0, {num_timesteps - 1}], got {lo if lo < 0 else hi}")
+    return t
+
+
+def seed_value(seed) -> int:
+    """A 64-bit seed; None draws one from torch's default generator (so torch.manual_seed reproduces it)."""
+    if seed is None:
+        return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed: expected 0 <= seed < 2**64, got {seed}")
+    return int(seed)
+
+
+def sample_offset(offset, batch: int) -> int:
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
+        raise TypeError(f"sample_offset: expected an int, got {type(offset).__name__}")
+    if offset < 0 or offset + batch > 2**32:
+        raise ValueError(f"sample_offset: expected 0 <= sample_offset and sample_offset + batch <= 2**32, got {offset}")
+    return int(offset)
+
+
+def choice(name: str, value, options) -> str:
+    if value not in options:
+        raise ValueError(f"{name}: expected one of {options}, got {value!r}")
+    return value
+
+
+def number(name: str, value, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if positive and not value > 0:
+        raise ValueError(f"{name}: expected a positive number, got {value}")
+    return float(value)

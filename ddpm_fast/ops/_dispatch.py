@@ -1,0 +1,97 @@
+"""The one dispatch point: which backend runs an op.
+
+- ``backend=None`` / ``"auto"``: ``DDPM_FAST_BACKEND`` if set, else the fastest backend that implements the op
+  for the tensors' device; an unavailable choice falls back quietly (one debug log line) to the reference.
+- a backend asked for by name that is unavailable raises, saying why.
+- when autograd needs a gradient through an op and the backend has no backward, the reference runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .. import _ext
+
+log = logging.getLogger("ddpm_fast")
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+# Ops each compiled backend implements; everything else runs on the reference ("torch").
+_IMPLEMENTS = {
+    "cpu": {"q_sample", "ddpm_step", "keyed_normal"},
+    "triton": set(),
+    "cuda": set(),
+}
+# Fastest first, per device type.
+_AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+
+
+def _why_unavailable(name: str) -> str | None:
+    """None when the backend can run here, else the reason."""
+    if name == "torch":
+        return None
+    if name == "cpu":
+        return _ext.cpu_unavailable_reason()
+    if name == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed"
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            return "no GPU: triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
+        return "no Triton kernels built yet"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            return "no GPU: torch.cuda.is_available() is False"
+        return "CUDA kernels not built (torch without CUDA or nvcc missing at build time)"
+    raise ValueError(f"backend: expected one of {BACKENDS} or 'auto', got {name!r}")
+
+
+def backends() -> dict[str, str]:
+    """Each backend and 'available' or why it is not."""
+    report = {}
+    for name in BACKENDS:
+        why = _why_unavailable(name)
+        if why is None and name == "cpu":
+            report[name] = f"available ({_ext.cpu_capability()} build)"
+        else:
+            report[name] = "available" if why is None else why
+    return report
+
+
+def resolve(op: str, requested, device: torch.device, needs_grad: bool = False) -> str:
+    """The backend that runs ``op`` on tensors on ``device``."""
+    if requested is not None and not isinstance(requested, str):
+        raise TypeError(f"backend: expected a str or None, got {type(requested).__name__}")
+    name = requested if requested not in (None, "auto") else os.environ.get("DDPM_FAST_BACKEND") or "auto"
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+            if candidate == "torch":
+                return "torch"
+            if needs_grad or op not in _IMPLEMENTS[candidate]:
+                continue
+            why = _why_unavailable(candidate)
+            if why is None:
+                return candidate
+            log.debug("ddpm_fast: %s backend unavailable for %s (%s)", candidate, op, why)
+        return "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS} or 'auto', got {name!r}")
+    if name == "torch":
+        return name
+    why = _why_unavailable(name)
+    if why is not None:
+        raise RuntimeError(f"backend {name!r} is unavailable: {why}")
+    if op not in _IMPLEMENTS[name]:
+        raise NotImplementedError(f"backend {name!r} has no {op} kernel yet; use backend='torch' or 'auto'")
+    wants = "cuda" if name == "cuda" else None
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend 'cpu' needs CPU tensors, got tensors on {device}")
+    if wants and device.type != wants:
+        raise ValueError(f"backend {name!r} needs CUDA tensors, got tensors on {device}")
+    if needs_grad:
+        log.debug("ddpm_fast: %s needs a gradient; running the reference instead of %s", op, name)
+        return "torch"
+    return name
