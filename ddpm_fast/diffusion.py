@@ -1,0 +1,129 @@
+"""GaussianDiffusion: DDPM training (Algorithm 1) and sampling (Algorithm 2) of Ho et al. 2020 on fused ops."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import ops
+from .ops import _checks as C
+from .reference.noise import STREAM_X_T
+from .schedule import NoiseSchedule
+
+
+class GaussianDiffusion:
+    """A denoiser ``model(x_t, t) -> epsilon`` (or x_0 / v) with a fixed noise schedule.
+
+    ``backend`` picks the kernels of the noising and reverse-step ops (None: the fastest available).
+    Sampling defaults follow diffusers' DDPMScheduler: fixed_small variance, x_0 clipped to [-1, 1].
+    """
+
+    def __init__(
+        self,
+        model,
+        schedule: NoiseSchedule | None = None,
+        *,
+        backend: str | None = None,
+        prediction_type: str = "epsilon",
+        variance_type: str = "fixed_small",
+        clip_sample: bool = True,
+        clip_range: float = 1.0,
+    ):
+        if not callable(model):
+            raise TypeError(f"model: expected a callable model(x_t, t), got {type(model).__name__}")
+        self.model = model
+        self.schedule = C.schedule(schedule if schedule is not None else NoiseSchedule.linear())
+        self.backend = backend
+        self.prediction_type = C.choice("prediction_type", prediction_type, C.PREDICTION_TYPES)
+        self.variance_type = C.choice("variance_type", variance_type, C.VARIANCE_TYPES)
+        self.clip_sample = bool(clip_sample)
+        self.clip_range = C.number("clip_range", clip_range, positive=True)
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.schedule)
+
+    # ------------------------------------------------------------------ Algorithm 1
+    def loss(self, x0: torch.Tensor, t=None, *, seed=None, generator=None) -> torch.Tensor:
+        """L_simple = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2, t ~ Uniform.
+
+        eps is drawn inside the fused noising kernel (keyed by ``seed``; None takes one from torch's generator).
+        """
+        x0 = C.tensor("x0", x0, min_dim=2)
+        B = x0.shape[0]
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (B,), generator=generator, device="cpu").to(x0.device)
+        x_t, eps = ops.q_sample(x0, t, None, self.schedule, seed=seed, backend=self.backend)
+        target = {"epsilon": eps, "sample": x0}.get(self.prediction_type)
+        if target is None:  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+            abar = self.schedule.alphas_cumprod.to(x0.device)[torch.as_tensor(t, device=x0.device).expand(B)]
+            abar = abar.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+            target = abar.sqrt() * eps - (1 - abar).sqrt() * x0
+        return F.mse_loss(self.model(x_t, t), target)
+
+    # ------------------------------------------------------------------ Algorithm 2
+    @torch.inference_mode()
+    def sample(
+        self,
+        n: int,
+        *,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        shape: tuple[int, ...] | None = None,
+        sample_offset: int = 0,
+        device=None,
+        dtype=None,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Draw ``n`` samples by running the reverse chain from x_T ~ N(0, I) down to x_0.
+
+        With ``seed`` (or neither seed nor generator: a seed from torch's generator), x_T and every z come from the
+        keyed generator, so sample i depends only on (seed, sample_offset + i): ``sample(8, seed=s)[:4]`` equals
+        ``sample(4, seed=s)``, on any backend. With ``generator``, noise is drawn with torch.randn in order.
+        """
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
+            raise ValueError(f"n: expected a positive int, got {n!r}")
+        if seed is not None and generator is not None:
+            raise ValueError("seed, generator: give one of them, not both")
+        param = next(iter(self.model.parameters()), None) if hasattr(self.model, "parameters") else None
+        device = torch.device(device) if device is not None else (param.device if param is not None else "cpu")
+        dtype = dtype or (param.dtype if param is not None else torch.float32)
+        if shape is None:
+            if not hasattr(self.model, "in_channels") or not hasattr(self.model, "sample_size"):
+                raise ValueError("shape: the model has no in_channels/sample_size; pass shape=(C, H, W)")
+            shape = (self.model.in_channels, self.model.sample_size, self.model.sample_size)
+        full = (int(n), *shape)
+        sample_offset = C.sample_offset(sample_offset, n)
+
+        if generator is None:
+            seed = C.seed_value(seed)
+            x = ops.keyed_normal(full, seed=seed, stream=STREAM_X_T, sample_offset=sample_offset, dtype=dtype,
+                                 device=device, backend=self.backend)
+            z = None
+        else:
+            x = torch.randn(full, generator=generator, device=device, dtype=dtype)
+            z = torch.empty_like(x)
+        t_batch = torch.empty(n, dtype=torch.int64, device=device)
+        for t in tqdm(range(self.num_timesteps - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
+            model_output = self.model(x, t_batch.fill_(t))
+            if z is not None and t > 0:
+                torch.randn(full, generator=generator, device=device, dtype=dtype, out=z)
+            ops.ddpm_step(
+                x,
+                model_output,
+                t,
+                self.schedule,
+                z,
+                seed=seed,
+                sample_offset=sample_offset,
+                variance_type=self.variance_type,
+                prediction_type=self.prediction_type,
+                clip_sample=self.clip_sample,
+                clip_range=self.clip_range,
+                backend=self.backend,
+                out=x,  # in place: the chain reuses one buffer for x_t
+            )
+        return x

@@ -1,0 +1,3 @@
+from .unet import UNet, UNetConfig
+
+__all__ = ["UNet", "UNetConfig"]
