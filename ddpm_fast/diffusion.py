@@ -100,8 +100,15 @@ class GaussianDiffusion:
 
         if generator is None:
             seed = C.seed_value(seed)
-            x = ops.keyed_normal(full, seed=seed, stream=STREAM_X_T, sample_offset=sample_offset, dtype=dtype,
-                                 device=device, backend=self.backend)
+            x = ops.keyed_normal(
+                full,
+                seed=seed,
+                stream=STREAM_X_T,
+                sample_offset=sample_offset,
+                dtype=dtype,
+                device=device,
+                backend=self.backend,
+            )
             z = None
         else:
             x = torch.randn(full, generator=generator, device=device, dtype=dtype)

@@ -74,7 +74,9 @@ class NoiseSchedule:
         """The paper's schedule: betas linear from beta_start to beta_end (diffusers' "linear")."""
         _check_T(num_timesteps)
         if not (0 < beta_start <= beta_end <= 1):
-            raise ValueError(f"beta_start/beta_end: expected 0 < beta_start <= beta_end <= 1, got {beta_start}, {beta_end}")
+            raise ValueError(
+                f"beta_start/beta_end: expected 0 < beta_start <= beta_end <= 1, got {beta_start}, {beta_end}"
+            )
         # diffusers builds this with torch.linspace in float32; do it in float64 for accuracy.
         return cls(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64))
 

@@ -162,7 +162,9 @@ class UNet(nn.Module):
                 skips.append(cin)
                 res //= 2
 
-        self.mid = nn.ModuleList([ResBlock(cin, cin, temb_ch, cfg), AttnBlock(cin, cfg), ResBlock(cin, cin, temb_ch, cfg)])
+        self.mid = nn.ModuleList(
+            [ResBlock(cin, cin, temb_ch, cfg), AttnBlock(cin, cfg), ResBlock(cin, cin, temb_ch, cfg)]
+        )
 
         self.up = nn.ModuleList()
         for i, cout in reversed(list(enumerate(chans))):

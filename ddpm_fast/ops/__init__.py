@@ -70,7 +70,7 @@ def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, backend=None
     drawn = noise is None
     seed = C.seed_value(seed) if drawn else 0
     sample_offset = C.sample_offset(sample_offset, B)
-    backend = resolve("q_sample", backend, x0.device, _needs_grad(x0, noise))
+    backend = resolve("q_sample", backend, x0.device, _needs_grad(x0, noise), x0.dtype)
     t = C.timesteps(t, B, len(s), x0.device if backend == "torch" else "cpu")
     if backend == "torch":
         result = ref.q_sample(x0, t, noise, s, seed=seed, sample_offset=sample_offset)
@@ -127,7 +127,7 @@ def ddpm_step(
     B = x_t.shape[0]
     seed = C.seed_value(seed) if noise is None else 0
     sample_offset = C.sample_offset(sample_offset, B)
-    backend = resolve("ddpm_step", backend, x_t.device, _needs_grad(x_t, model_output, noise))
+    backend = resolve("ddpm_step", backend, x_t.device, _needs_grad(x_t, model_output, noise), x_t.dtype)
     t = C.timesteps(t, B, len(s), x_t.device if backend == "torch" else "cpu")
     if backend == "torch":
         result = ref.ddpm_step(
@@ -167,8 +167,19 @@ def ddpm_step(
 
 
 # ----------------------------------------------------------------------------------------------- noise
-def keyed_normal(shape, *, seed, t=0, stream=STREAM_X_T, sample_offset=0, dtype=torch.float32, device="cpu",
-                 memory_format=torch.contiguous_format, backend=None, out=None):
+def keyed_normal(
+    shape,
+    *,
+    seed,
+    t=0,
+    stream=STREAM_X_T,
+    sample_offset=0,
+    dtype=torch.float32,
+    device="cpu",
+    memory_format=torch.contiguous_format,
+    backend=None,
+    out=None,
+):
     """Keyed standard normal noise of ``shape`` (B, ...): what the fused kernels draw for (seed, g, t, stream).
 
     Stream 2 (the default) is a sampling chain's initial x_T; 0 is ddpm_step's z; 1 is q_sample's eps.
@@ -185,7 +196,7 @@ def keyed_normal(shape, *, seed, t=0, stream=STREAM_X_T, sample_offset=0, dtype=
     seed = C.seed_value(seed)
     B = shape[0]
     sample_offset = C.sample_offset(sample_offset, B)
-    backend = resolve("keyed_normal", backend, device)
+    backend = resolve("keyed_normal", backend, device, dtype=dtype)
     t = C.timesteps(t, B, 2**32, device if backend == "torch" else "cpu")
     if backend == "torch":
         z = ref.keyed_normal(shape, seed, t, stream, sample_offset, device).to(dtype)
@@ -239,7 +250,9 @@ def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
         if x.device != q.device:
             raise ValueError(f"{name}: on {x.device} but q is on {q.device}")
         if x.dim() != 4 or x.shape[:2] != q.shape[:2]:
-            raise ValueError(f"{name}: expected shape (B, H, N, D) with (B, H) = {tuple(q.shape[:2])}, got {tuple(x.shape)}")
+            raise ValueError(
+                f"{name}: expected shape (B, H, N, D) with (B, H) = {tuple(q.shape[:2])}, got {tuple(x.shape)}"
+            )
     if q.dim() != 4:
         raise ValueError(f"q: expected shape (B, H, N, D), got {tuple(q.shape)}")
     if k.shape[3] != q.shape[3]:

@@ -7,8 +7,8 @@ import numbers
 import torch
 
 from ..schedule import NoiseSchedule
+from ._dispatch import FUSED_DTYPES
 
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REFERENCE_DTYPES = FUSED_DTYPES + (torch.float64,)
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")

@@ -61,8 +61,16 @@ def backends() -> dict[str, str]:
     return report
 
 
-def resolve(op: str, requested, device: torch.device, needs_grad: bool = False) -> str:
-    """The backend that runs ``op`` on tensors on ``device``."""
+# dtypes the compiled kernels take (fp32 maths inside); float64 always runs on the reference.
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def resolve(op: str, requested, device: torch.device, needs_grad: bool = False, dtype=None) -> str:
+    """The backend that runs ``op`` on tensors of ``dtype`` on ``device``.
+
+    A backend asked for by name is returned even for a dtype it lacks: the op then raises a TypeError naming
+    the argument.
+    """
     if requested is not None and not isinstance(requested, str):
         raise TypeError(f"backend: expected a str or None, got {type(requested).__name__}")
     name = requested if requested not in (None, "auto") else os.environ.get("DDPM_FAST_BACKEND") or "auto"
@@ -70,7 +78,7 @@ def resolve(op: str, requested, device: torch.device, needs_grad: bool = False) 
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
             if candidate == "torch":
                 return "torch"
-            if needs_grad or op not in _IMPLEMENTS[candidate]:
+            if needs_grad or op not in _IMPLEMENTS[candidate] or (dtype is not None and dtype not in FUSED_DTYPES):
                 continue
             why = _why_unavailable(candidate)
             if why is None:

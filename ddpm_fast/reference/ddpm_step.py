@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..schedule import NoiseSchedule
 from .noise import STREAM_STEP, keyed_normal
 from .q_sample import gather
@@ -49,7 +47,9 @@ def ddpm_step(
     x0 = predict_x0(x_t, model_output, t, schedule, prediction_type)
     if clip_sample:
         x0 = x0.clamp(-clip_range, clip_range)
-    mean = gather(schedule, "posterior_mean_coef1", t, x_t) * x0 + gather(schedule, "posterior_mean_coef2", t, x_t) * x_t
+    mean = (
+        gather(schedule, "posterior_mean_coef1", t, x_t) * x0 + gather(schedule, "posterior_mean_coef2", t, x_t) * x_t
+    )
     if variance_type == "fixed_small":
         var_name = "posterior_variance"
     elif variance_type == "fixed_large":

@@ -22,7 +22,8 @@ def q_sample(x0, t, noise, schedule: NoiseSchedule, *, seed=None, sample_offset=
     drawn = noise is None
     if drawn:
         noise = keyed_normal(x0.shape, seed, t, STREAM_Q_SAMPLE, sample_offset, x0.device).to(x0.dtype)
-    x_t = gather(schedule, "sqrt_alphas_cumprod", t, x0) * x0 + gather(
-        schedule, "sqrt_one_minus_alphas_cumprod", t, x0
-    ) * noise
+    x_t = (
+        gather(schedule, "sqrt_alphas_cumprod", t, x0) * x0
+        + gather(schedule, "sqrt_one_minus_alphas_cumprod", t, x0) * noise
+    )
     return (x_t, noise) if drawn else x_t
