@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+import ddpm_fast as df
+
+needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
+S = df.NoiseSchedule.linear(40, 1e-4, 0.3)
+
+
+class Dummy(torch.nn.Module):
+    """diffusers' scheduler-test model: output = x * t / (t + 1), per sample."""
+
+    in_channels, sample_size = 3, 8
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x, t):
+        t = torch.as_tensor(t).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return self.scale * x * t / (t + 1)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu)])
+def test_samples_depend_only_on_seed_and_global_index(backend):
+    d = df.GaussianDiffusion(Dummy(), S, backend=backend, clip_sample=False)
+    big = d.sample(8, seed=123, progress=False)
+    assert torch.equal(big[:4], d.sample(4, seed=123, progress=False))
+    assert torch.equal(big[5:7], d.sample(2, seed=123, sample_offset=5, progress=False))
+    assert not torch.equal(big, d.sample(8, seed=124, progress=False))
+
+
+@needs_cpu
+@pytest.mark.parametrize("clip", [True, False])
+def test_fused_chain_equals_reference_chain(clip):
+    torch.manual_seed(0)
+    model = df.UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), sample_size=8, num_groups=8).eval()
+    runs = {
+        b: df.GaussianDiffusion(model, S, backend=b, clip_sample=clip).sample(3, seed=9, progress=False)
+        for b in ("torch", "cpu")
+    }
+    err = (runs["cpu"] - runs["torch"]).abs().max().item()
+    bound = 1e-3 * max(1.0, runs["torch"].abs().max().item())
+    print(f"chain clip={clip}: max err {err:.3g} (bound {bound:.3g})")
+    assert err <= bound
+
+
+def test_generator_path_is_reproducible_and_progress_bar(capsys):
+    d = df.GaussianDiffusion(Dummy(), S)
+    a = d.sample(2, generator=torch.Generator().manual_seed(1), progress=True)
+    b = d.sample(2, generator=torch.Generator().manual_seed(1), progress=False)
+    assert torch.equal(a, b)
+    assert "sampling" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_loss_trains(prediction_type):
+    torch.manual_seed(0)
+    model = df.UNet(
+        ch=16, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), sample_size=8, num_groups=4, dropout=0.0
+    )
+    d = df.GaussianDiffusion(model, S, prediction_type=prediction_type)
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    loss = d.loss(x0, seed=0)
+    loss.backward()
+    assert loss.item() > 0 and all(p.grad is not None for p in model.parameters())
+
+
+def test_loss_uses_the_fused_noise_of_q_sample():
+    seen = {}
+
+    def model(x_t, t):
+        seen["x_t"], seen["t"] = x_t, t
+        return torch.zeros_like(x_t)
+
+    d = df.GaussianDiffusion(model, S)
+    x0 = torch.zeros(2, 3, 4, 4)
+    loss = d.loss(x0, torch.tensor([5, 39]), seed=4)
+    _, eps = df.ops.q_sample(x0, torch.tensor([5, 39]), None, S, seed=4)
+    torch.testing.assert_close(loss, eps.square().mean())
+
+
+def test_bad_arguments():
+    d = df.GaussianDiffusion(Dummy(), S)
+    with pytest.raises(ValueError, match="n"):
+        d.sample(0)
+    with pytest.raises(ValueError, match="seed, generator"):
+        d.sample(1, seed=1, generator=torch.Generator())
+    with pytest.raises(TypeError, match="model"):
+        df.GaussianDiffusion(3, S)
+    with pytest.raises(TypeError, match="schedule"):
+        df.GaussianDiffusion(Dummy(), "linear")
+    with pytest.raises(ValueError, match="shape"):
+        df.GaussianDiffusion(lambda x, t: x, S).sample(1)

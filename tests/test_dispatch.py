@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+import ddpm_fast as df
+from ddpm_fast.ops._dispatch import resolve
+
+needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
+S = df.NoiseSchedule.linear(10, 1e-3, 0.2)
+
+
+def test_backends_report_every_backend_with_a_reason():
+    report = df.backends()
+    print(report)
+    assert set(report) == {"torch", "cpu", "triton", "cuda"}
+    assert report["torch"] == "available"
+    if not torch.cuda.is_available():
+        assert "no GPU" in report["cuda"]
+
+
+@needs_cpu
+def test_auto_picks_cpu_for_fused_ops_and_reference_for_grad_and_float64():
+    dev = torch.device("cpu")
+    assert resolve("ddpm_step", None, dev) == "cpu"
+    assert resolve("ddpm_step", "auto", dev, needs_grad=True) == "torch"
+    assert resolve("ddpm_step", None, dev, dtype=torch.float64) == "torch"
+    assert resolve("group_norm_silu", None, dev) == "torch"
+
+
+def test_named_backend_that_cannot_run_raises_why():
+    with (
+        pytest.raises(RuntimeError, match="cuda.*no GPU")
+        if not torch.cuda.is_available()
+        else pytest.raises(ValueError)
+    ):
+        df.ops.ddpm_step(torch.zeros(1, 3), torch.zeros(1, 3), 1, S, torch.zeros(1, 3), backend="cuda")
+
+
+@needs_cpu
+def test_env_override(monkeypatch):
+    monkeypatch.setenv("DDPM_FAST_BACKEND", "torch")
+    assert resolve("ddpm_step", None, torch.device("cpu")) == "torch"
+    monkeypatch.setenv("DDPM_FAST_BACKEND", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cuda"):
+            resolve("ddpm_step", None, torch.device("cpu"))
+
+
+@needs_cpu
+def test_ops_compose_with_torch_compile():
+    """The fused ops are torch custom ops: dynamo traces them (fake tensors, functionalized mutation)."""
+    x, m, z = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = torch.tensor([5, 5])
+    a = torch.empty_like(x)
+
+    def step(x, m, z, out):
+        torch.ops.ddpm_fast.ddpm_step(x, m, t, S.alphas_cumprod, z, 0, 0, 0, 0, True, 1.0, out, None)
+        return out * 2
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got = compiled(x, m, z, a)
+    expected = 2 * df.ops.ddpm_step(x, m, 5, S, z, clip_sample=True)
+    torch.testing.assert_close(got, expected)
+
+
+def test_import_without_extension_explains(monkeypatch):
+    from ddpm_fast import _ext
+
+    monkeypatch.setattr(_ext, "_error", "extension not built (test)")
+    assert "not built" in df.backends()["cpu"]
+    with pytest.raises(RuntimeError, match="not built"):
+        df.ops.ddpm_step(torch.zeros(1, 3), torch.zeros(1, 3), 1, S, torch.zeros(1, 3), backend="cpu")
+    # auto falls back quietly to the reference
+    assert df.ops.ddpm_step(torch.zeros(1, 3), torch.zeros(1, 3), 1, S, torch.zeros(1, 3)).shape == (1, 3)
+
+
+@needs_cpu
+def test_portable_build_gives_the_same_results():
+    """The non-AVX2 build (what a CPU without AVX2 loads) runs and matches the reference too."""
+    import subprocess
+    import sys
+
+    code = """
+import torch, ddpm_fast as df
+from ddpm_fast import _ext
+assert _ext.cpu_capability() == "default", _ext.cpu_capability()
+s = df.NoiseSchedule.linear()
+x, m = torch.randn(3, 3, 9, 9), torch.randn(3, 3, 9, 9)
+for dtype in (torch.float32, torch.bfloat16):
+    a = df.ops.ddpm_step(x.to(dtype), m.to(dtype), 500, s, seed=1, clip_sample=True, backend="cpu").float()
+    b = df.reference.ddpm_step(x, m, torch.full((3,), 500), s, seed=1, clip_sample=True)
+    err = (a - b).abs().max().item()
+    print(dtype, err)
+    assert err < (2e-5 if dtype == torch.float32 else 3e-2), err
+"""
+    env = {**__import__("os").environ, "DDPM_FAST_CPU_CAPABILITY": "default"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    print(r.stdout, r.stderr[-2000:])
+    assert r.returncode == 0
