@@ -1,0 +1,69 @@
+"""Timing helpers shared by the benchmarks: interleaved repeats, medians, machine facts, JSON records."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def time_per_call(fn, min_time: float = 0.05, max_iters: int = 1000) -> float:
+    """Seconds per call of fn(), averaged over enough calls to take about min_time."""
+    fn()
+    iters, elapsed = 1, 0.0
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_time or iters >= max_iters:
+            return elapsed / iters
+        iters = min(max_iters, max(iters * 2, int(iters * min_time / max(elapsed, 1e-9))))
+
+
+def interleaved_medians(providers: dict, repeats: int = 7, min_time: float = 0.05) -> dict[str, dict]:
+    """Time every provider once per round, round after round; report median and quartiles per provider."""
+    samples = {name: [] for name in providers}
+    for fn in providers.values():  # warm-up: first-touch page faults, lazy init
+        fn()
+    for _ in range(repeats):
+        for name, fn in providers.items():
+            samples[name].append(time_per_call(fn, min_time))
+    out = {}
+    for name, xs in samples.items():
+        q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+        out[name] = {"median_s": statistics.median(xs), "q1_s": q[0], "q3_s": q[2], "repeats": len(xs)}
+    return out
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import ddpm_fast
+
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU: {cpu}",
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "backends": ddpm_fast.backends(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host_cores": os.cpu_count(),
+    }
+
+
+def write_json(path: str, record: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"wrote {path}")
