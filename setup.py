@@ -39,11 +39,14 @@ def extensions():
         exts.append(cpu_extension("ddpm_fast._C_avx2", avx2))
     import torch
 
-    cuda_sources = sorted(os.path.join("csrc/cuda", f) for f in os.listdir("csrc/cuda") if f.endswith(".cu"))
-    if not cuda_sources:
-        pass
-    elif torch.version.cuda is None or shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
-        print("ddpm_fast: torch has no CUDA or nvcc is missing; building the CPU kernels only")
+    cuda_dir = os.path.join(ROOT, "csrc", "cuda")
+    cuda_sources = sorted(f for f in os.listdir(cuda_dir) if f.endswith(".cu")) if os.path.isdir(cuda_dir) else []
+    if torch.version.cuda is None:
+        print("ddpm_fast: the installed torch has no CUDA; building the CPU kernels only")
+    elif shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        print("ddpm_fast: nvcc not found; building the CPU kernels only")
+    elif not cuda_sources:
+        print("ddpm_fast: no CUDA kernels in csrc/cuda yet; building the CPU kernels only")
     return exts
 
 
