@@ -19,7 +19,7 @@ def test_cifar10_model_has_the_paper_size():
 
 def test_forward_shapes_and_timestep_forms():
     torch.manual_seed(0)
-    m = _tiny(num_heads=2).eval()
+    m = _tiny(attention_head_dim=16).eval()
     x = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         a = m(x, 7)
@@ -52,5 +52,51 @@ def test_bad_input():
         m(torch.zeros(2, 1, 8, 8), 3)
     with pytest.raises(ValueError, match="num_groups|ch"):
         df.UNet(ch=30, num_groups=32)
-    with pytest.raises(ValueError, match="num_heads"):
-        _tiny(num_heads=3)
+    with pytest.raises(ValueError, match="attention_head_dim"):
+        _tiny(attention_head_dim=5)
+
+
+diffusers = pytest.importorskip("diffusers")
+CIFAR10 = dict(  # google/ddpm-cifar10-32's UNet2DModel configuration
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=2,
+    block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    norm_eps=1e-6,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    norm_num_groups=32,
+    attention_head_dim=None,
+)
+
+
+@pytest.mark.parametrize("head_dim", [None, 8])
+def test_loads_diffusers_weights_and_matches_its_forward(head_dim, tmp_path):
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DModel(**{**CIFAR10, "attention_head_dim": head_dim}).eval()
+    assert sum(p.numel() for p in ref.parameters()) == 35_746_307
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 900])
+    with torch.no_grad():
+        expected = ref(x, t).sample
+        from_model = df.UNet.from_diffusers(ref).eval()
+        ref.save_pretrained(tmp_path)
+        from_folder = df.UNet.from_diffusers(tmp_path).eval()
+        for name, m in (("model", from_model), ("folder", from_folder)):
+            err = (m(x, t) - expected).abs()
+            print(f"from_diffusers({name}), head_dim={head_dim}: max err {err.max():.3g}, mean {err.mean():.3g}")
+            assert err.max() <= 1e-4
+
+
+def test_from_diffusers_rejects_other_architectures(tmp_path):
+    small = dict(CIFAR10, block_out_channels=(32, 64, 64, 64), norm_num_groups=8)
+    m = diffusers.UNet2DModel(**{**small, "resnet_time_scale_shift": "scale_shift"})
+    with pytest.raises(ValueError, match="resnet_time_scale_shift"):
+        df.UNet.from_diffusers(m)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        df.UNet.from_diffusers(tmp_path)
+    with pytest.raises(TypeError, match="source"):
+        df.UNet.from_diffusers(3)

@@ -27,7 +27,7 @@ class UNetConfig:
     ch_mult: tuple[int, ...] = (1, 2, 2, 2)
     num_res_blocks: int = 2
     attn_resolutions: tuple[int, ...] = (16,)
-    num_heads: int = 1
+    attention_head_dim: int | None = None  # None: one head over all channels (the paper); diffusers' default is 8
     dropout: float = 0.1
     num_groups: int = 32
     eps: float = 1e-6  # GroupNorm epsilon of the paper's code and of diffusers' UNet2DModel
@@ -40,6 +40,16 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, ch: int, temb_ch: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(ch, temb_ch)
+        self.linear_2 = nn.Linear(temb_ch, temb_ch)
+
+    def forward(self, emb):
+        return self.linear_2(F.silu(self.linear_1(emb)))
 
 
 class GroupNormAct(nn.GroupNorm):
@@ -79,14 +89,15 @@ class AttnBlock(nn.Module):
 
     def __init__(self, ch: int, cfg: UNetConfig):
         super().__init__()
-        if ch % cfg.num_heads:
-            raise ValueError(f"num_heads: {ch} channels are not divisible by {cfg.num_heads} heads")
-        self.num_heads = cfg.num_heads
+        head_dim = cfg.attention_head_dim or ch
+        if ch % head_dim:
+            raise ValueError(f"attention_head_dim: {ch} channels are not divisible by {head_dim}")
+        self.num_heads = ch // head_dim
         self.group_norm = GroupNormAct(cfg.num_groups, ch, cfg.eps, silu=False)
         self.to_q = nn.Linear(ch, ch)
         self.to_k = nn.Linear(ch, ch)
         self.to_v = nn.Linear(ch, ch)
-        self.to_out = nn.Linear(ch, ch)
+        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])  # diffusers' name: to_out.0
         self.backend = None
 
     def forward(self, x):
@@ -98,7 +109,7 @@ class AttnBlock(nn.Module):
             return proj(h).view(B, H * W, heads, d).transpose(1, 2)
 
         o = ops.attention(split(self.to_q), split(self.to_k), split(self.to_v), backend=self.backend)
-        o = self.to_out(o.transpose(1, 2).reshape(B, H * W, C))
+        o = self.to_out[0](o.transpose(1, 2).reshape(B, H * W, C))
         return x + o.transpose(1, 2).reshape(B, C, H, W)
 
 
@@ -121,13 +132,22 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """The ResBlocks (each with its attention, if any) of one resolution, then a resampler."""
+    """The ResBlocks (each with its attention, if any) of one resolution, then a resampler.
 
-    def __init__(self, resnets, attentions, sampler):
+    Attribute names follow diffusers' blocks (resnets, attentions, downsamplers/upsamplers) so state dicts match.
+    """
+
+    def __init__(self, resnets, attentions, sampler=None, sampler_name=None):
         super().__init__()
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList(attentions) if attentions else None
-        self.sampler = sampler
+        self.sampler_name = sampler_name
+        if sampler is not None:
+            setattr(self, sampler_name, nn.ModuleList([sampler]))
+
+    @property
+    def sampler(self):
+        return getattr(self, self.sampler_name)[0] if self.sampler_name and hasattr(self, self.sampler_name) else None
 
 
 class UNet(nn.Module):
@@ -142,12 +162,12 @@ class UNet(nn.Module):
             raise ValueError(f"ch: {cfg.ch} channels are not divisible by num_groups={cfg.num_groups}")
         self.config = cfg
         ch, temb_ch = cfg.ch, 4 * cfg.ch
-        self.time_embedding = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        self.time_embedding = TimestepEmbedding(ch, temb_ch)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         chans = [ch * m for m in cfg.ch_mult]
         skips, res, cin = [ch], cfg.sample_size, ch
-        self.down = nn.ModuleList()
+        self.down_blocks = nn.ModuleList()
         for i, cout in enumerate(chans):
             last = i == len(chans) - 1
             resnets, attns = [], []
@@ -157,16 +177,16 @@ class UNet(nn.Module):
                     attns.append(AttnBlock(cout, cfg))
                 cin = cout
                 skips.append(cin)
-            self.down.append(Level(resnets, attns, None if last else Downsample(cin)))
+            self.down_blocks.append(Level(resnets, attns, None if last else Downsample(cin), "downsamplers"))
             if not last:
                 skips.append(cin)
                 res //= 2
 
-        self.mid = nn.ModuleList(
-            [ResBlock(cin, cin, temb_ch, cfg), AttnBlock(cin, cfg), ResBlock(cin, cin, temb_ch, cfg)]
+        self.mid_block = Level(
+            [ResBlock(cin, cin, temb_ch, cfg), ResBlock(cin, cin, temb_ch, cfg)], [AttnBlock(cin, cfg)]
         )
 
-        self.up = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
         for i, cout in reversed(list(enumerate(chans))):
             resnets, attns = [], []
             for _ in range(cfg.num_res_blocks + 1):
@@ -174,11 +194,11 @@ class UNet(nn.Module):
                 if res in cfg.attn_resolutions:
                     attns.append(AttnBlock(cout, cfg))
                 cin = cout
-            self.up.append(Level(resnets, attns, Upsample(cin) if i else None))
+            self.up_blocks.append(Level(resnets, attns, Upsample(cin) if i else None, "upsamplers"))
             if i:
                 res *= 2
 
-        self.norm_out = GroupNormAct(cfg.num_groups, cin, cfg.eps, silu=True)
+        self.conv_norm_out = GroupNormAct(cfg.num_groups, cin, cfg.eps, silu=True)
         self.conv_out = nn.Conv2d(cin, cfg.out_channels, 3, padding=1)
         self.backend = None
 
@@ -194,6 +214,13 @@ class UNet(nn.Module):
     @property
     def sample_size(self) -> int:
         return self.config.sample_size
+
+    @classmethod
+    def from_diffusers(cls, source) -> UNet:
+        """Weights (and configuration) of a diffusers UNet2DModel, or of its ``save_pretrained`` folder."""
+        from .loading import from_diffusers
+
+        return from_diffusers(source)
 
     def set_backend(self, backend: str | None) -> UNet:
         """Backend for every norm and attention inside the model (None: auto)."""
@@ -213,7 +240,7 @@ class UNet(nn.Module):
 
         h = self.conv_in(x)
         hs = [h]
-        for level in self.down:
+        for level in self.down_blocks:
             for j, block in enumerate(level.resnets):
                 h = block(h, temb_act)
                 if level.attentions is not None:
@@ -222,14 +249,13 @@ class UNet(nn.Module):
             if level.sampler is not None:
                 h = level.sampler(h)
                 hs.append(h)
-        h = self.mid[0](h, temb_act)
-        h = self.mid[1](h)
-        h = self.mid[2](h, temb_act)
-        for level in self.up:
+        mid = self.mid_block
+        h = mid.resnets[1](mid.attentions[0](mid.resnets[0](h, temb_act)), temb_act)
+        for level in self.up_blocks:
             for j, block in enumerate(level.resnets):
                 h = block(torch.cat([h, hs.pop()], dim=1), temb_act)
                 if level.attentions is not None:
                     h = level.attentions[j](h)
             if level.sampler is not None:
                 h = level.sampler(h)
-        return self.conv_out(self.norm_out(h))
+        return self.conv_out(self.conv_norm_out(h))
