@@ -18,7 +18,13 @@ from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/ddpm_step.cpp", "csrc/cpu/q_sample.cpp", "csrc/cpu/noise.cpp"]
+CPU_SOURCES = [
+    "csrc/bindings.cpp",
+    "csrc/cpu/ddpm_step.cpp",
+    "csrc/cpu/q_sample.cpp",
+    "csrc/cpu/noise.cpp",
+    "csrc/cpu/group_norm.cpp",
+]
 BASE_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function"]
 
 

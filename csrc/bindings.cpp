@@ -113,6 +113,39 @@ void q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& a
   cpu::q_sample(a);
 }
 
+// Small per-channel operands as contiguous fp32 (the kernel's maths precision).
+at::Tensor as_f32(const std::optional<at::Tensor>& t, std::initializer_list<int64_t> shape, const char* name) {
+  if (!t) return {};
+  TORCH_CHECK(t->sizes() == at::IntArrayRef(shape), "ddpm_fast: ", name, " has the wrong shape");
+  TORCH_CHECK(t->device().is_cpu(), "ddpm_fast: ", name, " must be on the CPU");
+  return t->to(at::kFloat).contiguous();
+}
+
+void group_norm_silu_cpu(const at::Tensor& x, int64_t groups, const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add, double eps,
+                         bool silu, const at::Tensor& out) {
+  TORCH_CHECK(x.dim() >= 2, "ddpm_fast: group_norm_silu expects (B, C, ...)");
+  const Geometry geo = geometry(x, {&out});
+  const int64_t B = x.size(0), C = x.size(1);
+  TORCH_CHECK(groups > 0 && C % groups == 0, "ddpm_fast: channels not divisible by groups");
+  const at::Tensor w = as_f32(weight, {C}, "weight"), b = as_f32(bias, {C}, "bias"), a = as_f32(add, {B, C}, "add");
+  cpu::GroupNormArgs args;
+  args.batch = B;
+  args.channels = C;
+  args.spatial = x.numel() / (B * C);
+  args.nhwc = geo.nhwc;
+  args.dtype = dtype_of(x);
+  args.x = x.data_ptr();
+  args.out = out.data_ptr();
+  args.weight = w.defined() ? w.data_ptr<float>() : nullptr;
+  args.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  args.add = a.defined() ? a.data_ptr<float>() : nullptr;
+  args.groups = groups;
+  args.eps = static_cast<float>(eps);
+  args.silu = silu;
+  cpu::group_norm(args);
+}
+
 void keyed_normal_cpu(const at::Tensor& t, int64_t seed, int64_t sample_offset, int64_t stream, const at::Tensor& out) {
   cpu::NormalArgs a;
   a.geo = geometry(out, {});
@@ -138,12 +171,16 @@ TORCH_LIBRARY(ddpm_fast, m) {
       "q_sample(Tensor x0, Tensor t, Tensor alphas_cumprod, Tensor(a!) noise, bool generate_noise, int seed, "
       "int sample_offset, Tensor(b!) out) -> ()");
   m.def("keyed_normal(Tensor t, int seed, int sample_offset, int stream, Tensor(a!) out) -> ()");
+  m.def(
+      "group_norm_silu(Tensor x, int groups, Tensor? weight, Tensor? bias, Tensor? add, float eps, bool silu, "
+      "Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
   m.impl("ddpm_step", &ddpm_fast::ddpm_step_cpu);
   m.impl("q_sample", &ddpm_fast::q_sample_cpu);
   m.impl("keyed_normal", &ddpm_fast::keyed_normal_cpu);
+  m.impl("group_norm_silu", &ddpm_fast::group_norm_silu_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

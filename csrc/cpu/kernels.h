@@ -63,7 +63,23 @@ struct NormalArgs {
   NoiseKey key;
 };
 
+// GroupNorm + optional SiLU + optional per-(batch, channel) add before the norm.
+struct GroupNormArgs {
+  int64_t batch, channels, spatial;  // x is (batch, channels, spatial...) with spatial = prod of the rest
+  bool nhwc;                         // channels_last memory (4-D only)
+  DType dtype;
+  const void* x;        // input, dtype
+  void* out;            // output, dtype, same layout; may alias x
+  const float* weight;  // (C,) or nullptr
+  const float* bias;    // (C,) or nullptr
+  const float* add;     // (B, C) or nullptr
+  int64_t groups;
+  float eps;
+  bool silu;
+};
+
 void ddpm_step(const StepArgs& args);
+void group_norm(const GroupNormArgs& args);
 void q_sample(const QSampleArgs& args);
 void keyed_normal(const NormalArgs& args);
 

@@ -236,8 +236,15 @@ def group_norm_silu(x, num_groups, weight, bias, eps=1e-5, *, silu=True, add=Non
     C.number("eps", eps, positive=True)
     if out is not None:
         C.like("out", out, x, "x")
-    resolve("group_norm_silu", backend, x.device, _needs_grad(x, weight, bias, add))
-    return _finish(ref.group_norm_silu(x, num_groups, weight, bias, eps, silu=silu, add=add), out)
+    backend = resolve("group_norm_silu", backend, x.device, _needs_grad(x, weight, bias, add), x.dtype)
+    if backend == "torch":
+        return _finish(ref.group_norm_silu(x, num_groups, weight, bias, eps, silu=silu, add=add), out)
+    C.tensor("x", x, min_dim=2, dtypes=C.FUSED_DTYPES)
+    fmt = _memory_format(x)
+    xd = _dense(x, fmt)
+    result = _result_buffer(out, xd, fmt)
+    torch.ops.ddpm_fast.group_norm_silu(xd, num_groups, weight, bias, add, float(eps), bool(silu), result)
+    return _finish(result, out)
 
 
 def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
@@ -274,7 +281,7 @@ def _register_fakes() -> None:
     """Shape functions of the compiled ops, so torch.compile can trace through them."""
     if not hasattr(torch.ops.ddpm_fast, "ddpm_step"):
         return
-    for name in ("ddpm_step", "q_sample", "keyed_normal"):
+    for name in ("ddpm_step", "q_sample", "keyed_normal", "group_norm_silu"):
         torch.library.register_fake(f"ddpm_fast::{name}")(lambda *args, **kwargs: None)
 
 

@@ -1,0 +1,102 @@
+"""Fused GroupNorm+SiLU vs F.group_norm + F.silu (eager PyTorch), NCHW and channels_last, with GB/s next to the
+copy bandwidth of the same tensor measured in the same rounds.
+
+    python benchmarks/bench_group_norm.py [--quick] [--json benchmarks/results/group_norm_cpu.json]
+
+Targets (CPU U-Net issue): >= 1.5x in NCHW and >= 2x in channels_last, fp32, at the U-Net's shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import interleaved_medians, machine, write_json  # noqa: E402
+
+import ddpm_fast as df  # noqa: E402
+
+SHAPES = [((8, 128, 32, 32), 32), ((8, 256, 16, 16), 32), ((64, 128, 32, 32), 32), ((6, 96, 15, 15), 32)]
+
+
+def bench(shape, groups, channels_last, dtype, with_add, repeats):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    C = shape[1]
+    w, b = torch.randn(C, generator=g).to(dtype), torch.randn(C, generator=g).to(dtype)
+    add = torch.randn(shape[:2], generator=g).to(dtype) if with_add else None
+    out = torch.empty_like(x)
+    copy_dst = torch.empty_like(x)
+
+    def torch_eager():
+        h = x if add is None else x + add[:, :, None, None]
+        return F.silu(F.group_norm(h, groups, w, b, 1e-6))
+
+    providers = {
+        "copy": lambda: copy_dst.copy_(x),
+        "torch": torch_eager,
+        "fused": lambda: df.ops.group_norm_silu(x, groups, w, b, 1e-6, add=add, backend="cpu", out=out),
+    }
+    res = interleaved_medians(providers, repeats)
+    nbytes = 2 * x.numel() * x.element_size()
+    for r in res.values():
+        r["gbs"] = nbytes / r["median_s"] / 1e9
+    err = (
+        (df.ops.group_norm_silu(x, groups, w, b, 1e-6, add=add, backend="cpu").float() - torch_eager().float())
+        .abs()
+        .max()
+    )
+    return res, err.item()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json")
+    args = p.parse_args()
+    repeats = 3 if args.quick else 7
+    info = machine()
+    print(f"# {info['device']}, {info['cpu_threads']} threads, {df.backends()['cpu']}")
+    print("# GB/s = (read + write of x) / time; '% copy' against torch's copy_ of the same tensor in the same rounds\n")
+    hdr = f"{'shape':>16} {'layout':>13} {'dtype':>8} {'add':>4} {'torch ms':>9} {'fused ms':>9} {'fused GB/s':>10} {'% copy':>7} {'speedup':>8} {'max err':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    rows = []
+    cases = [(s, g, cl, torch.float32, False) for s, g in SHAPES for cl in (False, True)]
+    cases += [((8, 128, 32, 32), 32, cl, torch.float32, True) for cl in (False, True)]
+    cases += [((8, 128, 32, 32), 32, cl, torch.bfloat16, False) for cl in (False, True)]
+    for shape, groups, cl, dtype, with_add in cases:
+        res, err = bench(shape, groups, cl, dtype, with_add, repeats)
+        t, f, c = res["torch"], res["fused"], res["copy"]
+        speed = t["median_s"] / f["median_s"]
+        layout = "channels_last" if cl else "NCHW"
+        print(
+            f"{'x'.join(map(str, shape)):>16} {layout:>13} {str(dtype)[6:]:>8} {'yes' if with_add else 'no':>4} "
+            f"{t['median_s'] * 1e3:9.3f} {f['median_s'] * 1e3:9.3f} {f['gbs']:10.1f} {100 * f['gbs'] / c['gbs']:6.0f}% "
+            f"{speed:7.2f}x {err:8.1e}"
+        )
+        rows.append(
+            dict(
+                shape=shape,
+                groups=groups,
+                layout=layout,
+                dtype=str(dtype),
+                add=with_add,
+                speedup=speed,
+                pct_copy=100 * f["gbs"] / c["gbs"],
+                max_err=err,
+                providers=res,
+            )
+        )
+    if args.json:
+        write_json(args.json, {"machine": info, "rows": rows, "command": "python benchmarks/bench_group_norm.py"})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+// Fused GroupNorm (Wu & He 2018) + optional SiLU, with the ResBlock's per-(batch, channel) add folded in:
+//   h = x + add[b, c];  y = (h - mean_bg) / sqrt(var_bg + eps) * w_c + b_c;  out = silu(y) = y * sigmoid(y)
+// Statistics in fp32 by parallel Welford merges (csrc/common/welford.h). The add only shifts a channel's mean,
+// so it never touches the data: out = x * scale[b, c] + shift[b, c] with
+//   scale = rstd_bg * w_c,  shift = (add[b, c] - mean_bg) * scale + b_c.
+// NCHW: one task per (sample, group), whose data is contiguous; its output pass re-reads it from cache.
+// NHWC: per-channel partial statistics over pixel chunks, merged per (sample, group); then one output pass.
+#include <cmath>
+#include <vector>
+
+#include "../common/welford.h"
+#include "elementwise.h"
+
+namespace ddpm_fast {
+namespace cpu {
+namespace {
+
+constexpr int64_t kStatChunk = 2048;
+
+// Mean and M2 of p[0..n) (two passes over a chunk in L1), merged across chunks.
+template <typename T>
+WelfordState run_stats(const T* p, int64_t n) {
+  WelfordState total;
+  for (int64_t lo = 0; lo < n; lo += kStatChunk) {
+    const int64_t len = std::min(kStatChunk, n - lo);
+    const T* q = p + lo;
+    Vec s0(0.f), s1(0.f);
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes) {
+      Vec a, b;
+      load2(q + i, a, b);
+      s0 = s0 + a;
+      s1 = s1 + b;
+    }
+    float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, s0 + s1);
+    for (; i < len; ++i) sum += static_cast<float>(q[i]);
+    const float mean = sum / static_cast<float>(len);
+    const Vec vm(mean);
+    Vec d0(0.f), d1(0.f);
+    for (i = 0; i + kLanes <= len; i += kLanes) {
+      Vec a, b;
+      load2(q + i, a, b);
+      a = a - vm;
+      b = b - vm;
+      d0 = at::vec::fmadd(a, a, d0);
+      d1 = at::vec::fmadd(b, b, d1);
+    }
+    float m2 = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, d0 + d1);
+    for (; i < len; ++i) {
+      const float d = static_cast<float>(q[i]) - mean;
+      m2 += d * d;
+    }
+    total = welford_merge(total, WelfordState{mean, m2, len});
+  }
+  return total;
+}
+
+inline Vec silu(const Vec& y) { return y / (Vec(1.f) + y.neg().exp_u20()); }
+inline float silu(float y) { return y / (1.f + std::exp(-y)); }
+
+// out[i] = act(x[i] * scale + shift) for a run sharing one (scale, shift).
+template <typename T, bool Silu>
+void affine_run(const T* x, T* out, int64_t n, float scale, float shift) {
+  const Vec vs(scale), vb(shift);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    Vec a, b;
+    load2(x + i, a, b);
+    a = at::vec::fmadd(a, vs, vb);
+    b = at::vec::fmadd(b, vs, vb);
+    if constexpr (Silu) {
+      a = silu(a);
+      b = silu(b);
+    }
+    store2(out + i, a, b);
+  }
+  for (; i < n; ++i) {
+    float y = static_cast<float>(x[i]) * scale + shift;
+    if constexpr (Silu) y = silu(y);
+    out[i] = static_cast<T>(y);
+  }
+}
+
+// out[c] = act(x[c] * scale[c] + shift[c]) for one NHWC pixel row of C channels.
+template <typename T, bool Silu>
+void affine_row(const T* x, T* out, int64_t C, const float* scale, const float* shift) {
+  int64_t c = 0;
+  for (; c + kLanes <= C; c += kLanes) {
+    Vec a, b;
+    load2(x + c, a, b);
+    a = at::vec::fmadd(a, Vec::loadu(scale + c), Vec::loadu(shift + c));
+    b = at::vec::fmadd(b, Vec::loadu(scale + c + Vec::size()), Vec::loadu(shift + c + Vec::size()));
+    if constexpr (Silu) {
+      a = silu(a);
+      b = silu(b);
+    }
+    store2(out + c, a, b);
+  }
+  for (; c < C; ++c) {
+    float y = static_cast<float>(x[c]) * scale[c] + shift[c];
+    if constexpr (Silu) y = silu(y);
+    out[c] = static_cast<T>(y);
+  }
+}
+
+// scale/shift of every channel of group g in sample b from the group's merged statistics.
+inline void group_affine(const GroupNormArgs& a, int64_t b, int64_t g, const WelfordState& st, float* scale,
+                         float* shift) {
+  const int64_t Cg = a.channels / a.groups;
+  const float var = std::max(st.m2 / static_cast<float>(st.n), 0.f);
+  const float rstd = 1.f / std::sqrt(var + a.eps);
+  for (int64_t j = 0; j < Cg; ++j) {
+    const int64_t c = g * Cg + j;
+    const float w = a.weight ? a.weight[c] : 1.f, bias = a.bias ? a.bias[c] : 0.f;
+    const float add = a.add ? a.add[b * a.channels + c] : 0.f;
+    scale[j] = rstd * w;
+    shift[j] = (add - st.mean) * scale[j] + bias;
+  }
+}
+
+template <typename T, bool Silu>
+void group_norm_nchw(const GroupNormArgs& a) {
+  const int64_t C = a.channels, HW = a.spatial, G = a.groups, Cg = C / G;
+  const T* x = static_cast<const T*>(a.x);
+  T* out = static_cast<T*>(a.out);
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, Cg * HW));
+  at::parallel_for(0, a.batch * G, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scale(Cg), shift(Cg);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / G, g = item % G;
+      const int64_t base = (b * C + g * Cg) * HW;
+      WelfordState st;
+      for (int64_t j = 0; j < Cg; ++j) {
+        const float add = a.add ? a.add[b * C + g * Cg + j] : 0.f;
+        st = welford_merge(st, welford_shift(run_stats(x + base + j * HW, HW), add));
+      }
+      group_affine(a, b, g, st, scale.data(), shift.data());
+      for (int64_t j = 0; j < Cg; ++j)  // the group was just read: this pass hits the cache
+        affine_run<T, Silu>(x + base + j * HW, out + base + j * HW, HW, scale[j], shift[j]);
+    }
+  });
+}
+
+template <typename T, bool Silu>
+void group_norm_nhwc(const GroupNormArgs& a) {
+  const int64_t C = a.channels, HW = a.spatial, G = a.groups, Cg = C / G, B = a.batch;
+  const T* x = static_cast<const T*>(a.x);
+  T* out = static_cast<T*>(a.out);
+  // Pass 1: per-channel statistics of pixel chunks (a chunk of P pixels x C channels stays in L2).
+  const int64_t P = std::max<int64_t>(1, std::min<int64_t>(HW, (1 << 14) / C));
+  const int64_t chunks = (HW + P - 1) / P;
+  std::vector<WelfordState> partial(B * chunks * C);
+  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sum(C), m2(C);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / chunks, p0 = (item % chunks) * P, np = std::min(P, HW - p0);
+      const T* blk = x + (b * HW + p0) * C;
+      std::fill(sum.begin(), sum.end(), 0.f);
+      std::fill(m2.begin(), m2.end(), 0.f);
+      for (int64_t p = 0; p < np; ++p)
+        for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<float>(blk[p * C + c]);
+      for (int64_t c = 0; c < C; ++c) sum[c] /= static_cast<float>(np);  // now the chunk means
+      for (int64_t p = 0; p < np; ++p)
+        for (int64_t c = 0; c < C; ++c) {
+          const float d = static_cast<float>(blk[p * C + c]) - sum[c];
+          m2[c] += d * d;
+        }
+      WelfordState* dst = partial.data() + item * C;
+      for (int64_t c = 0; c < C; ++c) dst[c] = WelfordState{sum[c], m2[c], np};
+    }
+  });
+  // Merge chunks and the channels of each group; the add shifts each channel's mean.
+  std::vector<float> scale(B * C), shift(B * C);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < G; ++g) {
+      WelfordState st;
+      for (int64_t j = 0; j < Cg; ++j) {
+        const int64_t c = g * Cg + j;
+        WelfordState ch;
+        for (int64_t k = 0; k < chunks; ++k) ch = welford_merge(ch, partial[(b * chunks + k) * C + c]);
+        st = welford_merge(st, welford_shift(ch, a.add ? a.add[b * C + c] : 0.f));
+      }
+      group_affine(a, b, g, st, scale.data() + b * C + g * Cg, shift.data() + b * C + g * Cg);
+    }
+  // Pass 2: one read and one write, pixel rows of C channels.
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / C);
+  at::parallel_for(0, B * HW, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / HW;
+      affine_row<T, Silu>(x + row * C, out + row * C, C, scale.data() + b * C, shift.data() + b * C);
+    }
+  });
+}
+
+template <typename T>
+void group_norm_typed(const GroupNormArgs& a) {
+  if (a.nhwc)
+    a.silu ? group_norm_nhwc<T, true>(a) : group_norm_nhwc<T, false>(a);
+  else
+    a.silu ? group_norm_nchw<T, true>(a) : group_norm_nchw<T, false>(a);
+}
+
+}  // namespace
+
+void group_norm(const GroupNormArgs& a) {
+  switch (a.dtype) {
+    case DType::kFloat: return group_norm_typed<float>(a);
+    case DType::kHalf: return group_norm_typed<at::Half>(a);
+    case DType::kBFloat16: return group_norm_typed<at::BFloat16>(a);
+  }
+}
+
+}  // namespace cpu
+}  // namespace ddpm_fast
