@@ -25,7 +25,7 @@ CPU_SOURCES = [
     "csrc/cpu/noise.cpp",
     "csrc/cpu/group_norm.cpp",
 ]
-BASE_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function"]
+BASE_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
 
 
 def cpu_extension(name, isa_flags):

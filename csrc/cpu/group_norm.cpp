@@ -55,7 +55,19 @@ WelfordState run_stats(const T* p, int64_t n) {
   return total;
 }
 
-inline Vec silu(const Vec& y) { return y / (Vec(1.f) + y.neg().exp_u20()); }
+// y * sigmoid(y). On AVX2 the division is a reciprocal estimate refined by one Newton step (~1 ulp), and exp's
+// argument is capped so 1 + exp(-y) stays finite (NaN still propagates through y).
+inline Vec silu(const Vec& y) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 e = Vec(_mm256_min_ps(y.neg(), _mm256_set1_ps(80.f))).exp_u20();
+  const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.f), e);
+  __m256 r = _mm256_rcp_ps(d);
+  r = _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.f)));
+  return _mm256_mul_ps(y, r);
+#else
+  return y / (Vec(1.f) + y.neg().exp_u20());
+#endif
+}
 inline float silu(float y) { return y / (1.f + std::exp(-y)); }
 
 // out[i] = act(x[i] * scale + shift) for a run sharing one (scale, shift).
@@ -151,22 +163,26 @@ void group_norm_nhwc(const GroupNormArgs& a) {
   const int64_t chunks = (HW + P - 1) / P;
   std::vector<WelfordState> partial(B * chunks * C);
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> sum(C), m2(C);
+    std::vector<float> k(C), s1(C), s2(C);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / chunks, p0 = (item % chunks) * P, np = std::min(P, HW - p0);
       const T* blk = x + (b * HW + p0) * C;
-      std::fill(sum.begin(), sum.end(), 0.f);
-      std::fill(m2.begin(), m2.end(), 0.f);
-      for (int64_t p = 0; p < np; ++p)
-        for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<float>(blk[p * C + c]);
-      for (int64_t c = 0; c < C; ++c) sum[c] /= static_cast<float>(np);  // now the chunk means
-      for (int64_t p = 0; p < np; ++p)
+      // One pass of shifted sums (shift = the chunk's first pixel): robust like Welford, no second read.
+      std::fill(s1.begin(), s1.end(), 0.f);
+      std::fill(s2.begin(), s2.end(), 0.f);
+      for (int64_t c = 0; c < C; ++c) k[c] = static_cast<float>(blk[c]);
+      for (int64_t p = 0; p < np; ++p) {
+        const T* row = blk + p * C;
         for (int64_t c = 0; c < C; ++c) {
-          const float d = static_cast<float>(blk[p * C + c]) - sum[c];
-          m2[c] += d * d;
+          const float d = static_cast<float>(row[c]) - k[c];
+          s1[c] += d;
+          s2[c] += d * d;
         }
+      }
       WelfordState* dst = partial.data() + item * C;
-      for (int64_t c = 0; c < C; ++c) dst[c] = WelfordState{sum[c], m2[c], np};
+      const float inv_n = 1.f / static_cast<float>(np);
+      for (int64_t c = 0; c < C; ++c)
+        dst[c] = WelfordState{k[c] + s1[c] * inv_n, std::max(s2[c] - s1[c] * s1[c] * inv_n, 0.f), np};
     }
   });
   // Merge chunks and the channels of each group; the add shifts each channel's mean.
