@@ -52,6 +52,52 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(emb)))
 
 
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that, in CPU inference on channels_last fp32 input, runs oneDNN with its weight reordered once
+    (and repacked only when the weight or input shape changes) and can fuse a residual add into the same call.
+
+    Training, other devices and dtypes, and backend 'torch' run F.conv2d (the reference path).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = None
+        self._packed = None  # (key, oneDNN weight)
+
+    def _use_packed(self, x: torch.Tensor) -> bool:
+        return (
+            self.backend != "torch"
+            and not (torch.is_grad_enabled() and self.weight.requires_grad)
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and self.padding_mode == "zeros"
+            and isinstance(self.padding, tuple)
+            and torch.backends.mkldnn.is_available()
+        )
+
+    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        key = (w._version, w.data_ptr(), tuple(x.shape))
+        if self._packed is None or self._packed[0] != key:
+            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                list(x.shape),
+            )
+            self._packed = (key, packed)
+        return self._packed[1]
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self._use_packed(x) and (residual is None or residual.is_contiguous(memory_format=torch.channels_last)):
+            args = (self._packed_weight(x), self.bias, list(self.padding), list(self.stride), list(self.dilation),
+                    self.groups)
+            if residual is None:
+                return torch.ops.mkldnn._convolution_pointwise(x, *args, "none", [], "")
+            return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", 1.0, None, [], None)
+        y = super().forward(x)
+        return y if residual is None else y + residual
+
+
 class GroupNormAct(nn.GroupNorm):
     """nn.GroupNorm whose forward is ops.group_norm_silu (optionally with SiLU and the time-embedding add)."""
 
@@ -70,18 +116,18 @@ class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, temb_ch: int, cfg: UNetConfig):
         super().__init__()
         self.norm1 = GroupNormAct(cfg.num_groups, cin, cfg.eps, silu=True)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = Conv2d(cin, cout, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_ch, cout)
         self.norm2 = GroupNormAct(cfg.num_groups, cout, cfg.eps, silu=True)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.conv2 = Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x, temb_act):
         h = self.conv1(self.norm1(x))
         h = self.norm2(h, add=self.time_emb_proj(temb_act))  # the time embedding is added before the norm
-        h = self.conv2(self.dropout(h))
-        return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return self.conv2(self.dropout(h), residual=skip)  # the residual add fused into the conv where it can be
 
 
 class AttnBlock(nn.Module):
@@ -116,7 +162,7 @@ class AttnBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+        self.conv = Conv2d(ch, ch, 3, stride=2)
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # TensorFlow's "SAME" padding at stride 2, as in the paper
@@ -125,7 +171,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -163,7 +209,7 @@ class UNet(nn.Module):
         self.config = cfg
         ch, temb_ch = cfg.ch, 4 * cfg.ch
         self.time_embedding = TimestepEmbedding(ch, temb_ch)
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         chans = [ch * m for m in cfg.ch_mult]
         skips, res, cin = [ch], cfg.sample_size, ch
@@ -199,7 +245,7 @@ class UNet(nn.Module):
                 res *= 2
 
         self.conv_norm_out = GroupNormAct(cfg.num_groups, cin, cfg.eps, silu=True)
-        self.conv_out = nn.Conv2d(cin, cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(cin, cfg.out_channels, 3, padding=1)
         self.backend = None
 
     @classmethod
@@ -235,6 +281,9 @@ class UNet(nn.Module):
             raise ValueError(f"x: expected shape (B, {self.config.in_channels}, H, W), got {shape}")
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        if self.backend != "torch" and x.device.type == "cpu" and not torch.is_grad_enabled():
+            # CPU inference runs channels_last: oneDNN convolutions and the fused NHWC kernels are faster there
+            x = x.contiguous(memory_format=torch.channels_last)
         temb = self.time_embedding(timestep_embedding(t, self.config.ch).to(x.dtype))
         temb_act = F.silu(temb)  # every ResBlock projects SiLU(temb): compute it once
 
