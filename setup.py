@@ -24,6 +24,7 @@ CPU_SOURCES = [
     "csrc/cpu/q_sample.cpp",
     "csrc/cpu/noise.cpp",
     "csrc/cpu/group_norm.cpp",
+    "csrc/cpu/attention.cpp",
 ]
 BASE_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
 

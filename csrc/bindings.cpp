@@ -146,6 +146,45 @@ void group_norm_silu_cpu(const at::Tensor& x, int64_t groups, const std::optiona
   cpu::group_norm(args);
 }
 
+void attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                   const std::optional<at::Tensor>& residual, const at::Tensor& out) {
+  for (const at::Tensor* t : {&q, &k, &v, &out}) {
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->device().is_cpu() && t->stride(3) == 1,
+                "ddpm_fast: attention expects float32 CPU (B, H, N, D) tensors with a contiguous last dim");
+  }
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), M = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D, "ddpm_fast: attention: k shape mismatch");
+  TORCH_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == M, "ddpm_fast: attention: v shape mismatch");
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({B, H, N, Dv}), "ddpm_fast: attention: out shape mismatch");
+  cpu::AttentionArgs a;
+  a.batch = B;
+  a.heads = H;
+  a.q_len = N;
+  a.kv_len = M;
+  a.head_dim = D;
+  a.v_dim = Dv;
+  a.q = q.data_ptr<float>();
+  a.k = k.data_ptr<float>();
+  a.v = v.data_ptr<float>();
+  a.out = out.data_ptr<float>();
+  a.residual = nullptr;
+  auto strides = [](const at::Tensor& t, int64_t* dst) {
+    for (int i = 0; i < 3; ++i) dst[i] = t.stride(i);
+  };
+  strides(q, a.q_strides);
+  strides(k, a.k_strides);
+  strides(v, a.v_strides);
+  strides(out, a.out_strides);
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == out.sizes() && residual->scalar_type() == at::kFloat && residual->stride(3) == 1,
+                "ddpm_fast: attention: residual must match out with a contiguous last dim");
+    a.residual = residual->data_ptr<float>();
+    strides(*residual, a.res_strides);
+  }
+  a.scale = static_cast<float>(scale);
+  cpu::attention(a);
+}
+
 void keyed_normal_cpu(const at::Tensor& t, int64_t seed, int64_t sample_offset, int64_t stream, const at::Tensor& out) {
   cpu::NormalArgs a;
   a.geo = geometry(out, {});
@@ -174,6 +213,7 @@ TORCH_LIBRARY(ddpm_fast, m) {
   m.def(
       "group_norm_silu(Tensor x, int groups, Tensor? weight, Tensor? bias, Tensor? add, float eps, bool silu, "
       "Tensor(a!) out) -> ()");
+  m.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? residual, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
@@ -181,6 +221,7 @@ TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
   m.impl("q_sample", &ddpm_fast::q_sample_cpu);
   m.impl("keyed_normal", &ddpm_fast::keyed_normal_cpu);
   m.impl("group_norm_silu", &ddpm_fast::group_norm_silu_cpu);
+  m.impl("attention", &ddpm_fast::attention_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

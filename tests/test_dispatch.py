@@ -24,7 +24,8 @@ def test_auto_picks_cpu_for_fused_ops_and_reference_for_grad_and_float64():
     assert resolve("ddpm_step", "auto", dev, needs_grad=True) == "torch"
     assert resolve("ddpm_step", None, dev, dtype=torch.float64) == "torch"
     assert resolve("group_norm_silu", None, dev) == "cpu"
-    assert resolve("attention", None, dev) == "torch"  # no fused CPU attention yet
+    assert resolve("attention", None, dev) == "cpu"
+    assert resolve("attention", None, dev, dtype=torch.float64) == "torch"
 
 
 def test_named_backend_that_cannot_run_raises_why():

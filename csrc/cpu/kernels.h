@@ -78,7 +78,21 @@ struct GroupNormArgs {
   bool silu;
 };
 
+// softmax(q k^T * scale) v (+ residual), fp32, (B, H, N, D) operands addressed through their strides; the last
+// dimension of every operand must be contiguous.
+struct AttentionArgs {
+  int64_t batch, heads, q_len, kv_len, head_dim, v_dim;
+  const float* q;
+  const float* k;
+  const float* v;
+  const float* residual;  // or nullptr
+  float* out;
+  int64_t q_strides[3], k_strides[3], v_strides[3], res_strides[3], out_strides[3];  // batch, head, row
+  float scale;
+};
+
 void ddpm_step(const StepArgs& args);
+void attention(const AttentionArgs& args);
 void group_norm(const GroupNormArgs& args);
 void q_sample(const QSampleArgs& args);
 void keyed_normal(const NormalArgs& args);

@@ -52,6 +52,14 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(emb)))
 
 
+def _weight_key(t: torch.Tensor) -> tuple[int, int]:
+    """Identifies a parameter's current values for caches of derived weights: storage and in-place version.
+
+    Inference tensors carry no version counter; an in-place change to one inside inference_mode goes unseen.
+    """
+    return (t.data_ptr(), -1 if t.is_inference() else t._version)
+
+
 class Conv2d(nn.Conv2d):
     """nn.Conv2d that, in CPU inference on channels_last fp32 input, runs oneDNN with its weight reordered once
     (and repacked only when the weight or input shape changes) and can fuse a residual add into the same call.
@@ -78,10 +86,14 @@ class Conv2d(nn.Conv2d):
 
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        key = (w._version, w.data_ptr(), tuple(x.shape))
+        key = (_weight_key(w), tuple(x.shape))
         if self._packed is None or self._packed[0] != key:
             packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                w.detach().to_mkldnn(),
+                list(self.padding),
+                list(self.stride),
+                list(self.dilation),
+                self.groups,
                 list(x.shape),
             )
             self._packed = (key, packed)
@@ -89,8 +101,14 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self._use_packed(x) and (residual is None or residual.is_contiguous(memory_format=torch.channels_last)):
-            args = (self._packed_weight(x), self.bias, list(self.padding), list(self.stride), list(self.dilation),
-                    self.groups)
+            args = (
+                self._packed_weight(x),
+                self.bias,
+                list(self.padding),
+                list(self.stride),
+                list(self.dilation),
+                self.groups,
+            )
             if residual is None:
                 return torch.ops.mkldnn._convolution_pointwise(x, *args, "none", [], "")
             return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", 1.0, None, [], None)
@@ -146,15 +164,29 @@ class AttnBlock(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(ch, ch)])  # diffusers' name: to_out.0
         self.backend = None
 
+    def _qkv_weight(self):
+        """to_q, to_k, to_v stacked into one (3C, C) projection, cached until a weight changes."""
+        params = [p for lin in (self.to_q, self.to_k, self.to_v) for p in (lin.weight, lin.bias)]
+        key = tuple(_weight_key(p) for p in params)
+        if getattr(self, "_qkv", None) is None or self._qkv[0] != key:
+            w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]).detach()
+            b = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias]).detach()
+            self._qkv = (key, w, b)
+        return self._qkv[1], self._qkv[2]
+
     def forward(self, x):
         B, C, H, W = x.shape
-        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         heads, d = self.num_heads, C // self.num_heads
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C): a free view when x is channels_last
+        if torch.is_grad_enabled() or self.backend == "torch":
+            q, k, v = (proj(h) for proj in (self.to_q, self.to_k, self.to_v))
+        else:  # inference: one GEMM for the three projections
+            q, k, v = F.linear(h, *self._qkv_weight()).split(C, dim=-1)
 
-        def split(proj):  # (B, HW, C) -> (B, heads, HW, d), a strided view
-            return proj(h).view(B, H * W, heads, d).transpose(1, 2)
+        def heads_view(t):  # (B, HW, C) -> (B, heads, HW, d), a strided view the attention kernel reads in place
+            return t.view(B, H * W, heads, d).transpose(1, 2)
 
-        o = ops.attention(split(self.to_q), split(self.to_k), split(self.to_v), backend=self.backend)
+        o = ops.attention(heads_view(q), heads_view(k), heads_view(v), backend=self.backend)
         o = self.to_out[0](o.transpose(1, 2).reshape(B, H * W, C))
         return x + o.transpose(1, 2).reshape(B, C, H, W)
 

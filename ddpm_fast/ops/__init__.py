@@ -6,6 +6,8 @@ Every op takes ``out=`` (a preallocated result, PyTorch's convention) and ``back
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import reference as ref
@@ -273,15 +275,33 @@ def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
         scale = C.number("scale", scale, positive=True)
     if out is not None:
         C.like("out", out, q, "q", shape=out_shape)
-    resolve("attention", backend, q.device, _needs_grad(q, k, v, residual))
-    return _finish(ref.attention(q, k, v, scale=scale, residual=residual), out)
+    backend = resolve("attention", backend, q.device, _needs_grad(q, k, v, residual), q.dtype)
+    if backend == "torch":
+        return _finish(ref.attention(q, k, v, scale=scale, residual=residual), out)
+    C.tensor("q", q, min_dim=4, dtypes=C.FUSED_DTYPES)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+    def fp32_rows(x):  # the kernel reads fp32 rows through any outer strides
+        x = x if x.dtype == torch.float32 else x.float()
+        return x if x.stride(-1) == 1 else x.contiguous()
+
+    B, H, N, Dv = out_shape
+    if out is not None and out.dtype == torch.float32 and out.stride(-1) == 1:
+        result = out
+    else:  # (B, N, H, Dv) memory: o.transpose(1, 2).reshape(B, N, H * Dv) is then a free view
+        result = torch.empty(B, N, H, Dv, dtype=torch.float32, device=q.device).transpose(1, 2)
+    res = None if residual is None else fp32_rows(residual)
+    torch.ops.ddpm_fast.attention(fp32_rows(q), fp32_rows(k), fp32_rows(v), float(scale), res, result)
+    if result.dtype != q.dtype:
+        result = result.to(q.dtype)
+    return _finish(result, out)
 
 
 def _register_fakes() -> None:
     """Shape functions of the compiled ops, so torch.compile can trace through them."""
     if not hasattr(torch.ops.ddpm_fast, "ddpm_step"):
         return
-    for name in ("ddpm_step", "q_sample", "keyed_normal", "group_norm_silu"):
+    for name in ("ddpm_step", "q_sample", "keyed_normal", "group_norm_silu", "attention"):
         torch.library.register_fake(f"ddpm_fast::{name}")(lambda *args, **kwargs: None)
 
 
