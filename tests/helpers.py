@@ -29,3 +29,13 @@ def assert_lowp_close(name: str, out, ref_fp32, ref_lowp) -> None:
     bound = 2 * torch_mx + LOWP_ATOL[out.dtype]
     print(f"{name}: max err {mx:.3g} (mean {mean:.3g}), torch {out.dtype} max err {torch_mx:.3g}, bound {bound:.3g}")
     assert mx <= bound, f"{name}: {mx:.3g} > {bound:.3g}"
+
+
+def layout_cases(shapes):
+    """(shape, layout) pairs: every shape contiguous and strided, 4-D shapes also channels_last."""
+    return [
+        (s, lay)
+        for s in shapes
+        for lay in ("contiguous", "channels_last", "strided")
+        if len(s) == 4 or lay != "channels_last"
+    ]

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import ddpm_fast as df
+from ddpm_fast.models.loading import DIFFUSERS_CIFAR10_CONFIG
 
 
 def _tiny(**kw):
@@ -75,21 +76,7 @@ def test_bad_input():
 
 
 diffusers = pytest.importorskip("diffusers")
-CIFAR10 = dict(  # google/ddpm-cifar10-32's UNet2DModel configuration
-    sample_size=32,
-    in_channels=3,
-    out_channels=3,
-    layers_per_block=2,
-    block_out_channels=(128, 256, 256, 256),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    norm_eps=1e-6,
-    downsample_padding=0,
-    flip_sin_to_cos=False,
-    freq_shift=1,
-    norm_num_groups=32,
-    attention_head_dim=None,
-)
+CIFAR10 = DIFFUSERS_CIFAR10_CONFIG  # google/ddpm-cifar10-32's configuration
 
 
 @pytest.mark.parametrize("head_dim", [None, 8])

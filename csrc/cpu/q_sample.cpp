@@ -43,12 +43,8 @@ void q_sample_typed(const QSampleArgs& a) {
       store2(op + i, at::vec::fmadd(ca, x_lo, cb * e_lo), at::vec::fmadd(ca, x_hi, cb * e_hi));
     }
     for (; i < len; ++i) {
-      float e;
-      if constexpr (Generate) {
-        ep[i] = static_cast<T>(zk[i]);
-      }
-      e = static_cast<float>(ep[i]);
-      op[i] = static_cast<T>(coeffs[b].a * static_cast<float>(xp[i]) + coeffs[b].b * e);
+      if constexpr (Generate) ep[i] = static_cast<T>(zk[i]);
+      op[i] = static_cast<T>(coeffs[b].a * static_cast<float>(xp[i]) + coeffs[b].b * static_cast<float>(ep[i]));
     }
   });
 }

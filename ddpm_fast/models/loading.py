@@ -9,6 +9,23 @@ import torch
 
 from .unet import UNet, UNetConfig
 
+# google/ddpm-cifar10-32's UNet2DModel configuration: the paper's CIFAR-10 model in diffusers' terms.
+DIFFUSERS_CIFAR10_CONFIG = dict(
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=2,
+    block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    norm_eps=1e-6,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    norm_num_groups=32,
+    attention_head_dim=None,
+)
+
 # diffusers config keys whose value must be this for the architecture to be the DDPM one ddpm_fast implements.
 _REQUIRED = {
     "act_fn": "silu",

@@ -11,7 +11,7 @@ import math
 import torch
 
 from .. import reference as ref
-from ..reference.noise import STREAM_Q_SAMPLE, STREAM_STEP, STREAM_X_T
+from ..reference.noise import STREAM_X_T
 from . import _checks as C
 from ._dispatch import backends, resolve
 
@@ -192,8 +192,8 @@ def keyed_normal(
     shape = tuple(int(d) for d in shape)
     if len(shape) == 0 or any(d <= 0 for d in shape):
         raise ValueError(f"shape: expected a non-empty (batch, ...) shape, got {shape}")
-    if stream not in (STREAM_STEP, STREAM_Q_SAMPLE, STREAM_X_T) and not (0 <= int(stream) < 2**32):
-        raise ValueError(f"stream: expected a 32-bit non-negative int, got {stream}")
+    if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < 2**32:
+        raise ValueError(f"stream: expected an int in [0, 2**32), got {stream!r}")
     device = torch.device(device)
     seed = C.seed_value(seed)
     B = shape[0]

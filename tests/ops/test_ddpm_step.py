@@ -5,7 +5,7 @@ import torch
 
 import ddpm_fast as df
 from ddpm_fast import reference as ref
-from tests.helpers import assert_fp32_close, assert_lowp_close
+from tests.helpers import assert_fp32_close, assert_lowp_close, layout_cases
 
 needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
 S = df.NoiseSchedule.linear(1000, 1e-4, 0.02)
@@ -35,15 +35,7 @@ def test_fp32_every_option_matches_reference(pt, vt, clip, t):
 
 
 @needs_cpu
-@pytest.mark.parametrize(
-    "shape, layout",
-    [
-        (s, lay)
-        for s in SHAPES
-        for lay in ("contiguous", "channels_last", "strided")
-        if len(s) == 4 or lay != "channels_last"
-    ],
-)
+@pytest.mark.parametrize("shape, layout", layout_cases(SHAPES))
 @pytest.mark.parametrize("keyed", [False, True])
 def test_shapes_and_layouts(shape, layout, keyed):
     x, m, z = _inputs(shape)
