@@ -70,8 +70,18 @@ cpu::NoiseKey noise_key(int64_t seed, int64_t sample_offset, uint32_t stream) {
   return {static_cast<uint64_t>(seed), sample_offset, stream};
 }
 
+// A (B, n) fp32 coefficient table given by the caller, checked; nullptr when absent.
+const float* coeff_table(const std::optional<at::Tensor>& c, int64_t batch, int64_t n) {
+  if (!c) return nullptr;
+  TORCH_CHECK(c->scalar_type() == at::kFloat && c->device().is_cpu() && c->is_contiguous() &&
+                  c->sizes() == at::IntArrayRef({batch, n}),
+              "ddpm_fast: coefficients must be a contiguous float32 CPU tensor of shape (batch, ", n, ")");
+  return c->data_ptr<float>();
+}
+
 void ddpm_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, const at::Tensor& t,
-                   const at::Tensor& alphas_cumprod, const std::optional<at::Tensor>& noise, int64_t seed,
+                   const std::optional<at::Tensor>& t_prev, const at::Tensor& alphas_cumprod,
+                   const std::optional<at::Tensor>& coeffs, const std::optional<at::Tensor>& noise, int64_t seed,
                    int64_t sample_offset, int64_t prediction_type, int64_t variance_type, bool clip_sample,
                    double clip_range, const at::Tensor& out, const std::optional<at::Tensor>& x0_out) {
   const at::Tensor* nz = noise ? &*noise : nullptr;
@@ -88,7 +98,16 @@ void ddpm_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, const 
   a.out = out.data_ptr();
   a.x0_out = x0 ? x0->data_ptr() : nullptr;
   a.t = t.data_ptr<int64_t>();
+  a.t_prev = nullptr;
+  if (t_prev) {
+    TORCH_CHECK(t_prev->scalar_type() == at::kLong && t_prev->sizes() == t.sizes() && t_prev->is_contiguous(),
+                "ddpm_fast: t_prev must be a contiguous int64 tensor shaped like t");
+    const auto [lo, hi] = at::aminmax(*t_prev);
+    TORCH_CHECK(lo.item<int64_t>() >= -1 && hi.item<int64_t>() < alphas_cumprod.size(0), "ddpm_fast: t_prev out of range");
+    a.t_prev = t_prev->data_ptr<int64_t>();
+  }
   a.abar = alphas_cumprod.data_ptr<double>();
+  a.coeffs = coeff_table(coeffs, a.geo.batch, 6);
   a.key = noise_key(seed, sample_offset, kStreamStep);
   a.prediction_type = static_cast<int>(prediction_type);
   a.variance_type = static_cast<int>(variance_type);
@@ -97,8 +116,9 @@ void ddpm_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, const 
   cpu::ddpm_step(a);
 }
 
-void q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& alphas_cumprod, const at::Tensor& noise,
-                  bool generate_noise, int64_t seed, int64_t sample_offset, const at::Tensor& out) {
+void q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& alphas_cumprod,
+                  const std::optional<at::Tensor>& coeffs, const at::Tensor& noise, bool generate_noise, int64_t seed,
+                  int64_t sample_offset, const at::Tensor& out) {
   cpu::QSampleArgs a;
   a.geo = geometry(x0, {&noise, &out});
   check_timesteps(t, alphas_cumprod, a.geo.batch);
@@ -109,6 +129,7 @@ void q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& a
   a.out = out.data_ptr();
   a.t = t.data_ptr<int64_t>();
   a.abar = alphas_cumprod.data_ptr<double>();
+  a.coeffs = coeff_table(coeffs, a.geo.batch, 2);
   a.key = noise_key(seed, sample_offset, kStreamQSample);
   cpu::q_sample(a);
 }
@@ -203,11 +224,13 @@ void keyed_normal_cpu(const at::Tensor& t, int64_t seed, int64_t sample_offset, 
 
 TORCH_LIBRARY(ddpm_fast, m) {
   m.def(
-      "ddpm_step(Tensor x_t, Tensor model_output, Tensor t, Tensor alphas_cumprod, Tensor? noise, int seed, "
+      "ddpm_step(Tensor x_t, Tensor model_output, Tensor t, Tensor? t_prev, Tensor alphas_cumprod, Tensor? coeffs, "
+      "Tensor? noise, int seed, "
       "int sample_offset, int prediction_type, int variance_type, bool clip_sample, float clip_range, "
       "Tensor(a!) out, Tensor(b!)? x0_out) -> ()");
   m.def(
-      "q_sample(Tensor x0, Tensor t, Tensor alphas_cumprod, Tensor(a!) noise, bool generate_noise, int seed, "
+      "q_sample(Tensor x0, Tensor t, Tensor alphas_cumprod, Tensor? coeffs, Tensor(a!) noise, bool generate_noise, "
+      "int seed, "
       "int sample_offset, Tensor(b!) out) -> ()");
   m.def("keyed_normal(Tensor t, int seed, int sample_offset, int stream, Tensor(a!) out) -> ()");
   m.def(

@@ -8,5 +8,24 @@ from .models import UNet, UNetConfig
 from .ops import backends
 from .schedule import NoiseSchedule
 
-__all__ = ["GaussianDiffusion", "NoiseSchedule", "UNet", "UNetConfig", "backends", "ops", "reference"]
+__all__ = [
+    "FusedDDPMScheduler",
+    "GaussianDiffusion",
+    "NoiseSchedule",
+    "UNet",
+    "UNetConfig",
+    "accelerate",
+    "backends",
+    "deaccelerate",
+    "ops",
+    "reference",
+]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):  # the diffusers drop-ins import diffusers, which is optional: load them on first use
+    if name in ("FusedDDPMScheduler", "accelerate", "deaccelerate"):
+        from .integrations import diffusers as _integration
+
+        return getattr(_integration, name)
+    raise AttributeError(f"module 'ddpm_fast' has no attribute {name!r}")

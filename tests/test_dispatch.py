@@ -55,7 +55,7 @@ def test_ops_compose_with_torch_compile():
     a = torch.empty_like(x)
 
     def step(x, m, z, out):
-        torch.ops.ddpm_fast.ddpm_step(x, m, t, S.alphas_cumprod, z, 0, 0, 0, 0, True, 1.0, out, None)
+        torch.ops.ddpm_fast.ddpm_step(x, m, t, None, S.alphas_cumprod, None, z, 0, 0, 0, 0, True, 1.0, out, None)
         return out * 2
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)

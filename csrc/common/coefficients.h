@@ -24,12 +24,13 @@ HOST_DEVICE QSampleCoeffs q_sample_coeffs(double abar_t) {
   return {static_cast<float>(sqrt(abar_t)), static_cast<float>(sqrt(1.0 - abar_t))};
 }
 
-// x_0   = ax * x_t + am * m                       (m: the model output)
+// x_0   = (px * x_t + pm * m) * q               (m: the model output; eq. 15 as (x_t - sqrt(1-abar) eps) / sqrt(abar),
+//                                                  so the cancellation happens before the 1/sqrt(abar) amplification)
 // mean  = c0 * clip(x_0) + c1 * x_t               (eq. 7)
 //       = kx * x_t + km * m                       (folded in double when there is no clipping)
 // x_t-1 = mean + sigma * z
 struct StepCoeffs {
-  float ax, am, c0, c1, kx, km, sigma;
+  float px, pm, q, c0, c1, kx, km, sigma;
 };
 
 // abar_prev is abar at the previous timestep (1 when t is the last step); sigma is 0 when last_step.
@@ -37,28 +38,32 @@ HOST_DEVICE StepCoeffs step_coeffs(double abar_t, double abar_prev, int predicti
                                    bool last_step) {
   const double alpha_t = abar_t / abar_prev;  // the step's own alpha (also right for respaced steps)
   const double beta_t = 1.0 - alpha_t;
-  double ax, am;
+  double px, pm, q;
   if (prediction_type == kEpsilon) {
-    ax = 1.0 / sqrt(abar_t);
-    am = -sqrt(1.0 / abar_t - 1.0);
+    px = 1.0;
+    pm = -sqrt(1.0 - abar_t);
+    q = 1.0 / sqrt(abar_t);
   } else if (prediction_type == kSample) {
-    ax = 0.0;
-    am = 1.0;
+    px = 0.0;
+    pm = 1.0;
+    q = 1.0;
   } else {  // kVPrediction
-    ax = sqrt(abar_t);
-    am = -sqrt(1.0 - abar_t);
+    px = sqrt(abar_t);
+    pm = -sqrt(1.0 - abar_t);
+    q = 1.0;
   }
   const double c0 = sqrt(abar_prev) * beta_t / (1.0 - abar_t);
   const double c1 = sqrt(alpha_t) * (1.0 - abar_prev) / (1.0 - abar_t);
   double variance = variance_type == kFixedLarge ? beta_t : (1.0 - abar_prev) / (1.0 - abar_t) * beta_t;
   variance = variance > 1e-20 ? variance : 1e-20;  // diffusers' clamp
   StepCoeffs k;
-  k.ax = static_cast<float>(ax);
-  k.am = static_cast<float>(am);
+  k.px = static_cast<float>(px);
+  k.pm = static_cast<float>(pm);
+  k.q = static_cast<float>(q);
   k.c0 = static_cast<float>(c0);
   k.c1 = static_cast<float>(c1);
-  k.kx = static_cast<float>(c0 * ax + c1);
-  k.km = static_cast<float>(c0 * am);
+  k.kx = static_cast<float>(c0 * q * px + c1);
+  k.km = static_cast<float>(c0 * q * pm);
   k.sigma = last_step ? 0.0f : static_cast<float>(sqrt(variance));
   return k;
 }

@@ -35,7 +35,9 @@ struct StepArgs {
   void* out;                 // (B, ...) x_{t-1}; may alias x or model_output
   void* x0_out;              // (B, ...) predicted (clipped) x_0, or nullptr
   const int64_t* t;          // (B,) timesteps
+  const int64_t* t_prev;     // (B,) previous timesteps (respaced or custom schedules; < 0: none), or nullptr: t - 1
   const double* abar;        // (T,) alphas_cumprod, float64
+  const float* coeffs;       // (B, 6) given px, pm, q, c0, c1, sigma (a drop-in scheduler's own), or nullptr
   NoiseKey key;
   int prediction_type;  // PredictionType in csrc/common/coefficients.h
   int variance_type;    // VarianceType
@@ -52,6 +54,7 @@ struct QSampleArgs {
   void* out;           // (B, ...) x_t; may alias x0
   const int64_t* t;    // (B,)
   const double* abar;  // (T,)
+  const float* coeffs;  // (B, 2) given a, b (a drop-in scheduler's own), or nullptr
   NoiseKey key;
 };
 

@@ -56,11 +56,12 @@ def _signed64(seed: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- noising
-def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, backend=None, out=None):
+def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, coefficients=None, backend=None, out=None):
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4), t per sample.
 
     ``noise=None`` draws eps from the keyed generator (``seed``, ``sample_offset``; seed=None takes one from
-    torch's default generator) and returns ``(x_t, eps)``; otherwise returns x_t.
+    torch's default generator) and returns ``(x_t, eps)``; otherwise returns x_t. ``coefficients``: an optional
+    (B, 2) table [sqrt(abar_t), sqrt(1 - abar_t)] used instead of the schedule's (a drop-in scheduler's own).
     """
     s = C.schedule(schedule)
     x0 = C.tensor("x0", x0)
@@ -74,8 +75,9 @@ def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, backend=None
     sample_offset = C.sample_offset(sample_offset, B)
     backend = resolve("q_sample", backend, x0.device, _needs_grad(x0, noise), x0.dtype)
     t = C.timesteps(t, B, len(s), x0.device if backend == "torch" else "cpu")
+    coefficients = C.coefficient_table("coefficients", coefficients, B, 2)
     if backend == "torch":
-        result = ref.q_sample(x0, t, noise, s, seed=seed, sample_offset=sample_offset)
+        result = ref.q_sample(x0, t, noise, s, seed=seed, sample_offset=sample_offset, coefficients=coefficients)
         x_t = result[0] if drawn else result
         x_t = _finish(x_t, out)
         return (x_t, result[1]) if drawn else x_t
@@ -85,7 +87,15 @@ def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, backend=None
     eps = torch.empty_like(x0d, memory_format=fmt) if drawn else _dense(noise, fmt)
     x_t = _result_buffer(out, x0d, fmt)
     torch.ops.ddpm_fast.q_sample(
-        x0d, t, s.table("alphas_cumprod", torch.float64, "cpu"), eps, drawn, _signed64(seed), sample_offset, x_t
+        x0d,
+        t,
+        s.table("alphas_cumprod", torch.float64, "cpu"),
+        coefficients,
+        eps,
+        drawn,
+        _signed64(seed),
+        sample_offset,
+        x_t,
     )
     x_t = _finish(x_t, out)
     return (x_t, eps) if drawn else x_t
@@ -105,14 +115,21 @@ def ddpm_step(
     prediction_type="epsilon",
     clip_sample=False,
     clip_range=1.0,
+    t_prev=None,
+    coefficients=None,
     backend=None,
     out=None,
+    x0_out=None,
 ):
     """One reverse step x_t -> x_{t-1} (Ho et al. 2020, Algorithm 2 line 4; eq. 7 and 15).
 
-    ``t``: an int (the whole batch at one step) or a (B,) integer tensor. ``model_output`` is epsilon, x_0
-    ("sample") or v per ``prediction_type``. ``noise``: z, or None for keyed noise from ``seed`` and
-    ``sample_offset`` (stream 0). No noise is added where t == 0. ``out`` may be ``x_t`` (in place).
+    ``t``: an int (the whole batch at one step) or a (B,) integer tensor; ``t_prev`` the previous timestep
+    (default t - 1; another value for respaced or custom timesteps, -1 for none). ``model_output`` is epsilon,
+    x_0 ("sample") or v per ``prediction_type``. ``noise``: z, or None for keyed noise from ``seed`` and
+    ``sample_offset`` (stream 0). No noise is added where t == 0. ``out`` may be ``x_t`` (in place);
+    ``x0_out`` receives the predicted (clipped) x_0. ``coefficients``: an optional (B, 6) float32 table
+    [px, pm, q, c0, c1, sigma] (x_0 = (px x_t + pm m) q; x_{t-1} = c0 x_0 + c1 x_t + sigma z) used instead of
+    the schedule's, for drop-in schedulers that must reproduce their own rounding.
     """
     s = C.schedule(schedule)
     x_t = C.tensor("x_t", x_t)
@@ -121,6 +138,8 @@ def ddpm_step(
         C.like("noise", noise, x_t, "x_t")
     if out is not None:
         C.like("out", out, x_t, "x_t")
+    if x0_out is not None:
+        C.like("x0_out", x0_out, x_t, "x_t")
     C.choice("variance_type", variance_type, C.VARIANCE_TYPES)
     C.choice("prediction_type", prediction_type, C.PREDICTION_TYPES)
     if not isinstance(clip_sample, bool):
@@ -131,8 +150,13 @@ def ddpm_step(
     sample_offset = C.sample_offset(sample_offset, B)
     backend = resolve("ddpm_step", backend, x_t.device, _needs_grad(x_t, model_output, noise), x_t.dtype)
     t = C.timesteps(t, B, len(s), x_t.device if backend == "torch" else "cpu")
+    if t_prev is not None:
+        t_prev = C.timesteps(t_prev, B, len(s), t.device, name="t_prev", allow_none=True)
+        if (t_prev >= t).any():
+            raise ValueError("t_prev: every previous timestep must be smaller than its t")
+    coefficients = C.coefficient_table("coefficients", coefficients, B, 6)
     if backend == "torch":
-        result = ref.ddpm_step(
+        result, x0 = ref.ddpm_step(
             x_t,
             model_output,
             t,
@@ -144,17 +168,25 @@ def ddpm_step(
             prediction_type=prediction_type,
             clip_sample=clip_sample,
             clip_range=clip_range,
+            t_prev=t_prev,
+            coefficients=None if coefficients is None else coefficients.to(torch.float64),
+            return_x0=True,
         )
+        if x0_out is not None:
+            x0_out.copy_(x0)
         return _finish(result, out)
     C.tensor("x_t", x_t, dtypes=C.FUSED_DTYPES)
     fmt = _memory_format(x_t)
     xd = _dense(x_t, fmt)
     result = _result_buffer(out, xd, fmt)
+    x0_result = None if x0_out is None else _result_buffer(x0_out, xd, fmt)
     torch.ops.ddpm_fast.ddpm_step(
         xd,
         _dense(model_output, fmt),
         t,
+        t_prev,
         s.table("alphas_cumprod", torch.float64, "cpu"),
+        coefficients,
         None if noise is None else _dense(noise, fmt),
         _signed64(seed),
         sample_offset,
@@ -163,8 +195,10 @@ def ddpm_step(
         clip_sample,
         clip_range,
         result,
-        None,
+        x0_result,
     )
+    if x0_out is not None:
+        _finish(x0_result, x0_out)
     return _finish(result, out)
 
 

@@ -47,23 +47,42 @@ def schedule(s) -> NoiseSchedule:
     return s
 
 
-def timesteps(t, batch: int, num_timesteps: int, device) -> torch.Tensor:
-    """t as an int64 tensor of shape (batch,) on ``device``; an int or 0-d tensor applies to every sample."""
+def timesteps(t, batch: int, num_timesteps: int, device, *, name: str = "t", allow_none: bool = False) -> torch.Tensor:
+    """t as an int64 tensor of shape (batch,) on ``device``; an int or 0-d tensor applies to every sample.
+
+    allow_none: -1 is allowed too ("no previous step", for t_prev).
+    """
     if isinstance(t, bool) or not isinstance(t, (numbers.Integral, torch.Tensor)):
-        raise TypeError(f"t: expected an int or an integer tensor, got {type(t).__name__}")
+        raise TypeError(f"{name}: expected an int or an integer tensor, got {type(t).__name__}")
     if isinstance(t, torch.Tensor):
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise TypeError(f"t: expected an integer tensor, got dtype {t.dtype}")
+            raise TypeError(f"{name}: expected an integer tensor, got dtype {t.dtype}")
         if t.dim() > 1 or (t.dim() == 1 and t.numel() != batch):
-            raise ValueError(f"t: expected an int, a 0-d tensor or shape ({batch},), got shape {tuple(t.shape)}")
+            raise ValueError(f"{name}: expected an int, a 0-d tensor or shape ({batch},), got shape {tuple(t.shape)}")
         lo, hi = (int(v) for v in torch.aminmax(t))
         t = t.to(device=device, dtype=torch.int64).reshape(-1).expand(batch).contiguous()
     else:
         lo = hi = int(t)
         t = torch.full((batch,), lo, dtype=torch.int64, device=device)
-    if lo < 0 or hi >= num_timesteps:
-        raise ValueError(f"t: expected values in [0, {num_timesteps - 1}], got {lo if lo < 0 else hi}")
+    lowest = -1 if allow_none else 0
+    if lo < lowest or hi >= num_timesteps:
+        raise ValueError(f"{name}: expected values in [{lowest}, {num_timesteps - 1}], got {lo if lo < lowest else hi}")
     return t
+
+
+def coefficient_table(name: str, c, batch: int, n: int):
+    """None, or a contiguous float32 CPU (batch, n) table of finite numbers (one row may be given for all)."""
+    if c is None:
+        return None
+    if not isinstance(c, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor of shape ({batch}, {n}), got {type(c).__name__}")
+    if c.dim() == 1 and c.numel() == n:
+        c = c.view(1, n).expand(batch, n)
+    if tuple(c.shape) != (batch, n):
+        raise ValueError(f"{name}: expected shape ({batch}, {n}) or ({n},), got {tuple(c.shape)}")
+    if not torch.isfinite(c).all():
+        raise ValueError(f"{name}: contains non-finite values")
+    return c.to(device="cpu", dtype=torch.float32).contiguous()
 
 
 def seed_value(seed) -> int:

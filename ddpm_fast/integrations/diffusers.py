@@ -1,0 +1,226 @@
+"""Drop-ins for diffusers: FusedDDPMScheduler and accelerate()/deaccelerate().
+
+FusedDDPMScheduler is diffusers' DDPMScheduler (same constructor, config, save/load, set_timesteps,
+scale_model_input, previous_timestep, custom timesteps) whose ``step`` and ``add_noise`` run ddpm_fast's fused
+kernels. Each step's scalar coefficients are computed from diffusers' own float32 ``alphas_cumprod`` in
+diffusers' order of operations and handed to the kernel, and the noise is drawn exactly as diffusers draws it
+(``randn_tensor`` with the generator), so results match diffusers up to the kernel's rounding. What it cannot
+fuse (thresholding, learned or log variances) runs diffusers' own code.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .. import ops
+from ..models.loading import config_from_diffusers
+from ..models.unet import UNet
+from ..schedule import NoiseSchedule
+
+log = logging.getLogger("ddpm_fast")
+
+try:
+    from diffusers import DDPMScheduler
+    from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+    from diffusers.utils.torch_utils import randn_tensor
+except ImportError as e:  # pragma: no cover - diffusers is an optional dependency
+    raise ImportError("ddpm_fast.integrations.diffusers needs diffusers: pip install diffusers") from e
+
+_FUSED_VARIANCES = ("fixed_small", "fixed_large")
+
+
+class FusedDDPMScheduler(DDPMScheduler):
+    """diffusers.DDPMScheduler with ``step`` and ``add_noise`` on ddpm_fast's fused kernels.
+
+    ``use_keyed_noise(seed)`` switches ``step`` from diffusers' generator noise to ddpm_fast's in-kernel keyed
+    noise (Philox, stream 0; sample i of the batch is global sample ``sample_offset + i``).
+    """
+
+    backend: str | None = None
+    _keyed_seed: int | None = None
+    _sample_offset: int = 0
+
+    def use_keyed_noise(self, seed: int | None, sample_offset: int = 0) -> FusedDDPMScheduler:
+        """seed=None returns to drawing noise as diffusers does."""
+        self._keyed_seed, self._sample_offset = seed, sample_offset
+        return self
+
+    # ------------------------------------------------------------------ helpers
+    def _schedule(self) -> NoiseSchedule:
+        """A ddpm_fast schedule of these betas (validation and the reference path use it)."""
+        cached = self.__dict__.get("_df_schedule")
+        if cached is None or cached[0] is not self.betas:
+            cached = (self.betas, NoiseSchedule.from_betas(self.betas))
+            self.__dict__["_df_schedule"] = cached
+        return cached[1]
+
+    def _fusable(self, model_output: torch.Tensor, sample: torch.Tensor) -> bool:
+        c = self.config
+        return (
+            not c.thresholding
+            and self.variance_type in _FUSED_VARIANCES
+            and model_output.shape == sample.shape
+            and model_output.dtype == sample.dtype
+            and sample.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and sample.dim() >= 1
+        )
+
+    def _step_coefficients(self, t: int, prev_t: int) -> torch.Tensor:
+        """[px, pm, q, c0, c1, sigma] in float32, computed as DDPMScheduler.step computes its terms."""
+        acp = self.alphas_cumprod
+        alpha_prod_t = acp[t]
+        alpha_prod_t_prev = acp[prev_t] if prev_t >= 0 else self.one
+        beta_prod_t = 1 - alpha_prod_t
+        beta_prod_t_prev = 1 - alpha_prod_t_prev
+        current_alpha_t = alpha_prod_t / alpha_prod_t_prev
+        current_beta_t = 1 - current_alpha_t
+        pt = self.config.prediction_type
+        one, zero = torch.ones_like(alpha_prod_t), torch.zeros_like(alpha_prod_t)
+        if pt == "epsilon":  # (sample - beta_prod_t ** 0.5 * eps) / alpha_prod_t ** 0.5
+            px, pm, q = one, -(beta_prod_t**0.5), 1 / alpha_prod_t**0.5
+        elif pt == "sample":
+            px, pm, q = zero, one, one
+        elif pt == "v_prediction":  # alpha_prod_t ** 0.5 * sample - beta_prod_t ** 0.5 * v
+            px, pm, q = alpha_prod_t**0.5, -(beta_prod_t**0.5), one
+        else:
+            raise ValueError(f"prediction_type given as {pt} must be one of `epsilon`, `sample` or `v_prediction`")
+        c0 = (alpha_prod_t_prev**0.5 * current_beta_t) / beta_prod_t
+        c1 = current_alpha_t**0.5 * beta_prod_t_prev / beta_prod_t
+        sigma = self._get_variance(t) ** 0.5 if t > 0 else torch.zeros_like(alpha_prod_t)
+        return torch.stack([px, pm, q, c0, c1, sigma]).to(torch.float32).view(1, 6)
+
+    # ------------------------------------------------------------------ diffusers API
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
+        if not self._fusable(model_output, sample):
+            log.debug("ddpm_fast: FusedDDPMScheduler.step runs diffusers' code (thresholding or variance type)")
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        t = int(timestep)
+        prev_t = int(self.previous_timestep(t))
+        B = sample.shape[0]
+        noise, seed = None, None
+        if t > 0:
+            if self._keyed_seed is None:
+                noise = randn_tensor(
+                    model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+                )
+            else:
+                seed = self._keyed_seed
+        else:
+            noise = torch.zeros_like(sample)
+        coefficients = self._step_coefficients(t, prev_t).expand(B, 6)
+        pred_original_sample = torch.empty_like(sample)
+        prev_sample = ops.ddpm_step(
+            sample,
+            model_output,
+            t,
+            self._schedule(),
+            noise,
+            seed=seed,
+            sample_offset=self._sample_offset,
+            variance_type=self.variance_type,
+            prediction_type=self.config.prediction_type,
+            clip_sample=bool(self.config.clip_sample),
+            clip_range=float(self.config.clip_sample_range),
+            coefficients=coefficients,
+            backend=self.backend,
+            x0_out=pred_original_sample,
+        )
+        if not return_dict:
+            return (prev_sample, pred_original_sample)
+        return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        fusable = (
+            original_samples.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and noise.shape == original_samples.shape
+            and noise.dtype == original_samples.dtype
+            and original_samples.dim() >= 1
+        )
+        t = torch.as_tensor(timesteps, device="cpu").to(torch.int64).reshape(-1)
+        if not fusable or t.numel() not in (1, original_samples.shape[0]):
+            return super().add_noise(original_samples, noise, timesteps)
+        B = original_samples.shape[0]
+        acp = self.alphas_cumprod  # float32, as diffusers' add_noise uses it
+        sqrt_alpha_prod = acp[t] ** 0.5
+        sqrt_one_minus_alpha_prod = (1 - acp[t]) ** 0.5
+        coefficients = torch.stack([sqrt_alpha_prod, sqrt_one_minus_alpha_prod], dim=1).float().expand(B, 2)
+        return ops.q_sample(
+            original_samples, t.expand(B), noise, self._schedule(), coefficients=coefficients, backend=self.backend
+        )
+
+
+# ---------------------------------------------------------------------------------------------- accelerate()
+def _tied_unet(unet2d) -> UNet:
+    """A ddpm_fast.UNet whose parameters are the diffusers model's own Parameter objects (no copy)."""
+    ours = UNet(config_from_diffusers(dict(unet2d.config)))
+    theirs = dict(unet2d.named_parameters())
+    for name, _ in list(ours.named_parameters()):
+        prefix, _, leaf = name.rpartition(".")
+        setattr(ours.get_submodule(prefix) if prefix else ours, leaf, theirs[name])
+    return ours.train(unet2d.training)
+
+
+def _accelerate_unet(unet2d, backend) -> bool:
+    from diffusers.models.unets.unet_2d import UNet2DOutput
+
+    if "_ddpm_fast_forward" in unet2d.__dict__:
+        return True
+    try:
+        ours = _tied_unet(unet2d)
+    except (ValueError, KeyError) as e:
+        log.debug("ddpm_fast: %s left as it is: %s", type(unet2d).__name__, e)
+        return False
+    ours.set_backend(backend)
+
+    def forward(sample, timestep, class_labels=None, return_dict=True, **kwargs):
+        if class_labels is not None or kwargs:
+            raise ValueError("class_labels: the accelerated UNet2DModel takes no class labels")
+        t = torch.as_tensor(timestep, device=sample.device)
+        out = ours(sample, t.expand(sample.shape[0]) if t.dim() == 0 else t)
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+    unet2d.__dict__["_ddpm_fast_forward"] = (ours, unet2d.__dict__.get("forward"))
+    unet2d.forward = forward  # an instance attribute: UNet2DModel.__call__ dispatches to it
+    return True
+
+
+def accelerate(obj, backend: str | None = None):
+    """Make a diffusers ``DDPMPipeline`` or ``UNet2DModel`` (classic DDPM blocks) run on ddpm_fast, in place.
+
+    A pipeline's DDPMScheduler becomes a FusedDDPMScheduler with the same config, and its U-Net (or the given
+    UNet2DModel) runs ddpm_fast's U-Net on the same Parameter objects: fused GroupNorm+SiLU and attention, and on
+    the CPU channels_last with prepacked oneDNN convolutions. Unsupported parts are left as they are (listed at
+    debug level). Returns ``obj``; :func:`deaccelerate` undoes it.
+    """
+    unet = getattr(obj, "unet", None)
+    if unet is None and hasattr(obj, "config") and hasattr(obj, "down_blocks"):
+        _accelerate_unet(obj, backend)
+        return obj
+    if unet is None:
+        raise TypeError(f"obj: expected a diffusers pipeline with a unet or a UNet2DModel, got {type(obj).__name__}")
+    _accelerate_unet(unet, backend)
+    sched = getattr(obj, "scheduler", None)
+    if type(sched) is DDPMScheduler:
+        fused = FusedDDPMScheduler.from_config(sched.config)
+        fused.backend = backend
+        obj.__dict__["_ddpm_fast_scheduler"] = sched
+        obj.scheduler = fused
+    elif sched is not None and not isinstance(sched, FusedDDPMScheduler):
+        log.debug("ddpm_fast: scheduler %s left as it is", type(sched).__name__)
+    return obj
+
+
+def deaccelerate(obj):
+    """Undo :func:`accelerate`: the original forward and scheduler come back. Returns ``obj``."""
+    unet = getattr(obj, "unet", obj)
+    saved = unet.__dict__.pop("_ddpm_fast_forward", None)
+    if saved is not None:
+        unet.__dict__.pop("forward", None)
+        if saved[1] is not None:
+            unet.forward = saved[1]
+    sched = obj.__dict__.pop("_ddpm_fast_scheduler", None) if hasattr(obj, "__dict__") else None
+    if sched is not None:
+        obj.scheduler = sched
+    return obj

@@ -1,0 +1,162 @@
+"""The diffusers drop-ins: FusedDDPMScheduler against DDPMScheduler, accelerate() on a real pipeline."""
+
+import itertools
+
+import pytest
+import torch
+
+import ddpm_fast as df
+
+diffusers = pytest.importorskip("diffusers")
+needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
+OPTIONS = list(itertools.product(["epsilon", "sample", "v_prediction"], ["fixed_small", "fixed_large"], [False, True]))
+
+
+def _rel_err(a, b):
+    return (a - b).abs().max().item() / max(1.0, b.abs().max().item())
+
+
+def _pair(**config):
+    return diffusers.DDPMScheduler(**config), df.FusedDDPMScheduler(**config)
+
+
+@needs_cpu
+@pytest.mark.parametrize("pt, vt, clip", OPTIONS)
+@pytest.mark.parametrize("spacing", [None, 50, "custom"])
+def test_step_equals_diffusers(pt, vt, clip, spacing):
+    theirs, ours = _pair(prediction_type=pt, variance_type=vt, clip_sample=clip, clip_sample_range=1.5)
+    if spacing == 50:
+        theirs.set_timesteps(50)
+        ours.set_timesteps(50)
+    elif spacing == "custom":
+        theirs.set_timesteps(timesteps=[900, 640, 300, 20, 0])
+        ours.set_timesteps(timesteps=[900, 640, 300, 20, 0])
+    ts = [999, 500, 1, 0] if spacing is None else [int(t) for t in theirs.timesteps]
+    g = torch.Generator().manual_seed(0)
+    x, m = torch.randn(2, 3, 8, 8, generator=g) * 1.5, torch.randn(2, 3, 8, 8, generator=g)
+    worst = 0.0
+    for t in ts:
+        a = theirs.step(m, t, x, generator=torch.Generator().manual_seed(t))
+        b = ours.step(m, t, x, generator=torch.Generator().manual_seed(t))
+        assert type(b) is type(a)
+        worst = max(
+            worst, _rel_err(b.prev_sample, a.prev_sample), _rel_err(b.pred_original_sample, a.pred_original_sample)
+        )
+    print(f"{pt} {vt} clip={clip} spacing={spacing}: max err {worst:.3g} (relative to max(1, |ref|))")
+    assert worst <= 1e-6
+
+
+@needs_cpu
+def test_full_loop_and_tuple_return_match_diffusers():
+    theirs, ours = _pair(clip_sample=True)
+    x_a = x_b = torch.linspace(-1, 1, 4 * 3 * 8 * 8).reshape(4, 3, 8, 8)
+    g_a, g_b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    for t in range(999, -1, -1):
+        x_a = theirs.step(x_a * t / (t + 1), t, x_a, generator=g_a).prev_sample
+        x_b = ours.step(x_b * t / (t + 1), t, x_b, generator=g_b, return_dict=False)[0]
+    err = (x_a - x_b).abs().max().item()
+    print(f"1000-step loop: sum {x_b.abs().sum():.4f} vs diffusers {x_a.abs().sum():.4f}, max err {err:.3g}")
+    assert abs(x_b.abs().sum() - x_a.abs().sum()) < 1e-2 and err < 1e-4
+
+
+def test_unfusable_configs_run_diffusers_code():
+    for config in (dict(thresholding=True), dict(variance_type="fixed_small_log"), dict(variance_type="learned_range")):
+        theirs, ours = _pair(**config)
+        C = 6 if config.get("variance_type") == "learned_range" else 3
+        x, m = torch.randn(1, 3, 4, 4), torch.randn(1, C, 4, 4)
+        a = theirs.step(m, 500, x, generator=torch.Generator().manual_seed(1)).prev_sample
+        b = ours.step(m, 500, x, generator=torch.Generator().manual_seed(1)).prev_sample
+        assert torch.equal(a, b), config
+
+
+@needs_cpu
+def test_add_noise_equals_diffusers():
+    theirs, ours = _pair()
+    x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    err = (ours.add_noise(x0, noise, t) - theirs.add_noise(x0, noise, t)).abs().max().item()
+    print(f"add_noise max err {err:.3g}")
+    assert err <= 1e-6
+
+
+def test_config_round_trips(tmp_path):
+    ours = df.FusedDDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    ours.save_pretrained(tmp_path)
+    again = df.FusedDDPMScheduler.from_pretrained(tmp_path)
+    assert type(again) is df.FusedDDPMScheduler and again.config.prediction_type == "v_prediction"
+    theirs = diffusers.DDPMScheduler.from_config(ours.config)
+    torch.testing.assert_close(theirs.alphas_cumprod, ours.alphas_cumprod)
+    assert type(df.FusedDDPMScheduler.from_config(diffusers.DDPMScheduler().config)) is df.FusedDDPMScheduler
+    assert ours.previous_timestep(10) == 9 and ours.scale_model_input(torch.ones(1), 3).item() == 1
+
+
+@needs_cpu
+def test_keyed_noise_option_is_batch_independent():
+    ours = df.FusedDDPMScheduler().use_keyed_noise(7)
+    x, m = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    full = ours.step(m, 500, x).prev_sample
+    ours.use_keyed_noise(7, sample_offset=2)
+    part = ours.step(m[2:], 500, x[2:]).prev_sample
+    torch.testing.assert_close(part, full[2:], rtol=0, atol=0)
+
+
+SMALL_UNET = dict(
+    sample_size=16,
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=8,
+    norm_eps=1e-6,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    attention_head_dim=None,
+)
+
+
+@needs_cpu
+def test_accelerated_pipeline_from_disk_gives_the_same_images(tmp_path):
+    torch.manual_seed(0)
+    pipe = diffusers.DDPMPipeline(unet=diffusers.UNet2DModel(**SMALL_UNET), scheduler=diffusers.DDPMScheduler())
+    pipe.save_pretrained(tmp_path)
+    pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(batch_size=2, num_inference_steps=20, output_type="np")
+    original = pipe(generator=torch.Generator().manual_seed(3), **kw).images
+    assert df.accelerate(pipe) is pipe
+    assert isinstance(pipe.scheduler, df.FusedDDPMScheduler)
+    fast = pipe(generator=torch.Generator().manual_seed(3), **kw).images
+    err = abs(fast - original).max()
+    print(f"accelerated DDPMPipeline vs original: max err {err:.3g}")
+    assert err <= 1e-3
+    df.deaccelerate(pipe)
+    assert type(pipe.scheduler) is diffusers.DDPMScheduler and "forward" not in pipe.unet.__dict__
+    again = pipe(generator=torch.Generator().manual_seed(3), **kw).images
+    assert abs(again - original).max() == 0
+
+
+@needs_cpu
+def test_accelerate_unet_in_place_shares_weights():
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(**SMALL_UNET).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 700])
+    with torch.no_grad():
+        expected = unet(x, t).sample
+        df.accelerate(unet)
+        got = unet(x, t).sample
+        assert (got - expected).abs().max() <= 1e-4
+        unet.conv_in.weight.mul_(2)  # the same Parameter objects: the accelerated model sees the change
+        changed = unet(x, t).sample
+        df.deaccelerate(unet)
+        assert (changed - unet(x, t).sample).abs().max() <= 1e-4
+    assert not any(k.startswith("_ddpm_fast") for k in unet.state_dict())
+
+
+def test_accelerate_leaves_unsupported_models_alone():
+    unet = diffusers.UNet2DModel(**{**SMALL_UNET, "resnet_time_scale_shift": "scale_shift"})
+    assert df.accelerate(unet) is unet and "forward" not in unet.__dict__
+    with pytest.raises(TypeError, match="obj"):
+        df.accelerate(object())
