@@ -1,4 +1,5 @@
-"""The main job: DDPM sampling speed, ddpm_fast's fused backends against its PyTorch reference sampler.
+"""The main job: DDPM sampling speed, ddpm_fast's fused backends against its PyTorch reference sampler and
+against diffusers' DDPMPipeline (eager, and with ddpm_fast.accelerate) with the same U-Net weights.
 
     python benchmarks/sample_speed.py                       # CPU default, about a minute
     python benchmarks/sample_speed.py --model cifar10 --batch 8 --steps 1000 --json out.json
@@ -37,10 +38,17 @@ def ensure_installed() -> None:
     os.execv(sys.executable, [sys.executable, *sys.argv])  # restart so the fresh build is imported
 
 
+# diffusers UNet2DModel configurations; ddpm_fast loads the same weights (UNet.from_diffusers)
 MODELS = {
     # a small DDPM U-Net so the CPU default finishes in about a minute
-    "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,), num_groups=8, sample_size=32),
-    # the paper's 35.7M-parameter CIFAR-10 model
+    "small": dict(
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+    ),
+    # the paper's 35.7M-parameter CIFAR-10 model (google/ddpm-cifar10-32's configuration)
     "cifar10": dict(),
 }
 
@@ -53,8 +61,9 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backends", default="auto", help="comma list of fused backends to time (auto: all available)")
-    p.add_argument("--repeats", type=int, default=5, help="rounds; each provider samples once a round")
+    p.add_argument("--repeats", type=int, default=3, help="rounds; each provider samples once a round")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--no-diffusers", dest="diffusers", action="store_false", help="skip the diffusers rows")
     p.add_argument("--json", help="write a JSON record here")
     args = p.parse_args()
     ensure_installed()
@@ -69,9 +78,25 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
+    from ddpm_fast.models.loading import DIFFUSERS_CIFAR10_CONFIG
+
     torch.manual_seed(0)
-    model = df.UNet.ddpm_cifar10(**MODELS[args.model]).to(args.device, dtype).eval()
-    schedule = df.NoiseSchedule.linear(args.steps, 1e-4, 0.02 * 1000 / args.steps)
+    beta_end = 0.02 * 1000 / args.steps  # the paper's schedule stretched to T steps
+    schedule = df.NoiseSchedule.linear(args.steps, 1e-4, beta_end)
+    try:
+        import diffusers
+    except ImportError:
+        diffusers = None
+    if diffusers is not None:
+        unet2d = (
+            diffusers.UNet2DModel(**{**DIFFUSERS_CIFAR10_CONFIG, **MODELS[args.model]}).to(args.device, dtype).eval()
+        )
+        model = df.UNet.from_diffusers(unet2d).to(args.device, dtype).eval()
+    else:
+        from ddpm_fast.models.loading import config_from_diffusers
+
+        model = df.UNet(config_from_diffusers({**DIFFUSERS_CIFAR10_CONFIG, **MODELS[args.model]})).eval()
+        model = model.to(args.device, dtype)
     report = df.backends()
     if args.backends == "auto":
         fused = [b for b in ("cpu", "triton", "cuda") if report[b].startswith("available")]
@@ -79,8 +104,25 @@ def main() -> None:
     else:
         fused = [b for b in args.backends.split(",") if b]
     providers = ["reference", *fused]
+    pipes = {}
+    if diffusers is not None and args.diffusers:
+        for name in ("diffusers", "diffusers+accelerate"):
+            sched = diffusers.DDPMScheduler(num_train_timesteps=args.steps, beta_start=1e-4, beta_end=beta_end)
+            unet = diffusers.UNet2DModel(**unet2d.config).to(args.device, dtype).eval()
+            unet.load_state_dict(unet2d.state_dict())
+            pipes[name] = diffusers.DDPMPipeline(unet=unet, scheduler=sched)
+            pipes[name].set_progress_bar_config(disable=True)
+        df.accelerate(pipes["diffusers+accelerate"])
+        providers += list(pipes)
 
     def run(provider: str) -> torch.Tensor:
+        if provider in pipes:  # diffusers' own loop (its generator noise), output in [-1, 1] as ddpm_fast's
+            g = torch.Generator(args.device).manual_seed(1234)
+            with torch.inference_mode():
+                out = pipes[provider](
+                    batch_size=args.batch, generator=g, num_inference_steps=args.steps, output_type="np"
+                ).images
+            return torch.from_numpy(out).permute(0, 3, 1, 2) * 2 - 1
         backend = "torch" if provider == "reference" else provider
         model.set_backend(None if provider != "reference" else "torch")
         d = df.GaussianDiffusion(model, schedule, backend=backend)
@@ -104,22 +146,35 @@ def main() -> None:
         )
 
     ref_time = sorted(times["reference"])[len(times["reference"]) // 2]
-    ref_img = images["reference"].float()
     rows = []
-    print(f"\n{'backend':12} {'images/s':>9} {'s/batch':>8} {'speedup':>8} {'max err vs ref':>15}")
+    # ddpm_fast's samplers are compared with the reference's images (same keyed noise); accelerated diffusers with
+    # diffusers' own images (same generator). diffusers' pipeline clamps its output to [-1, 1].
+    oracle = {p: "reference" for p in providers} | {"diffusers": None, "diffusers+accelerate": "diffusers"}
+    dif_time = sorted(times["diffusers"])[len(times["diffusers"]) // 2] if "diffusers" in times else None
+    print(
+        f"\n{'backend':22} {'images/s':>9} {'s/batch':>8} {'vs ref':>7} {'vs diffusers':>12} {'max err':>10} {'against':>10}"
+    )
     for prov in providers:
         med = sorted(times[prov])[len(times[prov]) // 2]
-        err = (images[prov].float() - ref_img).abs().max().item()
+        against = oracle[prov]
+        err = None if against is None else (images[prov].float() - images[against].float()).abs().max().item()
         row = dict(
             backend=prov,
             images_per_s=args.batch / med,
             median_s=med,
             speedup_vs_reference=ref_time / med,
-            max_err_vs_reference=err,
+            speedup_vs_diffusers=None if dif_time is None else dif_time / med,
+            max_err=err,
+            error_against=against,
             times_s=times[prov],
         )
         rows.append(row)
-        print(f"{prov:12} {row['images_per_s']:9.3f} {med:8.2f} {row['speedup_vs_reference']:7.2f}x {err:15.2e}")
+        err_txt = "" if err is None else f"{err:.2e}"
+        vs_dif = "" if dif_time is None else f"{dif_time / med:.2f}x"
+        print(
+            f"{prov:22} {row['images_per_s']:9.3f} {med:8.2f} {row['speedup_vs_reference']:6.2f}x {vs_dif:>12} "
+            f"{err_txt:>10} {against or '':>10}"
+        )
     if args.json:
         write_json(
             args.json, {"machine": info, "args": vars(args), "rows": rows, "command": "python " + " ".join(sys.argv)}
