@@ -74,7 +74,7 @@ def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, coefficients
     seed = C.seed_value(seed) if drawn else 0
     sample_offset = C.sample_offset(sample_offset, B)
     backend = resolve("q_sample", backend, x0.device, _needs_grad(x0, noise), x0.dtype)
-    t = C.timesteps(t, B, len(s), x0.device if backend == "torch" else "cpu")
+    t = C.timesteps(t, B, len(s), "cpu" if backend == "cpu" else x0.device)
     coefficients = C.coefficient_table("coefficients", coefficients, B, 2)
     if backend == "torch":
         result = ref.q_sample(x0, t, noise, s, seed=seed, sample_offset=sample_offset, coefficients=coefficients)
@@ -86,6 +86,25 @@ def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, coefficients
     x0d = _dense(x0, fmt)
     eps = torch.empty_like(x0d, memory_format=fmt) if drawn else _dense(noise, fmt)
     x_t = _result_buffer(out, x0d, fmt)
+    if backend == "triton":
+        from ..kernels import q_sample as tk
+
+        if coefficients is None:
+            abar = s.alphas_cumprod.to(t.device)[t]
+            coefficients = torch.stack([abar.sqrt(), (1 - abar).sqrt()], dim=1)
+        tk.q_sample(
+            x0d,
+            eps,
+            x_t,
+            coefficients.to(x0.device, torch.float32).contiguous(),
+            t,
+            drawn,
+            seed,
+            sample_offset,
+            fmt == torch.channels_last,
+        )
+        x_t = _finish(x_t, out)
+        return (x_t, eps) if drawn else x_t
     torch.ops.ddpm_fast.q_sample(
         x0d,
         t,
@@ -149,7 +168,7 @@ def ddpm_step(
     seed = C.seed_value(seed) if noise is None else 0
     sample_offset = C.sample_offset(sample_offset, B)
     backend = resolve("ddpm_step", backend, x_t.device, _needs_grad(x_t, model_output, noise), x_t.dtype)
-    t = C.timesteps(t, B, len(s), x_t.device if backend == "torch" else "cpu")
+    t = C.timesteps(t, B, len(s), "cpu" if backend == "cpu" else x_t.device)
     if t_prev is not None:
         t_prev = C.timesteps(t_prev, B, len(s), t.device, name="t_prev", allow_none=True)
         if (t_prev >= t).any():
@@ -180,6 +199,33 @@ def ddpm_step(
     xd = _dense(x_t, fmt)
     result = _result_buffer(out, xd, fmt)
     x0_result = None if x0_out is None else _result_buffer(x0_out, xd, fmt)
+    if backend == "triton":
+        from ..kernels import ddpm_step as tk
+
+        if coefficients is None:
+            coefficients = ref.step_coefficients(
+                t.cpu(), None if t_prev is None else t_prev.cpu(), s, prediction_type, variance_type
+            )
+        else:
+            coefficients = coefficients.clone()
+            coefficients[:, 5] *= (t.cpu() > 0).to(coefficients)
+        tk.ddpm_step(
+            xd,
+            _dense(model_output, fmt),
+            None if noise is None else _dense(noise, fmt),
+            result,
+            x0_result,
+            tk.coefficient_table(coefficients).to(x_t.device),
+            t,
+            seed,
+            sample_offset,
+            clip_sample,
+            clip_range,
+            fmt == torch.channels_last,
+        )
+        if x0_out is not None:
+            _finish(x0_result, x0_out)
+        return _finish(result, out)
     torch.ops.ddpm_fast.ddpm_step(
         xd,
         _dense(model_output, fmt),
@@ -233,7 +279,7 @@ def keyed_normal(
     B = shape[0]
     sample_offset = C.sample_offset(sample_offset, B)
     backend = resolve("keyed_normal", backend, device, dtype=dtype)
-    t = C.timesteps(t, B, 2**32, device if backend == "torch" else "cpu")
+    t = C.timesteps(t, B, 2**32, "cpu" if backend == "cpu" else device)
     if backend == "torch":
         z = ref.keyed_normal(shape, seed, t, stream, sample_offset, device).to(dtype)
         if memory_format is not torch.contiguous_format:
@@ -246,7 +292,12 @@ def keyed_normal(
         result = _result_buffer(out, out, fmt)
     else:
         result = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-    torch.ops.ddpm_fast.keyed_normal(t, _signed64(seed), sample_offset, int(stream), result)
+    if backend == "triton":
+        from ..kernels import q_sample as tk
+
+        tk.keyed_normal(result, t, seed, sample_offset, int(stream), _memory_format(result) == torch.channels_last)
+    else:
+        torch.ops.ddpm_fast.keyed_normal(t, _signed64(seed), sample_offset, int(stream), result)
     return _finish(result, out)
 
 

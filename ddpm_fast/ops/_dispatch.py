@@ -21,7 +21,7 @@ BACKENDS = ("torch", "cpu", "triton", "cuda")
 # Ops each compiled backend implements; everything else runs on the reference ("torch").
 _IMPLEMENTS = {
     "cpu": {"q_sample", "ddpm_step", "keyed_normal", "group_norm_silu", "attention"},
-    "triton": set(),
+    "triton": {"q_sample", "ddpm_step", "keyed_normal"},
     "cuda": set(),
 }
 # Fastest first, per device type.
@@ -41,7 +41,7 @@ def _why_unavailable(name: str) -> str | None:
             return "triton is not installed"
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             return "no GPU: triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
-        return "no Triton kernels built yet"
+        return None
     if name == "cuda":
         if not torch.cuda.is_available():
             return "no GPU: torch.cuda.is_available() is False"
@@ -99,6 +99,8 @@ def resolve(op: str, requested, device: torch.device, needs_grad: bool = False, 
         raise ValueError(f"backend 'cpu' needs CPU tensors, got tensors on {device}")
     if wants and device.type != wants:
         raise ValueError(f"backend {name!r} needs CUDA tensors, got tensors on {device}")
+    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1; use CUDA tensors")
     if needs_grad:
         log.debug("ddpm_fast: %s needs a gradient; running the reference instead of %s", op, name)
         return "torch"
