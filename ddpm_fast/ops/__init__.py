@@ -330,7 +330,12 @@ def group_norm_silu(x, num_groups, weight, bias, eps=1e-5, *, silu=True, add=Non
     fmt = _memory_format(x)
     xd = _dense(x, fmt)
     result = _result_buffer(out, xd, fmt)
-    torch.ops.ddpm_fast.group_norm_silu(xd, num_groups, weight, bias, add, float(eps), bool(silu), result)
+    if backend == "triton":
+        from ..kernels import group_norm as tk
+
+        tk.group_norm_silu(xd, result, num_groups, weight, bias, add, eps, bool(silu), fmt == torch.channels_last)
+    else:
+        torch.ops.ddpm_fast.group_norm_silu(xd, num_groups, weight, bias, add, float(eps), bool(silu), result)
     return _finish(result, out)
 
 
@@ -366,11 +371,20 @@ def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
     C.tensor("q", q, min_dim=4, dtypes=C.FUSED_DTYPES)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
 
-    def fp32_rows(x):  # the kernel reads fp32 rows through any outer strides
-        x = x if x.dtype == torch.float32 else x.float()
+    def rows(x):  # the kernels read rows through any outer strides
         return x if x.stride(-1) == 1 else x.contiguous()
 
     B, H, N, Dv = out_shape
+    if backend == "triton":  # any of the fused dtypes, fp32 accumulation inside
+        from ..kernels import attention as tk
+
+        result = out if out is not None and out.stride(-1) == 1 else q.new_empty(B, N, H, Dv).transpose(1, 2)
+        tk.attention(rows(q), rows(k), rows(v), None if residual is None else rows(residual), result, scale)
+        return _finish(result, out)
+
+    def fp32_rows(x):  # the CPU kernel reads fp32 rows
+        return rows(x if x.dtype == torch.float32 else x.float())
+
     if out is not None and out.dtype == torch.float32 and out.stride(-1) == 1:
         result = out
     else:  # (B, N, H, Dv) memory: o.transpose(1, 2).reshape(B, N, H * Dv) is then a free view

@@ -21,7 +21,7 @@ BACKENDS = ("torch", "cpu", "triton", "cuda")
 # Ops each compiled backend implements; everything else runs on the reference ("torch").
 _IMPLEMENTS = {
     "cpu": {"q_sample", "ddpm_step", "keyed_normal", "group_norm_silu", "attention"},
-    "triton": {"q_sample", "ddpm_step", "keyed_normal"},
+    "triton": {"q_sample", "ddpm_step", "keyed_normal", "group_norm_silu", "attention"},
     "cuda": set(),
 }
 # Fastest first, per device type.

@@ -110,3 +110,51 @@ def test_same_key_same_noise_as_the_cpu_backend(stream):
     err = (a.cpu() - b).abs().max().item()
     print(f"triton vs cpu keyed noise, stream {stream}: max err {err:.3g}")
     assert err <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "shape, groups", [((2, 64, 8, 8), 32), ((1, 6, 1, 1), 3), ((3, 12, 5, 7), 4), ((2, 32, 17, 9), 8)]
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("silu, with_add", [(True, True), (False, False)])
+def test_group_norm_silu(shape, groups, channels_last, silu, with_add):
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(shape, generator=g) + 1).to(DEV)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(shape[1], generator=g).to(DEV), torch.randn(shape[1], generator=g).to(DEV)
+    add = torch.randn(shape[:2], generator=g).to(DEV) if with_add else None
+    out = df.ops.group_norm_silu(x, groups, w, b, 1e-6, silu=silu, add=add, backend="triton")
+    expected = ref.group_norm_silu(
+        x.cpu(), groups, w.cpu(), b.cpu(), 1e-6, silu=silu, add=None if add is None else add.cpu()
+    )
+    assert_fp32_close(
+        f"triton group_norm {shape} cl={channels_last} silu={silu} add={with_add}", out.cpu(), expected, atol=2e-5
+    )
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "B, H, N, M, D, Dv", [(2, 1, 16, 16, 32, 32), (1, 4, 7, 5, 3, 3), (2, 2, 70, 130, 24, 40), (1, 1, 33, 40, 256, 256)]
+)
+def test_attention(B, H, N, M, D, Dv):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, d, generator=g).to(DEV) for n, d in ((N, D), (M, D), (M, Dv)))
+    res = torch.randn(B, H, N, Dv, generator=g).to(DEV)
+    out = df.ops.attention(q, k, v, residual=res, backend="triton")
+    expected = ref.attention(q.cpu(), k.cpu(), v.cpu(), residual=res.cpu())
+    assert_fp32_close(f"triton attention {(B, H, N, M, D, Dv)}", out.cpu(), expected, atol=2e-5)
+
+
+@needs_triton
+def test_attention_reads_the_unet_layout_and_low_precision():
+    x = torch.randn(2, 64, 3 * 32).to(DEV)
+    q, k, v = (x[..., i * 32 : (i + 1) * 32].view(2, 64, 2, 16).transpose(1, 2) for i in range(3))
+    out = df.ops.attention(q, k, v, backend="triton")
+    assert_fp32_close("triton U-Net layout", out.cpu(), ref.attention(q.cpu(), k.cpu(), v.cpu()), atol=2e-5)
+    qh, kh, vh = (t.to(torch.float16) for t in (q, k, v))
+    low = df.ops.attention(qh, kh, vh, backend="triton")
+    r32 = ref.attention(*(t.cpu().float() for t in (qh, kh, vh)))
+    rlow = ref.attention(*(t.cpu() for t in (qh, kh, vh)))
+    assert_lowp_close("triton attention fp16", low.cpu(), r32, rlow)

@@ -1,0 +1,212 @@
+"""GPU check: every fused op against torch eager, and the DDPM CIFAR-10 U-Net sampler step against diffusers
+(eager and torch.compile), on one CUDA device; writes one JSON record with the device name.
+
+    python benchmarks/gpu_check.py --json benchmarks/results/gpu_<device>.json [--quick]
+
+Run by benchmarks/gpu_check.sh after the install and the GPU tests. Memory-bound ops report GB/s next to the
+device's copy bandwidth measured in the same rounds; attention reports GFLOP/s. Uses CUDA events, medians of
+interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ddpm_fast as df  # noqa: E402
+from ddpm_fast.models.loading import DIFFUSERS_CIFAR10_CONFIG  # noqa: E402
+
+
+def cuda_ms(fn, iters: int) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def medians(providers: dict, rounds: int, iters: int) -> dict[str, float]:
+    samples = {k: [] for k in providers}
+    for _ in range(rounds):
+        for k, fn in providers.items():
+            samples[k].append(cuda_ms(fn, iters))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def op_rows(rounds: int) -> list[dict]:
+    rows = []
+    s = df.NoiseSchedule.linear()
+    dev = "cuda"
+    for shape in [(256, 3, 32, 32), (64, 4, 256, 256)]:
+        x, m, z = (torch.randn(shape, device=dev) for _ in range(3))
+        out, dst = torch.empty_like(x), torch.empty_like(x)
+        t = torch.full((shape[0],), 500, device=dev)
+        abar = s.alphas_cumprod.to(dev).float()
+
+        def torch_step():
+            a = abar[t].view(-1, 1, 1, 1)
+            ap = abar[t - 1].view(-1, 1, 1, 1)
+            x0 = ((x - (1 - a).sqrt() * m) / a.sqrt()).clamp(-1, 1)
+            beta = 1 - a / ap
+            mean = ap.sqrt() * beta / (1 - a) * x0 + (a / ap).sqrt() * (1 - ap) / (1 - a) * x
+            return mean + ((1 - ap) / (1 - a) * beta).sqrt() * z
+
+        res = medians(
+            {
+                "copy": lambda: dst.copy_(x),
+                "torch eager": torch_step,
+                "triton": lambda: df.ops.ddpm_step(x, m, 500, s, z, clip_sample=True, backend="triton", out=out),
+                "triton keyed": lambda: df.ops.ddpm_step(
+                    x, m, 500, s, seed=1, clip_sample=True, backend="triton", out=out
+                ),
+            },
+            rounds,
+            20,
+        )
+        nbytes = x.numel() * 4
+        copy_gbs = 2 * nbytes / res["copy"] / 1e6
+        for k, ms in res.items():
+            moved = {"copy": 2, "triton keyed": 3}.get(k, 4) * nbytes
+            rows.append(
+                dict(
+                    op="ddpm_step",
+                    shape=shape,
+                    provider=k,
+                    ms=ms,
+                    gbs=moved / ms / 1e6,
+                    pct_copy=100 * moved / ms / 1e6 / copy_gbs,
+                )
+            )
+    for shape, cl in [((8, 128, 32, 32), False), ((8, 128, 32, 32), True), ((64, 256, 32, 32), True)]:
+        x = torch.randn(shape, device=dev)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(shape[1], device=dev), torch.randn(shape[1], device=dev)
+        dst = torch.empty_like(x)
+        res = medians(
+            {
+                "copy": lambda: dst.copy_(x),
+                "torch eager": lambda: F.silu(F.group_norm(x, 32, w, b)),
+                "triton": lambda: df.ops.group_norm_silu(x, 32, w, b, backend="triton"),
+            },
+            rounds,
+            20,
+        )
+        copy_gbs = 2 * x.numel() * 4 / res["copy"] / 1e6
+        for k, ms in res.items():
+            gbs = 2 * x.numel() * 4 / ms / 1e6
+            rows.append(
+                dict(
+                    op="group_norm_silu",
+                    shape=shape,
+                    channels_last=cl,
+                    provider=k,
+                    ms=ms,
+                    gbs=gbs,
+                    pct_copy=100 * gbs / copy_gbs,
+                )
+            )
+    for B, heads, dtype in [(8, 1, torch.float32), (256, 1, torch.bfloat16), (256, 4, torch.bfloat16)]:
+        C, N = 256, 256
+        qkv = torch.randn(B, N, 3 * C, device=dev, dtype=dtype)
+        q, k, v = (qkv[..., i * C : (i + 1) * C].view(B, N, heads, C // heads).transpose(1, 2) for i in range(3))
+        res = medians(
+            {
+                "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+                "triton": lambda: df.ops.attention(q, k, v, backend="triton"),
+            },
+            rounds,
+            10,
+        )
+        flops = 4 * B * N * N * C
+        for k2, ms in res.items():
+            rows.append(
+                dict(
+                    op="attention", batch=B, heads=heads, dtype=str(dtype), provider=k2, ms=ms, gflops=flops / ms / 1e6
+                )
+            )
+    return rows
+
+
+def sampler_rows(rounds: int, batches, dtypes, with_compile: bool) -> list[dict]:
+    """One sampler step (U-Net forward + reverse step) per provider."""
+    rows = []
+    try:
+        import diffusers
+    except ImportError:
+        diffusers = None
+    for dtype in dtypes:
+        torch.manual_seed(0)
+        ours = df.UNet.ddpm_cifar10(dropout=0.0).cuda().to(dtype).eval()
+        s = df.NoiseSchedule.linear()
+        providers_for = {}
+        if diffusers is not None:
+            ref = diffusers.UNet2DModel(**DIFFUSERS_CIFAR10_CONFIG).cuda().to(dtype).eval()
+            ours = df.UNet.from_diffusers(ref).cuda().to(dtype).eval()
+            sched = diffusers.DDPMScheduler()
+            compiled = torch.compile(ref) if with_compile else None
+        for B in batches:
+            x = torch.randn(B, 3, 32, 32, device="cuda", dtype=dtype)
+            t = torch.full((B,), 500, device="cuda")
+            prov = {"ddpm_fast": lambda: df.ops.ddpm_step(x, ours(x, t), 500, s, seed=1, clip_sample=True)}
+            if diffusers is not None:
+                prov["diffusers eager"] = lambda: sched.step(ref(x, t).sample, 500, x).prev_sample
+                if compiled is not None:
+                    t0 = time.perf_counter()
+                    with torch.inference_mode():
+                        compiled(x, t)
+                    torch.cuda.synchronize()
+                    rows.append(dict(op="compile", batch=B, dtype=str(dtype), seconds=time.perf_counter() - t0))
+                    prov["diffusers torch.compile"] = lambda: sched.step(compiled(x, t).sample, 500, x).prev_sample
+            providers_for[B] = prov
+            with torch.inference_mode():
+                res = medians(prov, rounds, 5)
+            for k, ms in res.items():
+                rows.append(
+                    dict(op="sampler_step", batch=B, dtype=str(dtype), provider=k, ms=ms, images_per_s=B / ms * 1e3)
+                )
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", required=True)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-compile", action="store_true")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device")
+    rounds = 3 if args.quick else 5
+    record = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "backends": df.backends(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": "python " + " ".join(sys.argv),
+        "ops": op_rows(rounds),
+        "sampler": sampler_rows(rounds, [1, 256], [torch.float32, torch.bfloat16], not args.no_compile),
+        "not_measured": "CUDA-graph capture of the sampler step: the step's host-side coefficients are not yet "
+        "graph-safe (t is a host int)",
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(record, f, indent=2)
+    for row in record["ops"] + record["sampler"]:
+        print(row)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
