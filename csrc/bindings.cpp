@@ -107,7 +107,7 @@ void ddpm_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, const 
     a.t_prev = t_prev->data_ptr<int64_t>();
   }
   a.abar = alphas_cumprod.data_ptr<double>();
-  a.coeffs = coeff_table(coeffs, a.geo.batch, 6);
+  a.coeffs = coeff_table(coeffs, a.geo.batch, 7);
   a.key = noise_key(seed, sample_offset, kStreamStep);
   a.prediction_type = static_cast<int>(prediction_type);
   a.variance_type = static_cast<int>(variance_type);

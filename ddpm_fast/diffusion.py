@@ -77,8 +77,15 @@ class GaussianDiffusion:
         device=None,
         dtype=None,
         progress: bool = True,
+        steps: int | None = None,
+        method: str = "ddpm",
+        eta: float = 0.0,
     ) -> torch.Tensor:
         """Draw ``n`` samples by running the reverse chain from x_T ~ N(0, I) down to x_0.
+
+        ``steps``: run a subsequence of that many timesteps (diffusers' "leading" spacing: 0, T/steps, ...) with
+        the step's own alpha recomputed from abar (respacing, Nichol & Dhariwal 2021); ``method`` "ddpm" (the
+        posterior of the respaced chain) or "ddim" (Song et al. 2021, ``eta`` = 0 deterministic).
 
         With ``seed`` (or neither seed nor generator: a seed from torch's generator), x_T and every z come from the
         keyed generator, so sample i depends only on (seed, sample_offset + i): ``sample(8, seed=s)[:4]`` equals
@@ -97,6 +104,14 @@ class GaussianDiffusion:
             shape = (self.model.in_channels, self.model.sample_size, self.model.sample_size)
         full = (int(n), *shape)
         sample_offset = C.sample_offset(sample_offset, n)
+        C.choice("method", method, ("ddpm", "ddim"))
+        T = self.num_timesteps
+        if steps is None:
+            timesteps = list(range(T - 1, -1, -1))
+        else:
+            if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= T:
+                raise ValueError(f"steps: expected an int in [1, {T}], got {steps!r}")
+            timesteps = [i * (T // steps) for i in range(steps)][::-1]
 
         if generator is None:
             seed = C.seed_value(seed)
@@ -114,10 +129,29 @@ class GaussianDiffusion:
             x = torch.randn(full, generator=generator, device=device, dtype=dtype)
             z = torch.empty_like(x)
         t_batch = torch.empty(n, dtype=torch.int64, device=device)
-        for t in tqdm(range(self.num_timesteps - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
+        for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             model_output = self.model(x, t_batch.fill_(t))
             if z is not None and t > 0:
                 torch.randn(full, generator=generator, device=device, dtype=dtype, out=z)
+            if method == "ddim":
+                ops.ddim_step(
+                    x,
+                    model_output,
+                    t,
+                    t_prev,
+                    self.schedule,
+                    z,
+                    eta=eta,
+                    seed=seed,
+                    sample_offset=sample_offset,
+                    prediction_type=self.prediction_type,
+                    clip_sample=self.clip_sample,
+                    clip_range=self.clip_range,
+                    backend=self.backend,
+                    out=x,
+                )
+                continue
             ops.ddpm_step(
                 x,
                 model_output,
@@ -130,6 +164,7 @@ class GaussianDiffusion:
                 prediction_type=self.prediction_type,
                 clip_sample=self.clip_sample,
                 clip_range=self.clip_range,
+                t_prev=t_prev,
                 backend=self.backend,
                 out=x,  # in place: the chain reuses one buffer for x_t
             )

@@ -1,9 +1,9 @@
 """Triton fused DDPM reverse step (Ho et al. 2020, Algorithm 2; eq. 7 and 15), one pass over memory:
 
     x_0     = (px * x_t + pm * m) * q,  clamped to [-r, r] when clipping
-    x_{t-1} = c0 * x_0 + c1 * x_t + sigma * z       (= kx * x_t + km * m + sigma * z without clipping)
+    x_{t-1} = c0 * x_0 + c1 * x_t + cm * m + sigma * z   (= kx * x_t + km * m + sigma * z without clipping)
 
-Per-sample coefficients come from a (B, 8) fp32 table computed on the host in float64 (the same numbers the
+Per-sample coefficients come from a (B, 9) fp32 table computed on the host in float64 (the same numbers the
 CPU kernels use); z is given or drawn in the kernel from the keyed Philox stream 0.
 """
 
@@ -23,7 +23,7 @@ def _ddpm_step_kernel(
     z_ptr,  # (B, n) given noise (NOISE_GIVEN)
     out_ptr,  # (B, n) x_{t-1}
     x0_ptr,  # (B, n) predicted x_0 (WRITE_X0)
-    coef_ptr,  # (B, 8) fp32: px, pm, q, c0, c1, kx, km, sigma
+    coef_ptr,  # (B, 9) fp32: px, pm, q, c0, c1, cm, kx, km, sigma
     t_ptr,  # (B,) int64 timesteps (keyed noise)
     n,
     C,
@@ -42,7 +42,7 @@ def _ddpm_step_kernel(
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     ptr = b.to(tl.int64) * n + offs
-    cb = coef_ptr + b * 8
+    cb = coef_ptr + b * 9
     x = tl.load(x_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
     x0 = (tl.load(cb + 0) * x + tl.load(cb + 1) * m) * tl.load(cb + 2)
@@ -52,29 +52,29 @@ def _ddpm_step_kernel(
             clip_range,
             propagate_nan=tl.PropagateNan.ALL,
         )
-        o = tl.load(cb + 3) * x0 + tl.load(cb + 4) * x
+        o = tl.load(cb + 3) * x0 + tl.load(cb + 4) * x + tl.load(cb + 5) * m
     else:
-        o = tl.load(cb + 5) * x + tl.load(cb + 6) * m
+        o = tl.load(cb + 6) * x + tl.load(cb + 7) * m
     if NOISE == 1:
-        o += tl.load(cb + 7) * tl.load(z_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
+        o += tl.load(cb + 8) * tl.load(z_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
     if NOISE == 2:
         i = logical_index(offs.to(tl.int64), C, HW, NHWC)
         z = keyed_normal_at(i, sample_offset + b, tl.load(t_ptr + b), 0, k0, k1)
-        o += tl.load(cb + 7) * z
+        o += tl.load(cb + 8) * z
     tl.store(out_ptr + ptr, o.to(out_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:
         tl.store(x0_ptr + ptr, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
 def ddpm_step(x, m, noise, out, x0_out, coeffs, t, seed, sample_offset, clip, clip_range, nhwc):
-    """Launch on dense tensors sharing one layout; coeffs: (B, 8) fp32 on x's device; t: (B,) int64."""
+    """Launch on dense tensors sharing one layout; coeffs: (B, 9) fp32 on x's device; t: (B,) int64."""
     B = x.shape[0]
     n = x.numel() // B
     C = x.shape[1] if x.dim() > 1 else 1
     HW = n // C
     if noise is not None:
         mode = NOISE_GIVEN
-    elif bool((coeffs[:, 7] != 0).any()):
+    elif bool((coeffs[:, 8] != 0).any()):
         mode = NOISE_KEYED
     else:
         mode = NOISE_NONE
@@ -106,7 +106,8 @@ def ddpm_step(x, m, noise, out, x0_out, coeffs, t, seed, sample_offset, clip, cl
 
 
 def coefficient_table(step_coeffs: torch.Tensor) -> torch.Tensor:
-    """(B, 6) [px, pm, q, c0, c1, sigma] -> (B, 8) fp32 with the folded kx = c0 q px + c1, km = c0 q pm (float64)."""
+    """(B, 7) [px, pm, q, c0, c1, cm, sigma] -> (B, 9) fp32 with kx = c0 q px + c1, km = c0 q pm + cm folded in
+    float64."""
     c = step_coeffs.to(torch.float64)
-    px, pm, q, c0, c1, sigma = c.unbind(1)
-    return torch.stack([px, pm, q, c0, c1, c0 * q * px + c1, c0 * q * pm, sigma], dim=1).to(torch.float32)
+    px, pm, q, c0, c1, cm, sigma = c.unbind(1)
+    return torch.stack([px, pm, q, c0, c1, cm, c0 * q * px + c1, c0 * q * pm + cm, sigma], dim=1).to(torch.float32)

@@ -92,3 +92,30 @@ def test_bad_arguments():
         df.GaussianDiffusion(Dummy(), "linear")
     with pytest.raises(ValueError, match="shape"):
         df.GaussianDiffusion(lambda x, t: x, S).sample(1)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu)])
+def test_fewer_steps_ddpm_and_ddim(backend):
+    d = df.GaussianDiffusion(Dummy(), S, backend=backend)
+    a = d.sample(2, seed=5, steps=10, method="ddim", eta=0.0, progress=False)
+    b = d.sample(2, seed=5, steps=10, method="ddim", eta=0.0, progress=False)
+    c = d.sample(2, seed=5, steps=10, method="ddpm", progress=False)
+    assert torch.equal(a, b) and a.shape == (2, 3, 8, 8) and torch.isfinite(c).all()
+    assert not torch.allclose(a, c)
+    with pytest.raises(ValueError, match="steps"):
+        d.sample(1, steps=0)
+    with pytest.raises(ValueError, match="method"):
+        d.sample(1, steps=5, method="plms")
+
+
+@needs_cpu
+def test_respaced_chains_fused_equal_reference():
+    model = df.UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), sample_size=8, num_groups=4).eval()
+    for method in ("ddpm", "ddim"):
+        runs = [
+            df.GaussianDiffusion(model, S, backend=b).sample(2, seed=1, steps=8, method=method, eta=0.3, progress=False)
+            for b in ("torch", "cpu")
+        ]
+        err = (runs[0] - runs[1]).abs().max().item()
+        print(f"respaced {method}: fused vs reference max err {err:.3g}")
+        assert err <= 1e-3 * max(1.0, runs[0].abs().max().item())

@@ -26,11 +26,11 @@ HOST_DEVICE QSampleCoeffs q_sample_coeffs(double abar_t) {
 
 // x_0   = (px * x_t + pm * m) * q               (m: the model output; eq. 15 as (x_t - sqrt(1-abar) eps) / sqrt(abar),
 //                                                  so the cancellation happens before the 1/sqrt(abar) amplification)
-// mean  = c0 * clip(x_0) + c1 * x_t               (eq. 7)
+// mean  = c0 * clip(x_0) + c1 * x_t + cm * m      (eq. 7: cm = 0; DDIM's direction term uses cm)
 //       = kx * x_t + km * m                       (folded in double when there is no clipping)
 // x_t-1 = mean + sigma * z
 struct StepCoeffs {
-  float px, pm, q, c0, c1, kx, km, sigma;
+  float px, pm, q, c0, c1, cm, kx, km, sigma;
 };
 
 // abar_prev is abar at the previous timestep (1 when t is the last step); sigma is 0 when last_step.
@@ -62,6 +62,7 @@ HOST_DEVICE StepCoeffs step_coeffs(double abar_t, double abar_prev, int predicti
   k.q = static_cast<float>(q);
   k.c0 = static_cast<float>(c0);
   k.c1 = static_cast<float>(c1);
+  k.cm = 0.0f;
   k.kx = static_cast<float>(c0 * q * px + c1);
   k.km = static_cast<float>(c0 * q * pm);
   k.sigma = last_step ? 0.0f : static_cast<float>(sqrt(variance));

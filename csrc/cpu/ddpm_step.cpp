@@ -1,6 +1,6 @@
 // Fused DDPM reverse step (Ho et al. 2020, Algorithm 2; eq. 7 and 15), one pass over memory:
 //   x_0     = (px * x_t + pm * m) * q,  clamped to [-r, r] when clipping      (m: epsilon, x_0 or v)
-//   x_{t-1} = c0 * x_0 + c1 * x_t + sigma * z                            (z given or keyed Philox noise)
+//   x_{t-1} = c0 * x_0 + c1 * x_t + cm * m + sigma * z                   (z given or keyed Philox noise)
 // Without clipping the two lines fold into x_{t-1} = kx * x_t + km * m + sigma * z, with kx and km
 // computed in double (csrc/common/coefficients.h): one rounding less and no cancellation at large t.
 #include <vector>
@@ -17,12 +17,13 @@ enum class ZSource { kNone, kKeyed, kGiven };
 template <typename T, ZSource Z, bool Clip, bool WriteX0>
 void step_chunk(const StepCoeffs& k, float r, const T* x, const T* m, const float* zk, const T* zg, T* out, T* x0o,
                 int64_t n) {
-  const Vec px(k.px), pm(k.pm), q(k.q), c0(k.c0), c1(k.c1), kx(k.kx), km(k.km), sigma(k.sigma), lo_r(-r), hi_r(r);
+  const Vec px(k.px), pm(k.pm), q(k.q), c0(k.c0), c1(k.c1), cm(k.cm), kx(k.kx), km(k.km), sigma(k.sigma);
+  const Vec lo_r(-r), hi_r(r);
   auto compute = [&](const Vec& xv, const Vec& mv, const Vec& zv, Vec& o, Vec& x0v) {
     if constexpr (Clip || WriteX0) x0v = at::vec::fmadd(px, xv, pm * mv) * q;
     if constexpr (Clip) {
       x0v = at::vec::clamp(x0v, lo_r, hi_r);
-      o = at::vec::fmadd(c0, x0v, c1 * xv);
+      o = at::vec::fmadd(c0, x0v, at::vec::fmadd(c1, xv, cm * mv));
     } else {
       o = at::vec::fmadd(kx, xv, km * mv);
     }
@@ -45,7 +46,7 @@ void step_chunk(const StepCoeffs& k, float r, const T* x, const T* m, const floa
     float x0v = (k.px * xv + k.pm * mv) * k.q, o;
     if constexpr (Clip) {
       x0v = std::min(std::max(x0v, -r), r);
-      o = k.c0 * x0v + k.c1 * xv;
+      o = k.c0 * x0v + k.c1 * xv + k.cm * mv;
     } else {
       o = k.kx * xv + k.km * mv;
     }
@@ -104,9 +105,10 @@ void ddpm_step(const StepArgs& a) {
   bool any_noise = false;
   for (int64_t b = 0; b < a.geo.batch; ++b) {
     const int64_t t = a.t[b];
-    if (a.coeffs) {  // px, pm, q, c0, c1, sigma
-      const float* c = a.coeffs + 6 * b;
-      coeffs[b] = {c[0], c[1], c[2], c[3], c[4], c[3] * c[2] * c[0] + c[4], c[3] * c[2] * c[1], t == 0 ? 0.f : c[5]};
+    if (a.coeffs) {  // px, pm, q, c0, c1, cm, sigma
+      const float* c = a.coeffs + 7 * b;
+      coeffs[b] = {c[0], c[1], c[2], c[3], c[4], c[5], c[3] * c[2] * c[0] + c[4], c[3] * c[2] * c[1] + c[5],
+                   t == 0 ? 0.f : c[6]};
     } else {
       const int64_t t_prev = a.t_prev ? a.t_prev[b] : t - 1;
       const double abar_prev = t_prev >= 0 ? a.abar[t_prev] : 1.0;

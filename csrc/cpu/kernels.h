@@ -37,7 +37,7 @@ struct StepArgs {
   const int64_t* t;          // (B,) timesteps
   const int64_t* t_prev;     // (B,) previous timesteps (respaced or custom schedules; < 0: none), or nullptr: t - 1
   const double* abar;        // (T,) alphas_cumprod, float64
-  const float* coeffs;       // (B, 6) given px, pm, q, c0, c1, sigma (a drop-in scheduler's own), or nullptr
+  const float* coeffs;       // (B, 7) given px, pm, q, c0, c1, cm, sigma (a scheduler's own), or nullptr
   NoiseKey key;
   int prediction_type;  // PredictionType in csrc/common/coefficients.h
   int variance_type;    // VarianceType

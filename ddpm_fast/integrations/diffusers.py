@@ -68,7 +68,7 @@ class FusedDDPMScheduler(DDPMScheduler):
         )
 
     def _step_coefficients(self, t: int, prev_t: int) -> torch.Tensor:
-        """[px, pm, q, c0, c1, sigma] in float32, computed as DDPMScheduler.step computes its terms."""
+        """[px, pm, q, c0, c1, cm, sigma] in float32, computed as DDPMScheduler.step computes its terms."""
         acp = self.alphas_cumprod
         alpha_prod_t = acp[t]
         alpha_prod_t_prev = acp[prev_t] if prev_t >= 0 else self.one
@@ -89,7 +89,7 @@ class FusedDDPMScheduler(DDPMScheduler):
         c0 = (alpha_prod_t_prev**0.5 * current_beta_t) / beta_prod_t
         c1 = current_alpha_t**0.5 * beta_prod_t_prev / beta_prod_t
         sigma = self._get_variance(t) ** 0.5 if t > 0 else torch.zeros_like(alpha_prod_t)
-        return torch.stack([px, pm, q, c0, c1, sigma]).to(torch.float32).view(1, 6)
+        return torch.stack([px, pm, q, c0, c1, zero, sigma]).to(torch.float32).view(1, 7)
 
     # ------------------------------------------------------------------ diffusers API
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
@@ -109,7 +109,7 @@ class FusedDDPMScheduler(DDPMScheduler):
                 seed = self._keyed_seed
         else:
             noise = torch.zeros_like(sample)
-        coefficients = self._step_coefficients(t, prev_t).expand(B, 6)
+        coefficients = self._step_coefficients(t, prev_t).expand(B, 7)
         pred_original_sample = torch.empty_like(sample)
         prev_sample = ops.ddpm_step(
             sample,

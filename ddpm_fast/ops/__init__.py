@@ -15,7 +15,7 @@ from ..reference.noise import STREAM_X_T
 from . import _checks as C
 from ._dispatch import backends, resolve
 
-__all__ = ["attention", "backends", "ddpm_step", "group_norm_silu", "keyed_normal", "q_sample"]
+__all__ = ["attention", "backends", "ddim_step", "ddpm_step", "group_norm_silu", "keyed_normal", "q_sample"]
 
 _PREDICTION_CODE = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 _VARIANCE_CODE = {"fixed_small": 0, "fixed_large": 1}
@@ -146,9 +146,9 @@ def ddpm_step(
     (default t - 1; another value for respaced or custom timesteps, -1 for none). ``model_output`` is epsilon,
     x_0 ("sample") or v per ``prediction_type``. ``noise``: z, or None for keyed noise from ``seed`` and
     ``sample_offset`` (stream 0). No noise is added where t == 0. ``out`` may be ``x_t`` (in place);
-    ``x0_out`` receives the predicted (clipped) x_0. ``coefficients``: an optional (B, 6) float32 table
-    [px, pm, q, c0, c1, sigma] (x_0 = (px x_t + pm m) q; x_{t-1} = c0 x_0 + c1 x_t + sigma z) used instead of
-    the schedule's, for drop-in schedulers that must reproduce their own rounding.
+    ``x0_out`` receives the predicted (clipped) x_0. ``coefficients``: an optional (B, 7) float32 table
+    [px, pm, q, c0, c1, cm, sigma] (x_0 = (px x_t + pm m) q; x_{t-1} = c0 x_0 + c1 x_t + cm m + sigma z) used
+    instead of the schedule's: DDIM (see :func:`ddim_step`), or drop-in schedulers reproducing their own rounding.
     """
     s = C.schedule(schedule)
     x_t = C.tensor("x_t", x_t)
@@ -173,7 +173,7 @@ def ddpm_step(
         t_prev = C.timesteps(t_prev, B, len(s), t.device, name="t_prev", allow_none=True)
         if (t_prev >= t).any():
             raise ValueError("t_prev: every previous timestep must be smaller than its t")
-    coefficients = C.coefficient_table("coefficients", coefficients, B, 6)
+    coefficients = C.coefficient_table("coefficients", coefficients, B, 7)
     if backend == "torch":
         result, x0 = ref.ddpm_step(
             x_t,
@@ -208,7 +208,7 @@ def ddpm_step(
             )
         else:
             coefficients = coefficients.clone()
-            coefficients[:, 5] *= (t.cpu() > 0).to(coefficients)
+            coefficients[:, 6] *= (t.cpu() > 0).to(coefficients)
         tk.ddpm_step(
             xd,
             _dense(model_output, fmt),
@@ -246,6 +246,58 @@ def ddpm_step(
     if x0_out is not None:
         _finish(x0_result, x0_out)
     return _finish(result, out)
+
+
+def ddim_step(
+    x_t,
+    model_output,
+    t,
+    t_prev,
+    schedule,
+    noise=None,
+    *,
+    eta=0.0,
+    seed=None,
+    sample_offset=0,
+    prediction_type="epsilon",
+    clip_sample=False,
+    clip_range=1.0,
+    use_clipped_model_output=False,
+    backend=None,
+    out=None,
+):
+    """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, eq. 12), ``eta`` = 0 deterministic, 1 DDPM-like.
+
+    Runs on the fused reverse-step kernels with DDIM's coefficient table (ddpm_fast/reference/ddim_step.py).
+    ``t_prev`` = -1 steps to x_0. Noise as in :func:`ddpm_step` (given, or keyed stream 0).
+    """
+    s = C.schedule(schedule)
+    x_t = C.tensor("x_t", x_t)
+    B = x_t.shape[0]
+    eta = C.number("eta", eta)
+    if eta < 0:
+        raise ValueError(f"eta: expected eta >= 0, got {eta}")
+    C.choice("prediction_type", prediction_type, C.PREDICTION_TYPES)
+    t = C.timesteps(t, B, len(s), "cpu")
+    t_prev = C.timesteps(t_prev, B, len(s), "cpu", name="t_prev", allow_none=True)
+    if (t_prev >= t).any():
+        raise ValueError("t_prev: every previous timestep must be smaller than its t")
+    k = ref.ddim_coefficients(t, t_prev, s, prediction_type, eta, bool(use_clipped_model_output))
+    return ddpm_step(
+        x_t,
+        model_output,
+        t,
+        s,
+        noise,
+        seed=seed,
+        sample_offset=sample_offset,
+        prediction_type=prediction_type,
+        clip_sample=clip_sample,
+        clip_range=clip_range,
+        coefficients=k.float(),
+        backend=backend,
+        out=out,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- noise

@@ -1,9 +1,20 @@
 """Plain PyTorch implementations of every op: the specification the fused kernels are tested against."""
 
 from .attention import attention
+from .ddim_step import ddim_coefficients, ddim_step
 from .ddpm_step import ddpm_step, predict_x0, step_coefficients
 from .group_norm import group_norm_silu
 from .noise import keyed_normal
 from .q_sample import q_sample
 
-__all__ = ["attention", "ddpm_step", "group_norm_silu", "keyed_normal", "predict_x0", "q_sample", "step_coefficients"]
+__all__ = [
+    "ddim_coefficients",
+    "ddim_step",
+    "attention",
+    "ddpm_step",
+    "group_norm_silu",
+    "keyed_normal",
+    "predict_x0",
+    "q_sample",
+    "step_coefficients",
+]

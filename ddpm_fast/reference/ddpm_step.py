@@ -9,7 +9,8 @@ from .noise import STREAM_STEP, keyed_normal
 
 
 def step_coefficients(t, t_prev, schedule: NoiseSchedule, prediction_type: str, variance_type: str) -> torch.Tensor:
-    """(B, 6) float64 [px, pm, q, c0, c1, sigma]: x_0 = (px x_t + pm m) q and x_{t-1} = c0 x_0 + c1 x_t + sigma z.
+    """(B, 7) float64 [px, pm, q, c0, c1, cm, sigma]: x_0 = (px x_t + pm m) q and
+    x_{t-1} = c0 clip(x_0) + c1 x_t + cm m + sigma z (cm = 0 for DDPM).
 
     From abar_t and abar_prev = abar at t_prev (1 where t_prev < 0; t_prev = t - 1 unless respaced), so that
     alpha_t = abar_t / abar_prev and beta_t = 1 - alpha_t are the step's own (eq. 7 for any subsequence of steps).
@@ -37,12 +38,12 @@ def step_coefficients(t, t_prev, schedule: NoiseSchedule, prediction_type: str, 
     else:
         raise ValueError(f"variance_type: unknown {variance_type!r}")
     sigma = variance.sqrt() * (t > 0)  # no noise at the last step
-    return torch.stack([px, pm, q, c0, c1, sigma], dim=1)
+    return torch.stack([px, pm, q, c0, c1, zero, sigma], dim=1)
 
 
 def predict_x0(x_t, model_output, coefficients):
     """x_0 = (px x_t + pm m) q, per sample (coefficients from :func:`step_coefficients`)."""
-    k = coefficients.to(x_t.dtype).view(-1, 6, *([1] * (x_t.dim() - 1)))
+    k = coefficients.to(x_t.dtype).view(-1, 7, *([1] * (x_t.dim() - 1)))
     return (k[:, 0] * x_t + k[:, 1] * model_output) * k[:, 2]
 
 
@@ -68,18 +69,18 @@ def ddpm_step(
     mu~_t = c0 x_0 + c1 x_t (eq. 7), x_0 predicted from model_output and optionally clamped to
     [-clip_range, clip_range]. sigma_t^2 = beta~_t ("fixed_small") or beta_t ("fixed_large").
     z is ``noise`` if given, else drawn from the keyed generator (stream 0) with ``seed``.
-    ``coefficients`` (B, 6) overrides the schedule's [px, pm, q, c0, c1, sigma] (a drop-in scheduler's own numbers).
+    ``coefficients`` (B, 7) overrides the schedule's [px, pm, q, c0, c1, cm, sigma] (a scheduler's own numbers).
     """
     if coefficients is None:
         coefficients = step_coefficients(t, t_prev, schedule, prediction_type, variance_type)
     else:
         coefficients = coefficients.clone()
-        coefficients[:, 5] *= (t > 0).to(coefficients)
+        coefficients[:, 6] *= (t > 0).to(coefficients)
     x0 = predict_x0(x_t, model_output, coefficients)
     if clip_sample:
         x0 = x0.clamp(-clip_range, clip_range)
-    k = coefficients.to(x_t.dtype).view(-1, 6, *([1] * (x_t.dim() - 1)))
+    k = coefficients.to(x_t.dtype).view(-1, 7, *([1] * (x_t.dim() - 1)))
     if noise is None:
         noise = keyed_normal(x_t.shape, seed, t, STREAM_STEP, sample_offset, x_t.device).to(x_t.dtype)
-    out = k[:, 3] * x0 + k[:, 4] * x_t + k[:, 5] * noise
+    out = k[:, 3] * x0 + k[:, 4] * x_t + k[:, 5] * model_output + k[:, 6] * noise
     return (out, x0) if return_x0 else out
