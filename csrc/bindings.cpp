@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <array>
+
 #include "common/philox.h"
 #include "cpu/kernels.h"
 
@@ -250,4 +252,15 @@ TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ddpm_fast CPU kernels (ops registered under torch.ops.ddpm_fast)";
   m.def("capability", &ddpm_fast::cpu::capability, "instruction set the kernels were compiled for");
+  // The scalar HOST_DEVICE functions of csrc/common/philox.h that the CUDA kernels use, compiled for the host
+  // so the CPU tests can check them (known-answer vectors, and equality with the reference noise).
+  m.def("philox4x32_10", [](std::array<uint32_t, 4> counter, uint32_t k0, uint32_t k1) {
+    ddpm_fast::philox4x32_10(counter.data(), ddpm_fast::PhiloxKey{k0, k1});
+    return counter;
+  });
+  m.def("philox_normal4", [](uint64_t seed, uint32_t i4, uint32_t g, uint32_t t, uint32_t stream) {
+    std::array<float, 4> z;
+    ddpm_fast::philox_normal4(ddpm_fast::philox_key(seed), i4, g, t, stream, z.data());
+    return z;
+  });
 }

@@ -6,3 +6,10 @@
 #else
 #define HOST_DEVICE inline
 #endif
+
+// Loop unrolling hint for device code; the host compilers (gcc/clang, and nvcc's host pass) do not need it.
+#if defined(__CUDA_ARCH__)
+#define DDPM_UNROLL _Pragma("unroll")
+#else
+#define DDPM_UNROLL
+#endif

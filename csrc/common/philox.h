@@ -49,7 +49,7 @@ HOST_DEVICE void philox_round(uint32_t c[4], uint32_t k0, uint32_t k1) {
 // Philox4x32 with 10 rounds, in place on the counter.
 HOST_DEVICE void philox4x32_10(uint32_t c[4], PhiloxKey key) {
   uint32_t k0 = key.k0, k1 = key.k1;
-#pragma unroll
+  DDPM_UNROLL
   for (int r = 0; r < 10; ++r) {
     if (r) {
       k0 += kPhiloxW0;

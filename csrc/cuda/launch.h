@@ -1,0 +1,63 @@
+// Launchers of the CUDA kernels: plain C++ types only (no torch headers), so these sources compile with any
+// nvcc; the torch glue (a .cpp, built only when torch has CUDA) validates tensors and passes raw pointers and
+// the current stream. The maths comes from csrc/common/ (the same headers the CPU kernels use and test).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace ddpm_fast {
+namespace cuda {
+
+enum class DType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
+
+struct Layout {
+  int64_t batch, numel_per_sample, channels, spatial;  // spatial = H * W (used when nhwc)
+  bool nhwc;
+};
+
+struct StepParams {
+  Layout geo;
+  DType dtype;
+  const void* x;        // (B, n) x_t
+  const void* m;        // (B, n) model output
+  const void* noise;    // (B, n) z, or nullptr for keyed noise
+  void* out;            // (B, n) x_{t-1}
+  void* x0_out;         // (B, n) predicted x_0, or nullptr
+  const float* coeffs;  // device (B, 9): px, pm, q, c0, c1, cm, kx, km, sigma (from csrc/common/coefficients.h)
+  const int64_t* t;     // device (B,) timesteps (keys the noise)
+  uint64_t seed;
+  int64_t sample_offset;
+  bool clip;
+  float clip_range;
+};
+
+struct QSampleParams {
+  Layout geo;
+  DType dtype;
+  const void* x0;       // (B, n)
+  void* noise;          // (B, n) eps: read, or written when generate
+  void* out;            // (B, n) x_t
+  const float* coeffs;  // device (B, 2): sqrt(abar_t), sqrt(1 - abar_t)
+  const int64_t* t;     // device (B,)
+  uint64_t seed;
+  int64_t sample_offset;
+  bool generate;
+};
+
+struct NormalParams {
+  Layout geo;
+  DType dtype;
+  void* out;
+  const int64_t* t;
+  uint64_t seed;
+  int64_t sample_offset;
+  uint32_t stream;
+};
+
+cudaError_t ddpm_step(const StepParams& p, cudaStream_t stream);
+cudaError_t q_sample(const QSampleParams& p, cudaStream_t stream);
+cudaError_t keyed_normal(const NormalParams& p, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace ddpm_fast
