@@ -39,3 +39,31 @@ def layout_cases(shapes):
         for lay in ("contiguous", "channels_last", "strided")
         if len(s) == 4 or lay != "channels_last"
     ]
+
+
+# Random123's Philox4x32-10 known-answer vectors: (counter, key, output)
+PHILOX_KNOWN_ANSWERS = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+]
+
+
+def diffusers_float64(scheduler_cls, **config):
+    """A diffusers scheduler with its linear schedule rebuilt in float64: its own float32 alphas_cumprod puts
+    1 - abar_t off by up to 1.7e-4 relative, so a float32 comparison would measure its rounding, not ours."""
+    sched = scheduler_cls(**config)
+    c = sched.config
+    sched.betas = torch.linspace(c.beta_start, c.beta_end, c.num_train_timesteps, dtype=torch.float64)
+    sched.alphas = 1.0 - sched.betas
+    sched.alphas_cumprod = torch.cumprod(sched.alphas, dim=0)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    if hasattr(sched, "one"):
+        sched.one = one
+    if hasattr(sched, "final_alpha_cumprod"):
+        sched.final_alpha_cumprod = one
+    return sched

@@ -11,6 +11,7 @@ import torch
 import ddpm_fast as df
 from ddpm_fast import _ext
 from ddpm_fast.reference.noise import keyed_normal
+from tests.helpers import PHILOX_KNOWN_ANSWERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
@@ -48,18 +49,7 @@ needs_cpu = pytest.mark.skipif(_ext.cpu_module() is None, reason="cpu extension 
 
 
 @needs_cpu
-@pytest.mark.parametrize(
-    "counter, key, expected",
-    [  # Random123's Philox4x32-10 known-answer vectors
-        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-        (
-            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
-            (0xA4093822, 0x299F31D0),
-            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
-        ),
-        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ],
-)
+@pytest.mark.parametrize("counter, key, expected", PHILOX_KNOWN_ANSWERS)
 def test_common_philox_header_known_answers(counter, key, expected):
     assert tuple(_ext.cpu_module().philox4x32_10(list(counter), *key)) == expected
 

@@ -7,7 +7,7 @@ import torch
 
 import ddpm_fast as df
 from ddpm_fast import reference as ref
-from tests.helpers import assert_fp32_close
+from tests.helpers import assert_fp32_close, diffusers_float64
 
 needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
 diffusers = pytest.importorskip("diffusers")
@@ -15,13 +15,7 @@ S = df.NoiseSchedule.linear(1000, 1e-4, 0.02)
 
 
 def _ddim_float64(**config):
-    sched = diffusers.DDIMScheduler(**config)
-    c = sched.config
-    sched.betas = torch.linspace(c.beta_start, c.beta_end, c.num_train_timesteps, dtype=torch.float64)
-    sched.alphas = 1.0 - sched.betas
-    sched.alphas_cumprod = torch.cumprod(sched.alphas, dim=0)
-    sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
-    return sched
+    return diffusers_float64(diffusers.DDIMScheduler, **config)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu), "torch"])

@@ -5,7 +5,7 @@ import torch
 
 import ddpm_fast as df
 from ddpm_fast import reference as ref
-from tests.helpers import assert_fp32_close, assert_lowp_close, layout_cases
+from tests.helpers import assert_fp32_close, assert_lowp_close, diffusers_float64, layout_cases
 
 needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
 S = df.NoiseSchedule.linear(1000, 1e-4, 0.02)
@@ -104,15 +104,7 @@ diffusers = pytest.importorskip("diffusers")
 
 
 def _diffusers_float64(**config):
-    """diffusers' scheduler with its schedule rebuilt in float64 (its own float32 abar is off by ~5e-4 relative
-    in 1 - abar_1 and beta_1, so comparing against it in float32 would measure its rounding, not ours)."""
-    sched = diffusers.DDPMScheduler(**config)
-    c = sched.config
-    sched.betas = torch.linspace(c.beta_start, c.beta_end, c.num_train_timesteps, dtype=torch.float64)
-    sched.alphas = 1.0 - sched.betas
-    sched.alphas_cumprod = torch.cumprod(sched.alphas, dim=0)
-    sched.one = torch.tensor(1.0, dtype=torch.float64)
-    return sched
+    return diffusers_float64(diffusers.DDPMScheduler, **config)
 
 
 @needs_cpu

@@ -6,6 +6,7 @@ from scipy import stats
 
 import ddpm_fast as df
 from ddpm_fast.reference.noise import keyed_normal, philox4x32_10
+from tests.helpers import PHILOX_KNOWN_ANSWERS
 
 needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
 
@@ -14,18 +15,7 @@ def _t(v):
     return torch.tensor([v], dtype=torch.int64)
 
 
-@pytest.mark.parametrize(
-    "counter, key, expected",
-    [  # Random123's Philox4x32-10 known-answer vectors
-        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-        (
-            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
-            (0xA4093822, 0x299F31D0),
-            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
-        ),
-        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ],
-)
+@pytest.mark.parametrize("counter, key, expected", PHILOX_KNOWN_ANSWERS)
 def test_philox_known_answers(counter, key, expected):
     out = philox4x32_10([_t(c) for c in counter], key)
     assert tuple(w.item() for w in out) == expected
