@@ -71,5 +71,5 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={"triton": ["triton"], "diffusers": ["diffusers"], "test": ["pytest", "pytest-benchmark"]},
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["ddpm-fast = ddpm_fast.cli:main"]},
 )

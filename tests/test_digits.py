@@ -1,0 +1,93 @@
+"""Digits end to end, CI-sized: train a few steps, checkpoint, resume, sample, grid; the quality metric."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+import ddpm_fast as df  # noqa: E402
+from ddpm_fast.digits import (  # noqa: E402
+    DigitsClassifier,
+    load_checkpoint,
+    load_digits_tensor,
+    model_from_checkpoint,
+    save_grid,
+    train_digits,
+)
+
+
+def test_train_resume_and_sample(tmp_path):
+    out = str(tmp_path / "run")
+    path = train_digits(out, steps=4, batch_size=8, checkpoint_every=2, timesteps=50, progress=False)
+    state = load_checkpoint(path)
+    assert state["step"] == 4 and len(state["losses"]) == 4
+    first = state["model"]["conv_in.weight"].clone()
+    train_digits(out, steps=6, batch_size=8, checkpoint_every=2, timesteps=50, progress=False)  # resumes at 4
+    state = load_checkpoint(path)
+    assert state["step"] == 6 and len(state["losses"]) == 6
+    assert not torch.equal(first, state["model"]["conv_in.weight"])
+    assert os.path.exists(os.path.join(out, "loss.png"))
+    model, schedule = model_from_checkpoint(path)
+    images = df.GaussianDiffusion(model, schedule).sample(4, seed=0, steps=10, method="ddim", progress=False)
+    assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
+    save_grid(images, str(tmp_path / "grid.png"), nrow=2)
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_bad_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint"):
+        load_checkpoint(str(bad))
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a ddpm_fast digits checkpoint"):
+        load_checkpoint(str(tmp_path / "other.pt"))
+    r = subprocess.run(
+        [sys.executable, "-m", "ddpm_fast.cli", "sample", "--checkpoint", str(bad)], capture_output=True, text=True
+    )
+    assert r.returncode != 0 and "checkpoint" in r.stderr
+
+
+def test_quality_metric_tells_real_from_shuffled_pixels():
+    real = load_digits_tensor()
+    clf = DigitsClassifier()
+    same = clf.quality(real[:900], real[900:])
+    shuffled = real[:900].reshape(900, -1)[:, torch.randperm(64, generator=torch.Generator().manual_seed(0))]
+    other = clf.quality(shuffled.reshape(900, 1, 8, 8), real[900:])
+    print(f"real vs real: {same}\nshuffled vs real: {other}")
+    assert other.frechet_distance > 10 * same.frechet_distance
+    assert same.mean_confidence > other.mean_confidence
+    assert min(same.class_histogram) > 50  # every class present in real digits
+
+
+def test_cli_samples_a_checkpoint(tmp_path):
+    path = train_digits(str(tmp_path / "run"), steps=2, batch_size=8, timesteps=20, progress=False)
+    grid = tmp_path / "g.png"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ddpm_fast.cli",
+            "sample",
+            "--checkpoint",
+            path,
+            "-n",
+            "4",
+            "--grid",
+            str(grid),
+            "--steps",
+            "5",
+            "--method",
+            "ddim",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    print(r.stdout, r.stderr[-2000:])
+    assert r.returncode == 0 and grid.exists()
