@@ -84,10 +84,10 @@ def model_from_checkpoint(path: str, ema: bool = True) -> tuple[UNet, NoiseSched
 def train_digits(
     out_dir: str,
     *,
-    steps: int = 4000,
+    steps: int = 3000,
     batch_size: int = 64,
-    lr: float = 2e-4,
-    ema_decay: float = 0.999,
+    lr: float = 5e-4,
+    ema_decay: float = 0.998,
     timesteps: int = 1000,
     checkpoint_every: int = 250,
     seed: int = 0,
