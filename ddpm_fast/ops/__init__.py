@@ -170,9 +170,7 @@ def ddpm_step(
     backend = resolve("ddpm_step", backend, x_t.device, _needs_grad(x_t, model_output, noise), x_t.dtype)
     t = C.timesteps(t, B, len(s), "cpu" if backend == "cpu" else x_t.device)
     if t_prev is not None:
-        t_prev = C.timesteps(t_prev, B, len(s), t.device, name="t_prev", allow_none=True)
-        if (t_prev >= t).any():
-            raise ValueError("t_prev: every previous timestep must be smaller than its t")
+        t_prev = C.previous_timesteps(t_prev, t, len(s))
     coefficients = C.coefficient_table("coefficients", coefficients, B, 7)
     if backend == "torch":
         result, x0 = ref.ddpm_step(
@@ -279,9 +277,7 @@ def ddim_step(
         raise ValueError(f"eta: expected eta >= 0, got {eta}")
     C.choice("prediction_type", prediction_type, C.PREDICTION_TYPES)
     t = C.timesteps(t, B, len(s), "cpu")
-    t_prev = C.timesteps(t_prev, B, len(s), "cpu", name="t_prev", allow_none=True)
-    if (t_prev >= t).any():
-        raise ValueError("t_prev: every previous timestep must be smaller than its t")
+    t_prev = C.previous_timesteps(t_prev, t, len(s))
     k = ref.ddim_coefficients(t, t_prev, s, prediction_type, eta, bool(use_clipped_model_output))
     return ddpm_step(
         x_t,

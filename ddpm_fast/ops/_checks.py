@@ -70,6 +70,14 @@ def timesteps(t, batch: int, num_timesteps: int, device, *, name: str = "t", all
     return t
 
 
+def previous_timesteps(t_prev, t: torch.Tensor, num_timesteps: int) -> torch.Tensor:
+    """t_prev as an int64 (batch,) tensor beside t: each in [-1, t) (-1: no previous step)."""
+    t_prev = timesteps(t_prev, t.shape[0], num_timesteps, t.device, name="t_prev", allow_none=True)
+    if (t_prev >= t).any():
+        raise ValueError("t_prev: every previous timestep must be smaller than its t")
+    return t_prev
+
+
 def coefficient_table(name: str, c, batch: int, n: int):
     """None, or a contiguous float32 CPU (batch, n) table of finite numbers (one row may be given for all)."""
     if c is None:
