@@ -10,13 +10,13 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ._io import atomic_write
 from .diffusion import GaussianDiffusion
 from .models import UNet, UNetConfig
 from .schedule import NoiseSchedule
@@ -44,19 +44,8 @@ def load_digits_tensor() -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: str, state: dict) -> None:
-    """Atomically: a temporary file in the same folder, fsync, rename. A kill leaves the previous checkpoint."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Atomically (temporary file, fsync, rename): a kill leaves the previous checkpoint."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str) -> dict:

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,9 +49,11 @@ def test_bad_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="not a ddpm_fast digits checkpoint"):
         load_checkpoint(str(tmp_path / "other.pt"))
     r = subprocess.run(
-        [sys.executable, "-m", "ddpm_fast.cli", "sample", "--checkpoint", str(bad)], capture_output=True, text=True
+        [sys.executable, "-m", "ddpm_fast.cli", "sample", "--checkpoint", str(bad), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
     )
-    assert r.returncode != 0 and "checkpoint" in r.stderr
+    assert r.returncode != 0 and "not a readable checkpoint" in r.stderr
 
 
 def test_quality_metric_tells_real_from_shuffled_pixels():
@@ -67,27 +70,10 @@ def test_quality_metric_tells_real_from_shuffled_pixels():
 
 def test_cli_samples_a_checkpoint(tmp_path):
     path = train_digits(str(tmp_path / "run"), steps=2, batch_size=8, timesteps=20, progress=False)
-    grid = tmp_path / "g.png"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ddpm_fast.cli",
-            "sample",
-            "--checkpoint",
-            path,
-            "-n",
-            "4",
-            "--grid",
-            str(grid),
-            "--steps",
-            "5",
-            "--method",
-            "ddim",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = tmp_path / "samples"
+    cmd = [sys.executable, "-m", "ddpm_fast.cli", "sample", "--checkpoint", path, "--out", str(out), "-n", "4"]
+    cmd += ["--steps", "5", "--method", "ddim", "--quality", "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     print(r.stdout, r.stderr[-2000:])
-    assert r.returncode == 0 and grid.exists()
+    assert r.returncode == 0 and (out / "grid.png").exists() and "Frechet distance" in r.stdout
+    assert np.load(out / "samples.npz")["arr_0"].shape == (4, 8, 8, 1)

@@ -124,3 +124,97 @@ def from_diffusers(source) -> UNet:
     model = UNet(config_from_diffusers(cfg))
     model.load_state_dict(state)
     return model
+
+
+# ---------------------------------------------------------------------------------------------- whole samplers
+SAMPLING_KEYS = ("prediction_type", "variance_type", "clip_sample", "clip_range")
+_CHECKPOINT_FORMATS = ("ddpm_fast.unet/1", "ddpm_fast.digits/1")
+
+
+def save_model(path: str, model: UNet, schedule, **sampling) -> None:
+    """One file with everything a sampler needs: U-Net config and weights, betas, sampling options.
+
+    ``sampling``: GaussianDiffusion options (prediction_type, variance_type, clip_sample, clip_range).
+    Written atomically; read back with :func:`load_pretrained`.
+    """
+    import dataclasses
+
+    from .._io import atomic_write
+
+    bad = sorted(set(sampling) - set(SAMPLING_KEYS))
+    if bad:
+        raise ValueError(f"sampling: unknown options {bad} (expected some of {SAMPLING_KEYS})")
+    state = {
+        "format": "ddpm_fast.unet/1",
+        "unet": dataclasses.asdict(model.config),
+        "model": model.state_dict(),
+        "betas": schedule.betas.clone(),
+        "sampling": sampling,
+    }
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def _scheduler_from_config(cfg: dict):
+    """NoiseSchedule and sampling options of a diffusers DDPMScheduler config (read as JSON, no diffusers needed)."""
+    from ..schedule import NoiseSchedule
+
+    T = cfg.get("num_train_timesteps", 1000)
+    kind = cfg.get("beta_schedule", "linear")
+    if cfg.get("trained_betas") is not None:
+        schedule = NoiseSchedule.from_betas(torch.tensor(cfg["trained_betas"], dtype=torch.float64))
+    elif kind == "linear":
+        # diffusers builds these betas in float32; take them as it does so the chain matches its pipeline
+        betas = torch.linspace(cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02), T, dtype=torch.float32)
+        schedule = NoiseSchedule.from_betas(betas)
+    elif kind == "squaredcos_cap_v2":
+        schedule = NoiseSchedule.cosine(T)
+    else:
+        raise ValueError(f"config: beta_schedule={kind!r} is not supported (linear, squaredcos_cap_v2, trained_betas)")
+    variance = cfg.get("variance_type", "fixed_small")
+    if variance not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"config: variance_type={variance!r} is not supported by the fused sampler")
+    if cfg.get("thresholding", False):
+        raise ValueError("config: thresholding=True is not supported by the fused sampler (use accelerate())")
+    sampling = dict(
+        prediction_type=cfg.get("prediction_type", "epsilon"),
+        variance_type=variance,
+        clip_sample=cfg.get("clip_sample", True),
+        clip_range=cfg.get("clip_sample_range", 1.0),
+    )
+    return schedule, sampling
+
+
+def load_pretrained(path: str):
+    """``(UNet, NoiseSchedule, sampling options)`` from a ddpm_fast checkpoint file or a diffusers folder.
+
+    Files: written by :func:`save_model` or by ``ddpm-fast train-digits`` (its EMA weights). Folders: a diffusers
+    ``DDPMPipeline.save_pretrained`` folder (``unet/`` and ``scheduler/``) or a ``UNet2DModel`` folder (the
+    linear 1000-step schedule then). Local files only.
+    """
+    from ..schedule import NoiseSchedule
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        model = from_diffusers(path)
+        sched_cfg = os.path.join(path, "scheduler", "scheduler_config.json")
+        if os.path.exists(sched_cfg):
+            with open(sched_cfg) as f:
+                schedule, sampling = _scheduler_from_config(json.load(f))
+        else:
+            schedule, sampling = _scheduler_from_config({})
+        return model.eval(), schedule, sampling
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model: no file or folder at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is not a checkpoint
+        raise ValueError(f"model: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format") not in _CHECKPOINT_FORMATS:
+        raise ValueError(f"model: {path} is not a ddpm_fast checkpoint (formats {_CHECKPOINT_FORMATS})")
+    model = UNet(UNetConfig(**state["unet"]))
+    model.load_state_dict(state["ema"] if "ema" in state else state["model"])
+    if "betas" in state:
+        schedule = NoiseSchedule.from_betas(torch.as_tensor(state["betas"]))
+    else:
+        schedule = NoiseSchedule.linear(state["timesteps"])
+    return model.eval(), schedule, dict(state.get("sampling", {}))
