@@ -67,3 +67,55 @@ def write_json(path: str, record: dict) -> None:
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
     print(f"wrote {path}")
+
+
+class PeakMemory:
+    """Peak memory of a block of work, in MB above the level at entry.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (exact, tensors only). CPU: the process's resident set read from
+    /proc/self/statm every 2 ms by a thread (tensors, workspaces and allocator caches alike; None where /proc
+    does not exist).
+    """
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.peak_mb = None
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        import threading
+
+        try:
+            self._base = self._peak = self._rss()
+        except OSError:
+            self._base = None
+            return self
+        self._stop = threading.Event()
+
+        def watch():
+            while not self._stop.wait(0.002):
+                self._peak = max(self._peak, self._rss())
+
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+        elif self._base is not None:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, self._rss())
+            self.peak_mb = (self._peak - self._base) / 2**20
+        return False

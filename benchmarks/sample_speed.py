@@ -61,17 +61,24 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backends", default="auto", help="comma list of fused backends to time (auto: all available)")
-    p.add_argument("--repeats", type=int, default=3, help="rounds; each provider samples once a round")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="steady rounds (after one cold round); each provider samples once a round",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--no-diffusers", dest="diffusers", action="store_false", help="skip the diffusers rows")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the diffusers torch.compile row")
     p.add_argument("--json", help="write a JSON record here")
+    p.add_argument("--plot", help="write a PNG bar chart here")
     args = p.parse_args()
     ensure_installed()
 
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from common import machine, write_json
+    from common import PeakMemory, machine, write_json
 
     import ddpm_fast as df
 
@@ -106,13 +113,16 @@ def main() -> None:
     providers = ["reference", *fused]
     pipes = {}
     if diffusers is not None and args.diffusers:
-        for name in ("diffusers", "diffusers+accelerate"):
+        names = ["diffusers", "diffusers+accelerate"] + (["diffusers+compile"] if args.compile else [])
+        for name in names:
             sched = diffusers.DDPMScheduler(num_train_timesteps=args.steps, beta_start=1e-4, beta_end=beta_end)
             unet = diffusers.UNet2DModel(**unet2d.config).to(args.device, dtype).eval()
             unet.load_state_dict(unet2d.state_dict())
             pipes[name] = diffusers.DDPMPipeline(unet=unet, scheduler=sched)
             pipes[name].set_progress_bar_config(disable=True)
         df.accelerate(pipes["diffusers+accelerate"])
+        if args.compile:  # compiled lazily: the first round's time includes the compile (time to first image)
+            pipes["diffusers+compile"].unet = torch.compile(pipes["diffusers+compile"].unet)
         providers += list(pipes)
 
     def run(provider: str) -> torch.Tensor:
@@ -135,50 +145,97 @@ def main() -> None:
         f"# model {args.model} ({n_params / 1e6:.1f}M params), batch {args.batch}, T={args.steps} steps, {args.dtype}"
     )
     times = {p: [] for p in providers}
+    peak = {p: 0.0 for p in providers}
     images = {}
-    for r in range(args.repeats):
+    for r in range(args.repeats + 1):  # round 0 is cold: its times are the time to the first images
         for prov in providers:
-            t0 = time.perf_counter()
-            images[prov] = run(prov)
-            times[prov].append(time.perf_counter() - t0)
-        print(
-            f"# round {r + 1}/{args.repeats}: " + ", ".join(f"{p} {times[p][-1]:.1f}s" for p in providers), flush=True
-        )
+            with PeakMemory(args.device) as mem:
+                t0 = time.perf_counter()
+                images[prov] = run(prov)
+                times[prov].append(time.perf_counter() - t0)
+            if r and mem.peak_mb is not None:  # steady state: warm-up caches and compile workspaces left out
+                peak[prov] = max(peak[prov], mem.peak_mb)
+        label = "cold round" if r == 0 else f"round {r}/{args.repeats}"
+        print(f"# {label}: " + ", ".join(f"{p} {times[p][-1]:.1f}s" for p in providers), flush=True)
 
-    ref_time = sorted(times["reference"])[len(times["reference"]) // 2]
+    def median(xs):
+        return sorted(xs)[len(xs) // 2]
+
+    steady = {p: median(times[p][1:]) for p in providers}
+    ref_time, dif_time = steady["reference"], steady.get("diffusers")
     rows = []
-    # ddpm_fast's samplers are compared with the reference's images (same keyed noise); accelerated diffusers with
+    # ddpm_fast's samplers are compared with the reference's images (same keyed noise); diffusers' variants with
     # diffusers' own images (same generator). diffusers' pipeline clamps its output to [-1, 1].
-    oracle = {p: "reference" for p in providers} | {"diffusers": None, "diffusers+accelerate": "diffusers"}
-    dif_time = sorted(times["diffusers"])[len(times["diffusers"]) // 2] if "diffusers" in times else None
-    print(
-        f"\n{'backend':22} {'images/s':>9} {'s/batch':>8} {'vs ref':>7} {'vs diffusers':>12} {'max err':>10} {'against':>10}"
+    oracle = {p: "reference" for p in providers} | {p: "diffusers" for p in pipes} | {"diffusers": None}
+    header = (
+        f"{'backend':22} {'images/s':>9} {'s/batch':>8} {'first s':>8} {'vs diffusers':>12} {'vs ref':>7} "
+        f"{'max err':>9} {'against':>10} {'peak MB':>8}"
     )
+    print("\n" + header)
     for prov in providers:
-        med = sorted(times[prov])[len(times[prov]) // 2]
-        against = oracle[prov]
+        med, against = steady[prov], oracle[prov]
         err = None if against is None else (images[prov].float() - images[against].float()).abs().max().item()
         row = dict(
             backend=prov,
             images_per_s=args.batch / med,
             median_s=med,
-            speedup_vs_reference=ref_time / med,
+            first_s=times[prov][0],
             speedup_vs_diffusers=None if dif_time is None else dif_time / med,
+            speedup_vs_reference=ref_time / med,
             max_err=err,
             error_against=against,
+            peak_mb=peak[prov],
             times_s=times[prov],
         )
         rows.append(row)
-        err_txt = "" if err is None else f"{err:.2e}"
+        err_txt = "" if err is None else f"{err:.1e}"
         vs_dif = "" if dif_time is None else f"{dif_time / med:.2f}x"
         print(
-            f"{prov:22} {row['images_per_s']:9.3f} {med:8.2f} {row['speedup_vs_reference']:6.2f}x {vs_dif:>12} "
-            f"{err_txt:>10} {against or '':>10}"
+            f"{prov:22} {row['images_per_s']:9.3f} {med:8.2f} {row['first_s']:8.1f} {vs_dif:>12} "
+            f"{ref_time / med:6.2f}x {err_txt:>9} {against or '':>10} {peak[prov]:8.0f}"
         )
+    print(
+        f"# s/batch and images/s: medians of {args.repeats} steady rounds; first s: the cold round (compile, weight "
+        "packing, allocator warm-up); peak MB: "
+        + (
+            "max_memory_allocated"
+            if args.device.startswith("cuda")
+            else "resident memory above its level before the call, sampled every 2 ms"
+        )
+    )
+    record = {"machine": info, "args": vars(args), "rows": rows, "command": "python " + " ".join(sys.argv)}
     if args.json:
-        write_json(
-            args.json, {"machine": info, "args": vars(args), "rows": rows, "command": "python " + " ".join(sys.argv)}
-        )
+        write_json(args.json, record)
+    if args.plot:
+        plot(record, args.plot)
+
+
+def plot(record: dict, path: str) -> None:
+    """Bar chart of images/s per backend, labelled with the speedup over diffusers eager."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, a = record["rows"], record["args"]
+    fig, ax = plt.subplots(figsize=(7.5, 0.5 + 0.45 * len(rows)))
+    names = [r["backend"] for r in rows][::-1]
+    vals = [r["images_per_s"] for r in rows][::-1]
+    colors = ["tab:gray" if n.startswith("diffusers") or n == "reference" else "tab:blue" for n in names]
+    ax.barh(names, vals, color=colors)
+    for i, r in enumerate(rows[::-1]):
+        if r["speedup_vs_diffusers"] is not None:
+            ax.text(vals[i], i, f" {r['speedup_vs_diffusers']:.2f}x", va="center")
+    ax.set_xlabel("images/s (higher is better); label: speedup over diffusers eager")
+    ax.set_title(
+        f"DDPM sampling, {a['model']} U-Net, batch {a['batch']}, T={a['steps']}, {a['dtype']}\n"
+        f"{record['machine']['device']}, {record['machine']['cpu_threads']} threads",
+        fontsize=9,
+    )
+    ax.set_xlim(0, max(vals) * 1.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -48,11 +48,16 @@ class FusedDDPMScheduler(DDPMScheduler):
         return self
 
     # ------------------------------------------------------------------ helpers
-    def _schedule(self) -> NoiseSchedule:
-        """A ddpm_fast schedule of these betas (validation and the reference path use it)."""
+    def _schedule(self) -> NoiseSchedule | None:
+        """A ddpm_fast schedule of these betas, or None when they are not a valid schedule (betas outside (0, 1]:
+        diffusers accepts them and its own code then runs)."""
         cached = self.__dict__.get("_df_schedule")
         if cached is None or cached[0] is not self.betas:
-            cached = (self.betas, NoiseSchedule.from_betas(self.betas))
+            try:
+                schedule = NoiseSchedule.from_betas(self.betas)
+            except ValueError:
+                schedule = None
+            cached = (self.betas, schedule)
             self.__dict__["_df_schedule"] = cached
         return cached[1]
 
@@ -65,6 +70,7 @@ class FusedDDPMScheduler(DDPMScheduler):
             and model_output.dtype == sample.dtype
             and sample.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and sample.dim() >= 1
+            and self._schedule() is not None
         )
 
     def _step_coefficients(self, t: int, prev_t: int) -> torch.Tensor:
@@ -99,6 +105,11 @@ class FusedDDPMScheduler(DDPMScheduler):
         t = int(timestep)
         prev_t = int(self.previous_timestep(t))
         B = sample.shape[0]
+        coefficients = self._step_coefficients(t, prev_t)
+        if not torch.isfinite(coefficients).all():  # abar underflows (extreme betas): diffusers' own inf/nan maths
+            log.debug("ddpm_fast: FusedDDPMScheduler.step runs diffusers' code (non-finite coefficients at t=%d)", t)
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        coefficients = coefficients.expand(B, 7)
         noise, seed = None, None
         if t > 0:
             if self._keyed_seed is None:
@@ -109,7 +120,6 @@ class FusedDDPMScheduler(DDPMScheduler):
                 seed = self._keyed_seed
         else:
             noise = torch.zeros_like(sample)
-        coefficients = self._step_coefficients(t, prev_t).expand(B, 7)
         pred_original_sample = torch.empty_like(sample)
         prev_sample = ops.ddpm_step(
             sample,
@@ -137,6 +147,7 @@ class FusedDDPMScheduler(DDPMScheduler):
             and noise.shape == original_samples.shape
             and noise.dtype == original_samples.dtype
             and original_samples.dim() >= 1
+            and self._schedule() is not None
         )
         t = torch.as_tensor(timesteps, device="cpu").to(torch.int64).reshape(-1)
         if not fusable or t.numel() not in (1, original_samples.shape[0]):
