@@ -13,7 +13,7 @@ fi
 MAX_JOBS=16 python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
 python -c "import ddpm_fast, torch; print(torch.cuda.get_device_name(), ddpm_fast.backends())" | tee "$OUT/backends.txt"
 # GPU tests: the Triton kernels on CUDA tensors (no interpreter), and the rest of the suite's CPU checks
-timeout 180 python -m pytest -q tests/ops/test_triton.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+timeout 180 python -m pytest -q tests/ops/test_triton.py tests/test_graphs.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 echo "tests done after $(( $(date +%s) - start )) s"
 timeout 300 python benchmarks/gpu_check.py --json "$OUT/gpu_check.json" ${GPU_CHECK_ARGS:-} 2>&1 | tail -60 \
   | tee "$OUT/gpu_check.txt"

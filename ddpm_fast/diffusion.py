@@ -64,6 +64,18 @@ class GaussianDiffusion:
             target = abar.sqrt() * eps - (1 - abar).sqrt() * x0
         return F.mse_loss(self.model(x_t, t), target)
 
+    def _graphed(self, full, timesteps, method, eta, device, dtype, capture=None):
+        from .graphs import GraphedSampler
+
+        key = (full, tuple(timesteps), method, float(eta), str(device), dtype, capture)
+        cache = self.__dict__.setdefault("_graph_cache", {})
+        if key not in cache:
+            cache.clear()  # one captured graph at a time: each holds its own activation memory
+            cache[key] = GraphedSampler(
+                self, full[0], full[1:], timesteps, method=method, eta=eta, device=device, dtype=dtype, capture=capture
+            )
+        return cache[key]
+
     # ------------------------------------------------------------------ Algorithm 2
     @torch.inference_mode()
     def sample(
@@ -80,6 +92,7 @@ class GaussianDiffusion:
         steps: int | None = None,
         method: str = "ddpm",
         eta: float = 0.0,
+        cuda_graph: bool = False,
     ) -> torch.Tensor:
         """Draw ``n`` samples by running the reverse chain from x_T ~ N(0, I) down to x_0.
 
@@ -90,6 +103,9 @@ class GaussianDiffusion:
         With ``seed`` (or neither seed nor generator: a seed from torch's generator), x_T and every z come from the
         keyed generator, so sample i depends only on (seed, sample_offset + i): ``sample(8, seed=s)[:4]`` equals
         ``sample(4, seed=s)``, on any backend. With ``generator``, noise is drawn with torch.randn in order.
+
+        ``cuda_graph``: on CUDA, capture one step (U-Net + fused Triton step) in a CUDA graph and replay it per
+        step (:class:`ddpm_fast.graphs.GraphedSampler`, cached per batch/shape/steps); keyed noise only, same images.
         """
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
             raise ValueError(f"n: expected a positive int, got {n!r}")
@@ -113,6 +129,14 @@ class GaussianDiffusion:
                 raise ValueError(f"steps: expected an int in [1, {T}], got {steps!r}")
             timesteps = [i * (T // steps) for i in range(steps)][::-1]
 
+        if cuda_graph:
+            if generator is not None:
+                raise ValueError("cuda_graph: needs keyed noise (seed), not a generator")
+            if device.type != "cuda":
+                raise ValueError(f"cuda_graph: needs a CUDA device, got {device}")
+            return self._graphed(full, timesteps, method, eta, device, dtype).sample(
+                seed=C.seed_value(seed), sample_offset=sample_offset
+            )
         if generator is None:
             seed = C.seed_value(seed)
             x = ops.keyed_normal(

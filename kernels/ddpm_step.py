@@ -66,13 +66,19 @@ def _ddpm_step_kernel(
         tl.store(x0_ptr + ptr, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-def ddpm_step(x, m, noise, out, x0_out, coeffs, t, seed, sample_offset, clip, clip_range, nhwc):
-    """Launch on dense tensors sharing one layout; coeffs: (B, 9) fp32 on x's device; t: (B,) int64."""
+def ddpm_step(x, m, noise, out, x0_out, coeffs, t, seed, sample_offset, clip, clip_range, nhwc, noise_mode=None):
+    """Launch on dense tensors sharing one layout; coeffs: (B, 9) fp32 on x's device; t: (B,) int64.
+
+    ``noise_mode`` None picks NOISE_NONE when every sigma is 0, which reads the coefficients on the host; pass it
+    (NOISE_KEYED: sigma = 0 rows add 0 * z) to keep the launch free of host synchronisation (CUDA graphs).
+    """
     B = x.shape[0]
     n = x.numel() // B
     C = x.shape[1] if x.dim() > 1 else 1
     HW = n // C
-    if noise is not None:
+    if noise_mode is not None:
+        mode = noise_mode
+    elif noise is not None:
         mode = NOISE_GIVEN
     elif bool((coeffs[:, 8] != 0).any()):
         mode = NOISE_KEYED

@@ -5,12 +5,43 @@
 Pass 1, one program per (sample, group): fp32 statistics by Welford/Chan merges of block-wise (mean, M2), over
 the group's channels (NCHW: a contiguous run; NHWC: a (pixels x channels) tile with channel stride 1). The add
 only shifts a channel's mean, so it is merged into the statistics and never touches the data. Pass 2 is
-elementwise: out = act(x * scale[b, c] + shift[b, c]).
+elementwise: out = act(x * scale[b, c] + shift[b, c]). Both passes are autotuned per shape on a GPU (pixel tile
+and warps; block and warps); under the interpreter they take the heuristic launch settings.
 """
+
+import os
 
 import torch
 import triton
 import triton.language as tl
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _prune_stats(configs, named_args, **kwargs):
+    """Tiles of 256..8192 elements that do not overhang the pixels; the heuristic one alone when interpreted
+    (timing the interpreter says nothing about a GPU, and the tests stay fast)."""
+    block_c, hw = kwargs["BLOCK_C"], named_args["HW"]
+    ok = [
+        c
+        for c in configs
+        if 256 <= c.kwargs["BLOCK_P"] * block_c <= 8192 and c.kwargs["BLOCK_P"] <= triton.next_power_of_2(hw)
+    ]
+    default = max(1, min(triton.next_power_of_2(hw), 4096 // block_c))
+    first = [c for c in ok if c.kwargs["BLOCK_P"] == default][:1] or ok[:1] or configs[:1]
+    if _interpreted():
+        return [triton.Config({"BLOCK_P": default}, num_warps=4)]
+    return first + [c for c in ok if c is not first[0]]
+
+
+def _prune_affine(configs, named_args, **kwargs):
+    n = named_args["n"]
+    ok = [c for c in configs if c.kwargs["BLOCK"] <= max(512, triton.next_power_of_2(n))]
+    if _interpreted():
+        return [triton.Config({"BLOCK": min(1024, triton.next_power_of_2(n))}, num_warps=4)]
+    return ok or configs[:1]
 
 
 @triton.jit
@@ -21,6 +52,15 @@ def _merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return n, mean_a + d * frac, m2_a + m2_b + d * d * n_a * frac
 
 
+@triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_P": p}, num_warps=w)
+        for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+        for w in (2, 4, 8)
+    ],
+    key=["C", "HW", "G", "NHWC", "BLOCK_C"],
+    prune_configs_by={"early_config_prune": _prune_stats},
+)
 @triton.jit
 def _group_stats_kernel(
     x_ptr,  # (B, C, HW) NCHW or (B, HW, C) NHWC memory
@@ -67,6 +107,12 @@ def _group_stats_kernel(
     tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(var + eps))
 
 
+@triton.autotune(
+    configs=[triton.Config({"BLOCK": b}, num_warps=w) for b in (512, 1024, 2048, 4096) for w in (4, 8)],
+    key=["n", "C", "NHWC"],
+    prune_configs_by={"early_config_prune": _prune_affine},
+    restore_value=["x_ptr"],  # out may be x (in place): each timed config must start from the same x
+)
 @triton.jit
 def _affine_kernel(
     x_ptr,
@@ -101,7 +147,6 @@ def group_norm_silu(x, out, groups, weight, bias, add, eps, silu, nhwc):
     rstd = torch.empty(B, groups, **f32)
     add32 = add.to(**f32).contiguous() if add is not None else mean
     BLOCK_C = triton.next_power_of_2(C // groups)
-    BLOCK_P = max(1, min(triton.next_power_of_2(HW), 4096 // BLOCK_C))
     _group_stats_kernel[(B * groups,)](
         x,
         add32,
@@ -113,7 +158,6 @@ def group_norm_silu(x, out, groups, weight, bias, add, eps, silu, nhwc):
         float(eps),
         NHWC=nhwc,
         HAS_ADD=add is not None,
-        BLOCK_P=BLOCK_P,
         BLOCK_C=BLOCK_C,
     )
     # per-(b, c) scale and shift from the group statistics (tiny: B x C)
@@ -125,8 +169,7 @@ def group_norm_silu(x, out, groups, weight, bias, add, eps, silu, nhwc):
     if add is not None:
         shift = shift + add32 * scale
     n = x.numel() // B
-    BLOCK = min(1024, triton.next_power_of_2(n))
-    _affine_kernel[(triton.cdiv(n, BLOCK), B)](
-        x, out, scale.contiguous(), shift.contiguous(), n, C, HW, NHWC=nhwc, SILU=silu, BLOCK=BLOCK
+    _affine_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]), B)](
+        x, out, scale.contiguous(), shift.contiguous(), n, C, HW, NHWC=nhwc, SILU=silu
     )
     return out
