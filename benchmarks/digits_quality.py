@@ -37,6 +37,8 @@ def main():
         ("reference", "torch", None, "ddpm"),
         ("cpu", "cpu", None, "ddpm"),
         ("cpu", "cpu", 100, "ddpm"),
+        ("cpu", "cpu", 50, "ddpm"),
+        ("cpu", "cpu", 100, "ddim"),
         ("cpu", "cpu", 50, "ddim"),
     ]
     for name, backend, steps, method in configs:
