@@ -26,6 +26,7 @@ CPU_SOURCES = [
     "csrc/cpu/noise.cpp",
     "csrc/cpu/group_norm.cpp",
     "csrc/cpu/attention.cpp",
+    "csrc/cpu/winograd.cpp",
 ]
 BASE_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
 

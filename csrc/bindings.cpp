@@ -208,6 +208,54 @@ void attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   cpu::attention(a);
 }
 
+at::Tensor winograd_weight_cpu(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.scalar_type() == at::kFloat &&
+                  w.device().is_cpu(),
+              "ddpm_fast: winograd_weight expects a float32 CPU (K, C, 3, 3) weight");
+  const at::Tensor wc = w.contiguous();
+  at::Tensor u = at::empty({16, w.size(1), w.size(0)}, w.options());
+  cpu::winograd_weight_transform(wc.data_ptr<float>(), w.size(0), w.size(1), u.data_ptr<float>());
+  return u;
+}
+
+void conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& residual, const at::Tensor& out) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu() &&
+                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "ddpm_fast: conv3x3 expects a float32 channels_last CPU input");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(u.dim() == 3 && u.size(0) == 16 && u.size(1) == C && u.is_contiguous() && u.scalar_type() == at::kFloat,
+              "ddpm_fast: conv3x3: transformed weight must be (16, C, K) float32");
+  const int64_t K = u.size(2);
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({N, K, H, W}) && out.scalar_type() == at::kFloat &&
+                  out.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "ddpm_fast: conv3x3: out must be a float32 channels_last (N, K, H, W) tensor");
+  TORCH_CHECK(!out.is_alias_of(x), "ddpm_fast: conv3x3: out must not alias x");
+  cpu::WinogradArgs a;
+  a.batch = N;
+  a.height = H;
+  a.width = W;
+  a.in_channels = C;
+  a.out_channels = K;
+  a.x = x.data_ptr<float>();
+  a.u = u.data_ptr<float>();
+  a.out = out.data_ptr<float>();
+  a.bias = nullptr;
+  a.residual = nullptr;
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == K && bias->is_contiguous() && bias->scalar_type() == at::kFloat,
+                "ddpm_fast: conv3x3: bias must be a contiguous float32 (K,) tensor");
+    a.bias = bias->data_ptr<float>();
+  }
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == out.sizes() && residual->scalar_type() == at::kFloat &&
+                    residual->is_contiguous(at::MemoryFormat::ChannelsLast),
+                "ddpm_fast: conv3x3: residual must be a float32 channels_last tensor shaped like out");
+    a.residual = residual->data_ptr<float>();
+  }
+  cpu::winograd_conv3x3(a);
+}
+
 void keyed_normal_cpu(const at::Tensor& t, int64_t seed, int64_t sample_offset, int64_t stream, const at::Tensor& out) {
   cpu::NormalArgs a;
   a.geo = geometry(out, {});
@@ -239,6 +287,8 @@ TORCH_LIBRARY(ddpm_fast, m) {
       "group_norm_silu(Tensor x, int groups, Tensor? weight, Tensor? bias, Tensor? add, float eps, bool silu, "
       "Tensor(a!) out) -> ()");
   m.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? residual, Tensor(a!) out) -> ()");
+  m.def("winograd_weight(Tensor w) -> Tensor");
+  m.def("conv3x3(Tensor x, Tensor u, Tensor? bias, Tensor? residual, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
@@ -247,6 +297,8 @@ TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
   m.impl("keyed_normal", &ddpm_fast::keyed_normal_cpu);
   m.impl("group_norm_silu", &ddpm_fast::group_norm_silu_cpu);
   m.impl("attention", &ddpm_fast::attention_cpu);
+  m.impl("winograd_weight", &ddpm_fast::winograd_weight_cpu);
+  m.impl("conv3x3", &ddpm_fast::conv3x3_winograd_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -94,6 +94,20 @@ struct AttentionArgs {
   float scale;
 };
 
+// 3x3 convolution, stride 1, padding 1, by Winograd F(2x2, 3x3) on fp32 NHWC activations; u holds the
+// transformed weights U[16][C][K] (winograd_weight_transform of w[K][C][3][3]). out must not alias x; it may
+// alias residual (read and written at the same position).
+struct WinogradArgs {
+  int64_t batch, height, width, in_channels, out_channels;
+  const float* x;         // (N, H, W, C)
+  const float* u;         // (16, C, K)
+  const float* bias;      // (K) or nullptr
+  const float* residual;  // (N, H, W, K) or nullptr
+  float* out;             // (N, H, W, K)
+};
+
+void winograd_weight_transform(const float* w, int64_t K, int64_t C, float* u);
+void winograd_conv3x3(const WinogradArgs& args);
 void ddpm_step(const StepArgs& args);
 void attention(const AttentionArgs& args);
 void group_norm(const GroupNormArgs& args);

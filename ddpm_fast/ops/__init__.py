@@ -15,7 +15,17 @@ from ..reference.noise import STREAM_X_T
 from . import _checks as C
 from ._dispatch import backends, resolve
 
-__all__ = ["attention", "backends", "ddim_step", "ddpm_step", "group_norm_silu", "keyed_normal", "q_sample"]
+__all__ = [
+    "attention",
+    "backends",
+    "conv3x3",
+    "ddim_step",
+    "ddpm_step",
+    "group_norm_silu",
+    "keyed_normal",
+    "q_sample",
+    "winograd_weight",
+]
 
 _PREDICTION_CODE = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 _VARIANCE_CODE = {"fixed_small": 0, "fixed_large": 1}
@@ -444,12 +454,71 @@ def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
     return _finish(result, out)
 
 
+def winograd_weight(weight):
+    """The Winograd F(2x2, 3x3) transform of a (K, C, 3, 3) fp32 weight, (16, C, K): compute it once per weight and
+    pass it to :func:`conv3x3` as ``packed``."""
+    weight = C.tensor("weight", weight, min_dim=4, dtypes=(torch.float32,))
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"weight: expected shape (K, C, 3, 3), got {tuple(weight.shape)}")
+    if weight.device.type != "cpu":
+        raise ValueError(f"weight: the Winograd kernel runs on the CPU, got a weight on {weight.device}")
+    return torch.ops.ddpm_fast.winograd_weight(weight.detach())
+
+
+def conv3x3(x, weight, bias=None, residual=None, *, packed=None, backend=None, out=None):
+    """3x3 convolution, stride 1, padding 1 (+ residual), i.e. ``F.conv2d(x, weight, bias, padding=1) + residual``.
+
+    The ``cpu`` backend runs Winograd F(2x2, 3x3) on fp32 channels_last activations (other layouts are copied
+    to channels_last once); ``packed``: :func:`winograd_weight` of ``weight``, to skip its transform per call.
+    """
+    x = C.tensor("x", x, min_dim=4)
+    if x.dim() != 4:
+        raise ValueError(f"x: expected shape (N, C, H, W), got {tuple(x.shape)}")
+    weight = C.tensor("weight", weight, min_dim=4)
+    N, Cin, H, W = x.shape
+    if weight.dim() != 4 or tuple(weight.shape[1:]) != (Cin, 3, 3):
+        raise ValueError(f"weight: expected shape (K, {Cin}, 3, 3), got {tuple(weight.shape)}")
+    K = weight.shape[0]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and (p.dtype != x.dtype or p.device != x.device):
+            raise TypeError(f"{name}: expected {x.dtype} on {x.device} like x, got {p.dtype} on {p.device}")
+    if bias is not None and tuple(bias.shape) != (K,):
+        raise ValueError(f"bias: expected shape ({K},), got {tuple(bias.shape)}")
+    if residual is not None:
+        C.like("residual", residual, x, "x", shape=(N, K, H, W))
+    if out is not None:
+        C.like("out", out, x, "x", shape=(N, K, H, W))
+    backend = resolve("conv3x3", backend, x.device, _needs_grad(x, weight, bias, residual), x.dtype)
+    if backend == "cpu" and x.dtype != torch.float32:
+        raise TypeError(f"x: the cpu conv3x3 kernel takes float32, got {x.dtype}")
+    if backend != "cpu":
+        return _finish(ref.conv3x3(x, weight, bias, residual), out)
+    if packed is None:
+        packed = winograd_weight(weight)
+    elif not isinstance(packed, torch.Tensor) or tuple(packed.shape) != (16, Cin, K):
+        raise ValueError(f"packed: expected winograd_weight(weight) of shape (16, {Cin}, {K})")
+    cl = torch.channels_last
+    xd = x.contiguous(memory_format=cl)
+    res = None if residual is None else residual.contiguous(memory_format=cl)
+    if out is not None and out.is_contiguous(memory_format=cl) and not _overlaps(out, xd):
+        result = out
+    else:
+        result = torch.empty(N, K, H, W, dtype=x.dtype, device=x.device, memory_format=cl)
+    torch.ops.ddpm_fast.conv3x3(xd, packed, None if bias is None else bias.contiguous(), res, result)
+    return _finish(result, out)
+
+
+def _overlaps(a, b) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _register_fakes() -> None:
     """Shape functions of the compiled ops, so torch.compile can trace through them."""
     if not hasattr(torch.ops.ddpm_fast, "ddpm_step"):
         return
-    for name in ("ddpm_step", "q_sample", "keyed_normal", "group_norm_silu", "attention"):
+    for name in ("ddpm_step", "q_sample", "keyed_normal", "group_norm_silu", "attention", "conv3x3"):
         torch.library.register_fake(f"ddpm_fast::{name}")(lambda *args, **kwargs: None)
+    torch.library.register_fake("ddpm_fast::winograd_weight")(lambda w: w.new_empty(16, w.shape[1], w.shape[0]))
 
 
 _register_fakes()

@@ -20,7 +20,7 @@ log = logging.getLogger("ddpm_fast")
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 # Ops each compiled backend implements; everything else runs on the reference ("torch").
 _IMPLEMENTS = {
-    "cpu": {"q_sample", "ddpm_step", "keyed_normal", "group_norm_silu", "attention"},
+    "cpu": {"q_sample", "ddpm_step", "keyed_normal", "group_norm_silu", "attention", "conv3x3"},
     "triton": {"q_sample", "ddpm_step", "keyed_normal", "group_norm_silu", "attention"},
     "cuda": set(),
 }

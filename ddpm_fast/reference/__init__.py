@@ -1,6 +1,7 @@
 """Plain PyTorch implementations of every op: the specification the fused kernels are tested against."""
 
 from .attention import attention
+from .conv import conv3x3
 from .ddim_step import ddim_coefficients, ddim_step
 from .ddpm_step import ddpm_step, predict_x0, step_coefficients
 from .group_norm import group_norm_silu
@@ -11,6 +12,7 @@ __all__ = [
     "ddim_coefficients",
     "ddim_step",
     "attention",
+    "conv3x3",
     "ddpm_step",
     "group_norm_silu",
     "keyed_normal",

@@ -1,0 +1,89 @@
+"""conv3x3 (Winograd F(2x2, 3x3) on the CPU) against the reference F.conv2d, judged against float64 truth."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ddpm_fast as df
+from ddpm_fast import reference as ref
+
+needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
+
+
+def _case(N, C, K, H, W, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=g)
+    w = torch.randn(K, C, 3, 3, generator=g) / (3 * C**0.5)  # unit-variance outputs, as in a trained net
+    b = torch.randn(K, generator=g)
+    r = torch.randn(N, K, H, W, generator=g)
+    return x, w, b, r
+
+
+@needs_cpu
+@pytest.mark.parametrize(
+    "N, C, K, H, W",
+    [
+        (2, 16, 32, 8, 8),
+        (1, 3, 5, 1, 1),
+        (3, 7, 9, 5, 6),
+        (2, 96, 40, 15, 15),
+        (1, 128, 128, 32, 32),
+        (2, 256, 256, 4, 4),
+    ],
+)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_winograd_matches_reference(N, C, K, H, W, layout, with_residual):
+    x, w, b, r = _case(N, C, K, H, W)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    res = r if with_residual else None
+    out = df.ops.conv3x3(x, w, b, res, backend="cpu")
+    want = ref.conv3x3(x, w, b, res)
+    exact = ref.conv3x3(x.double(), w.double(), b.double(), None if res is None else res.double())
+    err, torch_err = (out.double() - exact).abs().max().item(), (want.double() - exact).abs().max().item()
+    mean = (out.double() - exact).abs().mean().item()
+    print(
+        f"conv3x3 {(N, C, K, H, W)} {layout}: max err {err:.3g} (mean {mean:.3g}) vs float64, F.conv2d {torch_err:.3g}"
+    )
+    assert out.shape == want.shape and out.is_contiguous(memory_format=torch.channels_last)
+    # fp32 tolerance of DESIGN.md with the reduction ops' atol (2e-5), against the float64 truth
+    assert err <= 2e-5 + 1e-5 * exact.abs().max().item()
+    assert (out - want).abs().max().item() <= 4e-5
+
+
+@needs_cpu
+def test_packed_weight_out_and_in_place_residual():
+    x, w, b, r = _case(2, 16, 16, 9, 7)
+    x = x.contiguous(memory_format=torch.channels_last)
+    packed = df.ops.winograd_weight(w)
+    assert packed.shape == (16, 16, 16)
+    want = F.conv2d(x, w, b, padding=1) + r
+    res = r.contiguous(memory_format=torch.channels_last)
+    got = df.ops.conv3x3(x, w, b, res, packed=packed, out=res)  # out aliases the residual: read then written
+    assert got is res and (got - want).abs().max().item() < 4e-5
+    # out may not be x: a fresh buffer is used and copied
+    y = x.clone()
+    got = df.ops.conv3x3(y, w, b, packed=packed, out=y)
+    assert got is y and (got - F.conv2d(x, w, b, padding=1)).abs().max().item() < 4e-5
+
+
+def test_bad_input():
+    x, w, b, r = _case(1, 4, 6, 5, 5)
+    with pytest.raises(ValueError, match="weight: expected shape"):
+        df.ops.conv3x3(x, w[:, :3], b)
+    with pytest.raises(ValueError, match="weight: expected shape"):
+        df.ops.conv3x3(x, torch.randn(6, 4, 5, 5), b)
+    with pytest.raises(ValueError, match="bias: expected shape"):
+        df.ops.conv3x3(x, w, b[:3])
+    with pytest.raises(ValueError, match="residual"):
+        df.ops.conv3x3(x, w, b, r[:, :3])
+    with pytest.raises(TypeError, match="bias"):
+        df.ops.conv3x3(x, w, b.double())
+    with pytest.raises(ValueError, match="x: expected"):
+        df.ops.conv3x3(x[0], w, b)
+    if df.backends()["cpu"].startswith("available"):
+        with pytest.raises(TypeError, match="float32"):
+            df.ops.conv3x3(x.half(), w.half(), b.half(), backend="cpu")
+        with pytest.raises(ValueError, match="packed"):
+            df.ops.conv3x3(x, w, b, packed=torch.zeros(16, 4, 5), backend="cpu")
