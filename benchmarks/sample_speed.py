@@ -1,18 +1,22 @@
 """The main job: DDPM sampling speed, ddpm_fast's fused backends against its PyTorch reference sampler and
-against diffusers' DDPMPipeline (eager, and with ddpm_fast.accelerate) with the same U-Net weights.
+against diffusers' DDPMPipeline (eager, with torch.compile on its U-Net, and with ddpm_fast.accelerate) with
+the same U-Net weights, side by side in one run.
 
     python benchmarks/sample_speed.py                       # CPU default, about a minute
-    python benchmarks/sample_speed.py --model cifar10 --batch 8 --steps 1000 --json out.json
+    python benchmarks/sample_speed.py --model cifar10 --batch 8 --steps 1000 --json out.json --plot out.png
 
 Every provider samples the same U-Net (random weights, fixed seed) with the same keyed noise, interleaved in
-rounds; the table reports the median images/s, the speedup over the reference and the max error against the
-reference's images. Installs and builds what it needs first (pip install --no-build-isolation -e .).
+rounds after one cold round (whose time, "first s", includes torch.compile's compile and ddpm_fast's weight
+packing); the table reports median images/s, the speedup over diffusers eager and over the reference, the max
+error against the reference's images (diffusers' variants: against diffusers' images, same generator), and
+peak memory. Installs and builds what it needs first (pip install --no-build-isolation -e .).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -57,14 +61,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="small")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=100, help="T: number of diffusion steps (linear schedule)")
+    p.add_argument("--steps", type=int, default=50, help="T: number of diffusion steps (linear schedule)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backends", default="auto", help="comma list of fused backends to time (auto: all available)")
     p.add_argument(
         "--repeats",
         type=int,
-        default=3,
+        default=2,
         help="steady rounds (after one cold round); each provider samples once a round",
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -158,8 +162,7 @@ def main() -> None:
         label = "cold round" if r == 0 else f"round {r}/{args.repeats}"
         print(f"# {label}: " + ", ".join(f"{p} {times[p][-1]:.1f}s" for p in providers), flush=True)
 
-    def median(xs):
-        return sorted(xs)[len(xs) // 2]
+    median = statistics.median
 
     steady = {p: median(times[p][1:]) for p in providers}
     ref_time, dif_time = steady["reference"], steady.get("diffusers")
@@ -221,7 +224,8 @@ def plot(record: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 0.5 + 0.45 * len(rows)))
     names = [r["backend"] for r in rows][::-1]
     vals = [r["images_per_s"] for r in rows][::-1]
-    colors = ["tab:gray" if n.startswith("diffusers") or n == "reference" else "tab:blue" for n in names]
+    ours = ("cpu", "triton", "cuda", "diffusers+accelerate")
+    colors = ["tab:blue" if n in ours else "tab:gray" for n in names]
     ax.barh(names, vals, color=colors)
     for i, r in enumerate(rows[::-1]):
         if r["speedup_vs_diffusers"] is not None:

@@ -188,15 +188,25 @@ class AttnBlock(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(ch, ch)])  # diffusers' name: to_out.0
         self.backend = None
 
-    def _qkv_weight(self):
-        """to_q, to_k, to_v stacked into one (3C, C) projection, cached until a weight changes."""
-        params = [p for lin in (self.to_q, self.to_k, self.to_v) for p in (lin.weight, lin.bias)]
-        key = tuple(_weight_key(p) for p in params)
-        if getattr(self, "_qkv", None) is None or self._qkv[0] != key:
-            w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]).detach()
-            b = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias]).detach()
-            self._qkv = (key, w, b)
-        return self._qkv[1], self._qkv[2]
+    def _projection_weights(self, fold_out: bool):
+        """to_q, to_k, to_v stacked into one (3C, C) projection, cached until a weight changes.
+
+        fold_out (one head): the output projection folded into the value projection, v' = v W_out^T + b_out, so
+        attention(q, k, v') = attention(q, k, v) W_out^T + b_out (each row of softmax weights sums to 1) and the
+        block needs neither the output GEMM nor a separate residual add.
+        """
+        lins = (self.to_q, self.to_k, self.to_v) + ((self.to_out[0],) if fold_out else ())
+        key = (fold_out, *(_weight_key(p) for lin in lins for p in (lin.weight, lin.bias)))
+        if getattr(self, "_proj", None) is None or self._proj[0] != key:
+            with torch.no_grad():
+                wv, bv = self.to_v.weight, self.to_v.bias
+                if fold_out:
+                    wo, bo = self.to_out[0].weight, self.to_out[0].bias
+                    wv, bv = wo @ wv, torch.addmv(bo, wo, bv)
+                w = torch.cat([self.to_q.weight, self.to_k.weight, wv]).detach()
+                b = torch.cat([self.to_q.bias, self.to_k.bias, bv]).detach()
+            self._proj = (key, w, b)
+        return self._proj[1], self._proj[2]
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -204,15 +214,25 @@ class AttnBlock(nn.Module):
         h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C): a free view when x is channels_last
         if torch.is_grad_enabled() or self.backend == "torch":
             q, k, v = (proj(h) for proj in (self.to_q, self.to_k, self.to_v))
+        elif heads == 1:  # inference, one head: one GEMM, attention with the residual in its epilogue, done
+            q, k, v = F.linear(h, *self._projection_weights(fold_out=True)).split(C, dim=-1)
+            res = x.permute(0, 2, 3, 1).reshape(B, 1, H * W, C)  # a view when x is channels_last
+            o = ops.attention(q[:, None], k[:, None], v[:, None], residual=res, backend=self.backend)
+            return o.transpose(2, 3).reshape(B, C, H, W)  # (B, HW, C) memory: channels_last, no copy
         else:  # inference: one GEMM for the three projections
-            q, k, v = F.linear(h, *self._qkv_weight()).split(C, dim=-1)
+            q, k, v = F.linear(h, *self._projection_weights(fold_out=False)).split(C, dim=-1)
 
         def heads_view(t):  # (B, HW, C) -> (B, heads, HW, d), a strided view the attention kernel reads in place
             return t.view(B, H * W, heads, d).transpose(1, 2)
 
         o = ops.attention(heads_view(q), heads_view(k), heads_view(v), backend=self.backend)
-        o = self.to_out[0](o.transpose(1, 2).reshape(B, H * W, C))
-        return x + o.transpose(1, 2).reshape(B, C, H, W)
+        o = o.transpose(1, 2).reshape(B, H * W, C)  # merging the heads is a view of the kernel's output
+        if torch.is_grad_enabled() or self.backend == "torch":
+            return x + self.to_out[0](o).transpose(1, 2).reshape(B, C, H, W)
+        # inference: x + o W_out^T in one GEMM accumulating onto the residual (beta = 1), then the bias in place
+        x_rows = x.permute(0, 2, 3, 1).reshape(B * H * W, C)  # a view when x is channels_last
+        out = torch.addmm(x_rows, o.reshape(B * H * W, C), self.to_out[0].weight.t())
+        return out.add_(self.to_out[0].bias).view(B, H, W, C).permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):
