@@ -23,11 +23,21 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ddpm_fast as df  # noqa: E402
-from ddpm_fast.models.loading import DIFFUSERS_CIFAR10_CONFIG  # noqa: E402
+from ddpm_fast.models.loading import DIFFUSERS_CIFAR10_CONFIG, config_from_diffusers  # noqa: E402
+
+# --smoke: the whole script on CPU tensors through the Triton interpreter at toy sizes (no timings worth
+# reading): what CI runs so that the GPU run does not die of a Python error.
+DEV = "cuda"
+SMOKE = False
 
 
 def cuda_ms(fn, iters: int) -> float:
     fn()
+    if DEV != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) / iters * 1e3
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
@@ -39,6 +49,7 @@ def cuda_ms(fn, iters: int) -> float:
 
 
 def medians(providers: dict, rounds: int, iters: int) -> dict[str, float]:
+    iters = 1 if SMOKE else iters
     samples = {k: [] for k in providers}
     for _ in range(rounds):
         for k, fn in providers.items():
@@ -49,8 +60,8 @@ def medians(providers: dict, rounds: int, iters: int) -> dict[str, float]:
 def op_rows(rounds: int) -> list[dict]:
     rows = []
     s = df.NoiseSchedule.linear()
-    dev = "cuda"
-    for shape in [(256, 3, 32, 32), (64, 4, 256, 256)]:
+    dev = DEV
+    for shape in [(2, 3, 4, 4)] if SMOKE else [(256, 3, 32, 32), (64, 4, 256, 256)]:
         x, m, z = (torch.randn(shape, device=dev) for _ in range(3))
         out, dst = torch.empty_like(x), torch.empty_like(x)
         t = torch.full((shape[0],), 500, device=dev)
@@ -90,7 +101,32 @@ def op_rows(rounds: int) -> list[dict]:
                     pct_copy=100 * moved / ms / 1e6 / copy_gbs,
                 )
             )
-    for shape, cl in [((8, 128, 32, 32), False), ((8, 128, 32, 32), True), ((64, 256, 32, 32), True)]:
+        sa = s.sqrt_alphas_cumprod.to(dev).float()[t].view(-1, 1, 1, 1)
+        sb = s.sqrt_one_minus_alphas_cumprod.to(dev).float()[t].view(-1, 1, 1, 1)
+        res = medians(
+            {
+                "copy": lambda: dst.copy_(x),
+                "torch eager": lambda: sa * x + sb * z,
+                "triton": lambda: df.ops.q_sample(x, t, z, s, backend="triton", out=out),
+                "triton keyed": lambda: df.ops.q_sample(x, t, None, s, seed=1, backend="triton"),
+            },
+            rounds,
+            20,
+        )
+        for k, ms in res.items():
+            moved = {"copy": 2, "triton": 3}.get(k, 3) * nbytes
+            rows.append(
+                dict(
+                    op="q_sample",
+                    shape=shape,
+                    provider=k,
+                    ms=ms,
+                    gbs=moved / ms / 1e6,
+                    pct_copy=100 * moved / ms / 1e6 / copy_gbs,
+                )
+            )
+    gn_shapes = [((8, 128, 32, 32), False), ((8, 128, 32, 32), True), ((64, 256, 32, 32), True)]
+    for shape, cl in [((2, 64, 4, 4), False), ((2, 64, 4, 4), True)] if SMOKE else gn_shapes:
         x = torch.randn(shape, device=dev)
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -119,8 +155,9 @@ def op_rows(rounds: int) -> list[dict]:
                     pct_copy=100 * gbs / copy_gbs,
                 )
             )
-    for B, heads, dtype in [(8, 1, torch.float32), (256, 1, torch.bfloat16), (256, 4, torch.bfloat16)]:
-        C, N = 256, 256
+    attn = [(8, 1, torch.float32), (256, 1, torch.bfloat16), (256, 4, torch.bfloat16)]
+    for B, heads, dtype in [(2, 1, torch.float32), (2, 4, torch.float32)] if SMOKE else attn:
+        C, N = (64, 16) if SMOKE else (256, 256)
         qkv = torch.randn(B, N, 3 * C, device=dev, dtype=dtype)
         q, k, v = (qkv[..., i * C : (i + 1) * C].view(B, N, heads, C // heads).transpose(1, 2) for i in range(3))
         res = medians(
@@ -141,6 +178,11 @@ def op_rows(rounds: int) -> list[dict]:
     return rows
 
 
+def synchronize() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
 def sampler_rows(rounds: int, batches, dtypes, with_compile: bool) -> list[dict]:
     """One sampler step (U-Net forward + reverse step) per provider, in ms per step.
 
@@ -156,28 +198,35 @@ def sampler_rows(rounds: int, batches, dtypes, with_compile: bool) -> list[dict]
         import diffusers
     except ImportError:
         diffusers = None
+    unet_cfg = dict(DIFFUSERS_CIFAR10_CONFIG)
+    if SMOKE:
+        unet_cfg.update(sample_size=8, block_out_channels=(32, 32, 32, 32), norm_num_groups=8)
+    size = unet_cfg["sample_size"]
     for dtype in dtypes:
         torch.manual_seed(0)
-        ours = df.UNet.ddpm_cifar10(dropout=0.0).cuda().to(dtype).eval()
+        ours = df.UNet(config_from_diffusers(unet_cfg)).to(DEV, dtype).eval()
         s = df.NoiseSchedule.linear()
         if diffusers is not None:
-            ref = diffusers.UNet2DModel(**DIFFUSERS_CIFAR10_CONFIG).cuda().to(dtype).eval()
-            ours = df.UNet.from_diffusers(ref).cuda().to(dtype).eval()
+            ref = diffusers.UNet2DModel(**unet_cfg).to(DEV, dtype).eval()
+            ours = df.UNet.from_diffusers(ref).to(DEV, dtype).eval()
             sched = diffusers.DDPMScheduler()
             compiled = torch.compile(ref) if with_compile else None
             graphed = torch.compile(ref, mode="reduce-overhead") if with_compile else None
         d = df.GaussianDiffusion(ours, s, backend="triton")
         for B in batches:
-            x = torch.randn(B, 3, 32, 32, device="cuda", dtype=dtype)
-            t = torch.full((B,), 500, device="cuda")
+            x = torch.randn(B, 3, size, size, device=DEV, dtype=dtype)
+            t = torch.full((B,), 500, device=DEV)
             t0 = time.perf_counter()
-            gs = GraphedSampler(d, B, (3, 32, 32), list(range(999, 999 - 50 * K, -50)), device="cuda", dtype=dtype)
+            gs = GraphedSampler(d, B, (3, size, size), list(range(999, 999 - 50 * K, -50)), device=DEV, dtype=dtype)
             with torch.inference_mode():
                 gs.sample(seed=1)
-            torch.cuda.synchronize()
+            synchronize()
             rows.append(dict(op="graph_capture", batch=B, dtype=str(dtype), seconds=time.perf_counter() - t0))
             prov = {
-                "ddpm_fast": (lambda: df.ops.ddpm_step(x, ours(x, t), 500, s, seed=1, clip_sample=True), 1),
+                "ddpm_fast": (
+                    lambda: df.ops.ddpm_step(x, ours(x, t), 500, s, seed=1, clip_sample=True, backend="triton"),
+                    1,
+                ),
                 "ddpm_fast + CUDA graph": (lambda: gs.sample(seed=1), K),
             }
             if diffusers is not None:
@@ -189,7 +238,7 @@ def sampler_rows(rounds: int, batches, dtypes, with_compile: bool) -> list[dict]
                     with torch.inference_mode():
                         for _ in range(3):  # reduce-overhead records its graph on the third call
                             fn(x, t)
-                    torch.cuda.synchronize()
+                    synchronize()
                     rows.append(dict(op=name, batch=B, dtype=str(dtype), seconds=time.perf_counter() - t0))
                     prov[f"diffusers {name}"] = (lambda fn=fn: sched.step(fn(x, t).sample, 500, x).prev_sample, 1)
             with torch.inference_mode():
@@ -207,18 +256,26 @@ def main():
     p.add_argument("--json", required=True)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="CPU tensors through TRITON_INTERPRET=1, toy sizes (CI)")
     args = p.parse_args()
-    if not torch.cuda.is_available():
+    global DEV, SMOKE
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("gpu_check --smoke: run with TRITON_INTERPRET=1")
+        DEV, SMOKE, args.no_compile = "cpu", True, True
+    elif not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device")
-    rounds = 3 if args.quick else 5
+    rounds = 1 if args.smoke else 3 if args.quick else 5
+    batches = [1, 2] if args.smoke else [1, 256]
+    dtypes = [torch.float32] if args.smoke else [torch.float32, torch.bfloat16]
     record = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if DEV == "cuda" else "CPU (smoke run through the Triton interpreter)",
         "torch": torch.__version__,
         "backends": df.backends(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "python " + " ".join(sys.argv),
         "ops": op_rows(rounds),
-        "sampler": sampler_rows(rounds, [1, 256], [torch.float32, torch.bfloat16], not args.no_compile),
+        "sampler": sampler_rows(rounds, batches, dtypes, not args.no_compile),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
