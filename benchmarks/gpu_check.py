@@ -274,14 +274,29 @@ def main():
         "backends": df.backends(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "python " + " ".join(sys.argv),
-        "ops": op_rows(rounds),
-        "sampler": sampler_rows(rounds, batches, dtypes, not args.no_compile),
+        "ops": [],
+        "sampler": [],
+        "complete": False,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(record, f, indent=2)
-    for row in record["ops"] + record["sampler"]:
-        print(row)
+
+    def save():  # after every section: a run cut short by its time limit still leaves what it measured
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(record, f, indent=2)
+        os.replace(args.json + ".tmp", args.json)
+
+    record["ops"] = op_rows(rounds)
+    save()
+    for row in record["ops"]:
+        print(row, flush=True)
+    for dtype in dtypes:
+        rows = sampler_rows(rounds, batches, [dtype], not args.no_compile)
+        record["sampler"] += rows
+        save()
+        for row in rows:
+            print(row, flush=True)
+    record["complete"] = True
+    save()
     print(f"wrote {args.json}")
 
 

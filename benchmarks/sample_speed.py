@@ -57,6 +57,14 @@ MODELS = {
 }
 
 
+def _to(module, device, dtype):
+    """module.to(device[, dtype]): diffusers warns on every dtype cast, even to the dtype it already has."""
+    import torch
+
+    module = module.to(device)
+    return module if dtype == torch.float32 else module.to(dtype)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="small")
@@ -99,9 +107,9 @@ def main() -> None:
     except ImportError:
         diffusers = None
     if diffusers is not None:
-        unet2d = (
-            diffusers.UNet2DModel(**{**DIFFUSERS_CIFAR10_CONFIG, **MODELS[args.model]}).to(args.device, dtype).eval()
-        )
+        unet2d = _to(
+            diffusers.UNet2DModel(**{**DIFFUSERS_CIFAR10_CONFIG, **MODELS[args.model]}), args.device, dtype
+        ).eval()
         model = df.UNet.from_diffusers(unet2d).to(args.device, dtype).eval()
     else:
         from ddpm_fast.models.loading import config_from_diffusers
@@ -120,7 +128,7 @@ def main() -> None:
         names = ["diffusers", "diffusers+accelerate"] + (["diffusers+compile"] if args.compile else [])
         for name in names:
             sched = diffusers.DDPMScheduler(num_train_timesteps=args.steps, beta_start=1e-4, beta_end=beta_end)
-            unet = diffusers.UNet2DModel(**unet2d.config).to(args.device, dtype).eval()
+            unet = _to(diffusers.UNet2DModel(**unet2d.config), args.device, dtype).eval()
             unet.load_state_dict(unet2d.state_dict())
             pipes[name] = diffusers.DDPMPipeline(unet=unet, scheduler=sched)
             pipes[name].set_progress_bar_config(disable=True)

@@ -196,12 +196,36 @@ void group_norm_nhwc(const GroupNormArgs& a) {
       const int64_t b = item / chunks, p0 = (item % chunks) * P, np = std::min(P, HW - p0);
       const T* blk = x + (b * HW + p0) * C;
       // One pass of shifted sums (shift = the chunk's first pixel): robust like Welford, no second read.
-      std::fill(s1.begin(), s1.end(), 0.f);
-      std::fill(s2.begin(), s2.end(), 0.f);
-      for (int64_t c = 0; c < C; ++c) k[c] = static_cast<float>(blk[c]);
-      for (int64_t p = 0; p < np; ++p) {
+      // Blocks of 2 * kLanes channels keep their shifts and sums in registers down the chunk's pixels.
+      int64_t c0 = 0;
+      for (; c0 + 2 * kLanes <= C; c0 += 2 * kLanes) {
+        Vec kv[4], a[4], q[4], v[4];
+        load2(blk + c0, kv[0], kv[1]);
+        load2(blk + c0 + kLanes, kv[2], kv[3]);
+        for (int i = 0; i < 4; ++i) a[i] = q[i] = Vec(0.f);
+        for (int64_t p = 0; p < np; ++p) {
+          const T* row = blk + p * C + c0;
+          load2(row, v[0], v[1]);
+          load2(row + kLanes, v[2], v[3]);
+          for (int i = 0; i < 4; ++i) {
+            const Vec d = v[i] - kv[i];
+            a[i] = a[i] + d;
+            q[i] = at::vec::fmadd(d, d, q[i]);
+          }
+        }
+        for (int i = 0; i < 4; ++i) {
+          kv[i].store(k.data() + c0 + i * Vec::size());
+          a[i].store(s1.data() + c0 + i * Vec::size());
+          q[i].store(s2.data() + c0 + i * Vec::size());
+        }
+      }
+      for (int64_t c = c0; c < C; ++c) {
+        k[c] = static_cast<float>(blk[c]);
+        s1[c] = s2[c] = 0.f;
+      }
+      for (int64_t p = 0; p < np && c0 < C; ++p) {
         const T* row = blk + p * C;
-        for (int64_t c = 0; c < C; ++c) {
+        for (int64_t c = c0; c < C; ++c) {
           const float d = static_cast<float>(row[c]) - k[c];
           s1[c] += d;
           s2[c] += d * d;
