@@ -55,7 +55,23 @@ struct NormalParams {
   uint32_t stream;
 };
 
+struct GroupNormParams {
+  int64_t batch, channels, spatial, groups;  // spatial = H * W
+  bool nhwc;
+  DType dtype;
+  const void* x;        // input, dtype
+  void* out;            // output, dtype, same layout; may alias x (each element is read before it is written)
+  const float* weight;  // device (C) fp32, or nullptr
+  const float* bias;    // device (C) fp32, or nullptr
+  const float* add;     // device (B, C) fp32, or nullptr
+  float* workspace;     // device, group_norm_workspace_floats(p) floats (two-pass path only)
+  float eps;
+  bool silu;
+};
+
 cudaError_t ddpm_step(const StepParams& p, cudaStream_t stream);
+cudaError_t group_norm_silu(const GroupNormParams& p, cudaStream_t stream);
+size_t group_norm_workspace_floats(const GroupNormParams& p);
 cudaError_t q_sample(const QSampleParams& p, cudaStream_t stream);
 cudaError_t keyed_normal(const NormalParams& p, cudaStream_t stream);
 
