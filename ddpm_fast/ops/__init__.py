@@ -488,9 +488,12 @@ def conv3x3(x, weight, bias=None, residual=None, *, packed=None, backend=None, o
         C.like("residual", residual, x, "x", shape=(N, K, H, W))
     if out is not None:
         C.like("out", out, x, "x", shape=(N, K, H, W))
+    requested = backend
     backend = resolve("conv3x3", backend, x.device, _needs_grad(x, weight, bias, residual), x.dtype)
     if backend == "cpu" and x.dtype != torch.float32:
-        raise TypeError(f"x: the cpu conv3x3 kernel takes float32, got {x.dtype}")
+        if requested not in (None, "auto"):
+            raise TypeError(f"x: the cpu conv3x3 kernel takes float32, got {x.dtype}")
+        backend = "torch"  # auto: the Winograd kernel is fp32 only
     if backend != "cpu":
         return _finish(ref.conv3x3(x, weight, bias, residual), out)
     if packed is None:

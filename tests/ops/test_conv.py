@@ -87,3 +87,18 @@ def test_bad_input():
             df.ops.conv3x3(x.half(), w.half(), b.half(), backend="cpu")
         with pytest.raises(ValueError, match="packed"):
             df.ops.conv3x3(x, w, b, packed=torch.zeros(16, 4, 5), backend="cpu")
+
+
+@needs_cpu
+def test_non_contiguous_input_and_auto_dispatch_of_other_dtypes():
+    x, w, b, r = _case(2, 24, 16, 11, 13)
+    xs = torch.randn(2, 48, 11, 26)[:, ::2, :, ::2]  # strided in channels and width
+    out = df.ops.conv3x3(xs, w, b, r, backend="cpu")
+    want = ref.conv3x3(xs, w, b, r)
+    print(f"conv3x3 strided input: max err {(out - want).abs().max().item():.3g}")
+    assert (out - want).abs().max().item() <= 4e-5
+    # float64 and bfloat16 have no Winograd kernel: auto runs the reference
+    got = df.ops.conv3x3(x.double(), w.double(), b.double())
+    assert torch.allclose(got, ref.conv3x3(x.double(), w.double(), b.double()))
+    got = df.ops.conv3x3(x.bfloat16(), w.bfloat16(), b.bfloat16())
+    assert got.dtype == torch.bfloat16
