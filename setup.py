@@ -5,15 +5,15 @@
   ``at::vec::Vectorized<float>`` silently falls back to a slow generic version unless the translation unit
   defines CPU_CAPABILITY_AVX2 and is compiled with -mavx2 -mfma, so the ISA variant is a whole extension;
   ddpm_fast/_ext.py picks one at import time from the CPU's flags.
-- CUDA kernels (csrc/cuda) only when the installed torch has CUDA and nvcc is found (their torch glue is not
-  written yet: today they are compiled by tests/test_cuda_sources.py only).
+- ``ddpm_fast._C_cuda``: the CUDA kernels (csrc/cuda/*.cu) and their torch glue (csrc/cuda_bindings.cpp), only
+  when the installed torch has CUDA and nvcc is found; ``DDPM_FAST_NO_CUDA=1`` skips it (benchmarks/gpu_check.sh
+  falls back to that if the CUDA build fails, so the CPU and Triton paths can still be measured).
 
 Build against the installed torch: ``pip install --no-build-isolation -e .``
 """
 
 import os
 import platform
-import shutil
 
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
@@ -50,14 +50,22 @@ def extensions():
 
     cuda_dir = os.path.join(ROOT, "csrc", "cuda")
     cuda_sources = sorted(f for f in os.listdir(cuda_dir) if f.endswith(".cu")) if os.path.isdir(cuda_dir) else []
-    if torch.version.cuda is None:
+    if os.environ.get("DDPM_FAST_NO_CUDA"):
+        print("ddpm_fast: DDPM_FAST_NO_CUDA is set; building the CPU kernels only")
+    elif torch.version.cuda is None:
         print("ddpm_fast: the installed torch has no CUDA; building the CPU kernels only")
-    elif shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
-        print("ddpm_fast: nvcc not found; building the CPU kernels only")
-    elif not cuda_sources:
-        print("ddpm_fast: no CUDA kernels in csrc/cuda; building the CPU kernels only")
-    else:  # the .cu kernels compile (tests/test_cuda_sources.py) but have no torch glue yet
-        print("ddpm_fast: csrc/cuda has no torch glue yet; the cuda backend is not built (triton serves CUDA tensors)")
+    elif cpp_extension.CUDA_HOME is None or not cuda_sources:
+        print("ddpm_fast: nvcc / CUDA_HOME not found; building the CPU kernels only")
+    else:
+        gencode = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+        exts.append(
+            cpp_extension.CUDAExtension(
+                "ddpm_fast._C_cuda",
+                ["csrc/cuda_bindings.cpp"] + [os.path.join("csrc", "cuda", f) for f in cuda_sources],
+                include_dirs=[os.path.join(ROOT, "csrc")],
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *gencode]},
+            )
+        )
     return exts
 
 

@@ -59,6 +59,7 @@ def medians(providers: dict, rounds: int, iters: int) -> dict[str, float]:
 
 def op_rows(rounds: int) -> list[dict]:
     rows = []
+    cuda = df.backends()["cuda"] == "available"  # the CUDA kernels' rows, next to Triton's
     s = df.NoiseSchedule.linear()
     dev = DEV
     for shape in [(2, 3, 4, 4)] if SMOKE else [(256, 3, 32, 32), (64, 4, 256, 256)]:
@@ -83,6 +84,16 @@ def op_rows(rounds: int) -> list[dict]:
                 "triton keyed": lambda: df.ops.ddpm_step(
                     x, m, 500, s, seed=1, clip_sample=True, backend="triton", out=out
                 ),
+                **(
+                    {
+                        "cuda": lambda: df.ops.ddpm_step(x, m, 500, s, z, clip_sample=True, backend="cuda", out=out),
+                        "cuda keyed": lambda: df.ops.ddpm_step(
+                            x, m, 500, s, seed=1, clip_sample=True, backend="cuda", out=out
+                        ),
+                    }
+                    if cuda
+                    else {}
+                ),
             },
             rounds,
             20,
@@ -90,7 +101,7 @@ def op_rows(rounds: int) -> list[dict]:
         nbytes = x.numel() * 4
         copy_gbs = 2 * nbytes / res["copy"] / 1e6
         for k, ms in res.items():
-            moved = {"copy": 2, "triton keyed": 3}.get(k, 4) * nbytes
+            moved = {"copy": 2, "triton keyed": 3, "cuda keyed": 3}.get(k, 4) * nbytes
             rows.append(
                 dict(
                     op="ddpm_step",
@@ -109,12 +120,13 @@ def op_rows(rounds: int) -> list[dict]:
                 "torch eager": lambda: sa * x + sb * z,
                 "triton": lambda: df.ops.q_sample(x, t, z, s, backend="triton", out=out),
                 "triton keyed": lambda: df.ops.q_sample(x, t, None, s, seed=1, backend="triton"),
+                **({"cuda": lambda: df.ops.q_sample(x, t, z, s, backend="cuda", out=out)} if cuda else {}),
             },
             rounds,
             20,
         )
         for k, ms in res.items():
-            moved = {"copy": 2, "triton": 3}.get(k, 3) * nbytes
+            moved = {"copy": 2}.get(k, 3) * nbytes  # keyed: x0 read, x_t and eps written
             rows.append(
                 dict(
                     op="q_sample",
@@ -137,6 +149,7 @@ def op_rows(rounds: int) -> list[dict]:
                 "copy": lambda: dst.copy_(x),
                 "torch eager": lambda: F.silu(F.group_norm(x, 32, w, b)),
                 "triton": lambda: df.ops.group_norm_silu(x, 32, w, b, backend="triton"),
+                **({"cuda": lambda: df.ops.group_norm_silu(x, 32, w, b, backend="cuda")} if cuda else {}),
             },
             rounds,
             20,

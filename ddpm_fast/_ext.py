@@ -1,4 +1,4 @@
-"""The one place the compiled extension is imported.
+"""The one place the compiled extensions are imported.
 
 Two builds of the same CPU kernels exist (setup.py): ``_C_avx2`` for CPUs with AVX2/FMA/F16C and ``_C`` for
 any other. The choice follows torch's own reading of the CPU (``torch.backends.cpu.get_cpu_capability()``);
@@ -39,6 +39,31 @@ def _load():
 
 _load()
 
+_cuda_module = None
+_cuda_error = "not loaded yet"
+
+
+def _load_cuda():
+    """ddpm_fast._C_cuda (built only with a CUDA torch); after the CPU module, whose TORCH_LIBRARY defines the
+    schemas the CUDA kernels implement."""
+    global _cuda_module, _cuda_error
+    if torch.version.cuda is None:
+        _cuda_error = "the installed torch has no CUDA"
+        return
+    try:
+        _cuda_module = importlib.import_module("ddpm_fast._C_cuda")
+        _cuda_error = None
+    except ImportError as e:
+        _cuda_error = (
+            f"CUDA kernels not built (torch without CUDA, nvcc missing, or DDPM_FAST_NO_CUDA at build time): {e}"
+        )
+
+
+if _module is not None:
+    _load_cuda()
+else:
+    _cuda_error = "the CPU extension (which defines the op schemas) is not loaded"
+
 
 def cpu_module():
     """The loaded CPU extension, or None (see :func:`cpu_unavailable_reason`)."""
@@ -47,6 +72,11 @@ def cpu_module():
 
 def cpu_unavailable_reason() -> str | None:
     return _error
+
+
+def cuda_unavailable_reason() -> str | None:
+    """None when the CUDA kernels are loaded (a device must still be present to run them)."""
+    return _cuda_error
 
 
 def cpu_capability() -> str | None:

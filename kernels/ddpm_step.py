@@ -7,9 +7,10 @@ Per-sample coefficients come from a (B, 9) fp32 table computed on the host in fl
 CPU kernels use); z is given or drawn in the kernel from the keyed Philox stream 0.
 """
 
-import torch
 import triton
 import triton.language as tl
+
+from ddpm_fast.ops._tables import step_table as coefficient_table  # noqa: F401 - (B, 7) -> (B, 9)
 
 from .philox import block_size, keyed_normal_at, logical_index, split_seed
 
@@ -109,11 +110,3 @@ def ddpm_step(x, m, noise, out, x0_out, coeffs, t, seed, sample_offset, clip, cl
         BLOCK=BLOCK,
     )
     return out
-
-
-def coefficient_table(step_coeffs: torch.Tensor) -> torch.Tensor:
-    """(B, 7) [px, pm, q, c0, c1, cm, sigma] -> (B, 9) fp32 with kx = c0 q px + c1, km = c0 q pm + cm folded in
-    float64."""
-    c = step_coeffs.to(torch.float64)
-    px, pm, q, c0, c1, cm, sigma = c.unbind(1)
-    return torch.stack([px, pm, q, c0, c1, cm, c0 * q * px + c1, c0 * q * pm + cm, sigma], dim=1).to(torch.float32)

@@ -63,3 +63,32 @@ def test_common_normal_transform_equals_the_reference():
     print(f"scalar philox_normal4 vs reference: max err {err:.3g}")
     assert err <= 1e-5 * max(1.0, ref.abs().max().item())
     assert df.backends()["cpu"].startswith("available")
+
+
+def _cuda_include():
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and os.path.exists(os.path.join(root, "include", "cuda_runtime_api.h")):
+            return os.path.join(root, "include")
+    return None
+
+
+@pytest.mark.skipif(_cuda_include() is None, reason="CUDA toolkit headers not found")
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
+def test_cuda_glue_compiles_against_torch_headers(tmp_path):
+    """csrc/cuda_bindings.cpp is built only with a CUDA torch; here it is type-checked (-fsyntax-only) against this
+    torch's headers. The CPU torch lacks only c10's generated c10/cuda/impl/cuda_cmake_macros.h, which a shim
+    provides with the one macro a CUDA build of torch defines there."""
+    import sysconfig
+
+    shim = tmp_path / "c10" / "cuda" / "impl"
+    shim.mkdir(parents=True)
+    (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    tinc = os.path.join(os.path.dirname(torch.__file__), "include")
+    cmd = ["g++", "-fsyntax-only", "-std=c++20", "-Wall", "-Werror", "-I", str(tmp_path), "-I", tinc]
+    cmd += ["-I", os.path.join(tinc, "torch", "csrc", "api", "include"), "-I", _cuda_include()]
+    cmd += ["-I", os.path.join(ROOT, "csrc"), "-I", sysconfig.get_paths()["include"]]
+    cmd += ["-DTORCH_EXTENSION_NAME=_C_cuda", "-DTORCH_API_INCLUDE_EXTENSION_H"]
+    cmd += [os.path.join(ROOT, "csrc", "cuda_bindings.cpp")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    print(r.stdout[-3000:], r.stderr[-3000:])
+    assert r.returncode == 0

@@ -14,6 +14,7 @@ from .. import reference as ref
 from ..reference.noise import STREAM_X_T
 from . import _checks as C
 from ._dispatch import backends, resolve
+from ._tables import step_table
 
 __all__ = [
     "attention",
@@ -96,23 +97,17 @@ def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, coefficients
     x0d = _dense(x0, fmt)
     eps = torch.empty_like(x0d, memory_format=fmt) if drawn else _dense(noise, fmt)
     x_t = _result_buffer(out, x0d, fmt)
-    if backend == "triton":
-        from ..kernels import q_sample as tk
-
+    if backend in ("triton", "cuda"):  # the GPU kernels read a (B, 2) coefficient table from device memory
         if coefficients is None:
             abar = s.alphas_cumprod.to(t.device)[t]
             coefficients = torch.stack([abar.sqrt(), (1 - abar).sqrt()], dim=1)
-        tk.q_sample(
-            x0d,
-            eps,
-            x_t,
-            coefficients.to(x0.device, torch.float32).contiguous(),
-            t,
-            drawn,
-            seed,
-            sample_offset,
-            fmt == torch.channels_last,
-        )
+        table = coefficients.to(x0.device, torch.float32).contiguous()
+        if backend == "triton":
+            from ..kernels import q_sample as tk
+
+            tk.q_sample(x0d, eps, x_t, table, t, drawn, seed, sample_offset, fmt == torch.channels_last)
+        else:
+            torch.ops.ddpm_fast.q_sample_table(x0d, table, t, eps, drawn, _signed64(seed), sample_offset, x_t)
         x_t = _finish(x_t, out)
         return (x_t, eps) if drawn else x_t
     torch.ops.ddpm_fast.q_sample(
@@ -207,9 +202,7 @@ def ddpm_step(
     xd = _dense(x_t, fmt)
     result = _result_buffer(out, xd, fmt)
     x0_result = None if x0_out is None else _result_buffer(x0_out, xd, fmt)
-    if backend == "triton":
-        from ..kernels import ddpm_step as tk
-
+    if backend in ("triton", "cuda"):  # the GPU kernels read a (B, 9) coefficient table from device memory
         if coefficients is None:
             coefficients = ref.step_coefficients(
                 t.cpu(), None if t_prev is None else t_prev.cpu(), s, prediction_type, variance_type
@@ -217,20 +210,29 @@ def ddpm_step(
         else:
             coefficients = coefficients.clone()
             coefficients[:, 6] *= (t.cpu() > 0).to(coefficients)
-        tk.ddpm_step(
-            xd,
-            _dense(model_output, fmt),
-            None if noise is None else _dense(noise, fmt),
-            result,
-            x0_result,
-            tk.coefficient_table(coefficients).to(x_t.device),
-            t,
-            seed,
-            sample_offset,
-            clip_sample,
-            clip_range,
-            fmt == torch.channels_last,
-        )
+        table = step_table(coefficients).to(x_t.device)
+        md, zd = _dense(model_output, fmt), None if noise is None else _dense(noise, fmt)
+        if backend == "triton":
+            from ..kernels import ddpm_step as tk
+
+            tk.ddpm_step(
+                xd,
+                md,
+                zd,
+                result,
+                x0_result,
+                table,
+                t,
+                seed,
+                sample_offset,
+                clip_sample,
+                clip_range,
+                fmt == torch.channels_last,
+            )
+        else:
+            torch.ops.ddpm_fast.step_table(
+                xd, md, zd, table, t, _signed64(seed), sample_offset, clip_sample, clip_range, result, x0_result
+            )
         if x0_out is not None:
             _finish(x0_result, x0_out)
         return _finish(result, out)

@@ -1,0 +1,174 @@
+// Torch glue of the CUDA kernels (ddpm_fast._C_cuda, built by setup.py only when torch has CUDA): checks the
+// tensors, passes raw pointers and torch's current stream (so the kernels are captured by CUDA graphs and order
+// with torch's own work), and registers CUDA implementations under torch.ops.ddpm_fast. keyed_normal and
+// group_norm_silu share the CPU ops' schemas (csrc/bindings.cpp); the reverse step and the noising take the
+// per-sample coefficient table the Python side builds for Triton too (step_table, q_sample_table), so nothing
+// here reads a device value on the host. Inputs are validated in Python with readable messages first.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cuda/launch.h"
+
+namespace ddpm_fast {
+namespace {
+
+cuda::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cuda::DType::kFloat;
+    case at::kHalf: return cuda::DType::kHalf;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    default: TORCH_CHECK(false, "ddpm_fast cuda: expected float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+// x's dense layout; every other tensor must have x's shape, dtype, device and that layout.
+cuda::Layout layout_of(const at::Tensor& x, std::initializer_list<const at::Tensor*> others) {
+  TORCH_CHECK(x.is_cuda(), "ddpm_fast cuda: tensors must be on a CUDA device");
+  TORCH_CHECK(x.dim() >= 1 && x.numel() > 0, "ddpm_fast cuda: expected a non-empty batch");
+  const bool nchw = x.is_contiguous();
+  const bool nhwc = !nchw && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(nchw || nhwc, "ddpm_fast cuda: expected a contiguous or channels_last tensor");
+  for (const at::Tensor* o : others) {
+    if (!o) continue;
+    TORCH_CHECK(o->sizes() == x.sizes() && o->scalar_type() == x.scalar_type() && o->device() == x.device(),
+                "ddpm_fast cuda: shape, dtype and device must match x");
+    TORCH_CHECK(nhwc ? o->is_contiguous(at::MemoryFormat::ChannelsLast) : o->is_contiguous(),
+                "ddpm_fast cuda: tensors must share x's dense layout");
+  }
+  cuda::Layout g;
+  g.batch = x.size(0);
+  g.numel_per_sample = x.numel() / g.batch;
+  g.channels = x.dim() >= 2 ? x.size(1) : 1;
+  g.spatial = nhwc ? x.size(2) * x.size(3) : 1;
+  g.nhwc = nhwc;
+  return g;
+}
+
+void check_table(const at::Tensor& c, const at::Tensor& t, const at::Tensor& x, int64_t width) {
+  TORCH_CHECK(c.device() == x.device() && c.scalar_type() == at::kFloat && c.is_contiguous() && c.dim() == 2 &&
+                  c.size(0) == x.size(0) && c.size(1) == width,
+              "ddpm_fast cuda: coefficients must be a contiguous float32 (B, ", width, ") tensor on x's device");
+  TORCH_CHECK(t.device() == x.device() && t.scalar_type() == at::kLong && t.is_contiguous() && t.numel() == x.size(0),
+              "ddpm_fast cuda: t must be a contiguous int64 (B,) tensor on x's device");
+}
+
+const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; }
+
+void step_table_cuda(const at::Tensor& x, const at::Tensor& m, const std::optional<at::Tensor>& noise,
+                     const at::Tensor& coeffs, const at::Tensor& t, int64_t seed, int64_t sample_offset, bool clip,
+                     double clip_range, const at::Tensor& out, const std::optional<at::Tensor>& x0_out) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  cuda::StepParams p;
+  p.geo = layout_of(x, {&m, opt(noise), &out, opt(x0_out)});
+  check_table(coeffs, t, x, 9);
+  p.dtype = dtype_of(x);
+  p.x = x.data_ptr();
+  p.m = m.data_ptr();
+  p.noise = noise ? noise->data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.x0_out = x0_out ? x0_out->data_ptr() : nullptr;
+  p.coeffs = coeffs.data_ptr<float>();
+  p.t = t.data_ptr<int64_t>();
+  p.seed = static_cast<uint64_t>(seed);
+  p.sample_offset = sample_offset;
+  p.clip = clip;
+  p.clip_range = static_cast<float>(clip_range);
+  C10_CUDA_CHECK(cuda::ddpm_step(p, c10::cuda::getCurrentCUDAStream()));
+}
+
+void q_sample_table_cuda(const at::Tensor& x0, const at::Tensor& coeffs, const at::Tensor& t, const at::Tensor& noise,
+                         bool generate, int64_t seed, int64_t sample_offset, const at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(x0.device());
+  cuda::QSampleParams p;
+  p.geo = layout_of(x0, {&noise, &out});
+  check_table(coeffs, t, x0, 2);
+  p.dtype = dtype_of(x0);
+  p.x0 = x0.data_ptr();
+  p.noise = noise.data_ptr();
+  p.out = out.data_ptr();
+  p.coeffs = coeffs.data_ptr<float>();
+  p.t = t.data_ptr<int64_t>();
+  p.seed = static_cast<uint64_t>(seed);
+  p.sample_offset = sample_offset;
+  p.generate = generate;
+  C10_CUDA_CHECK(cuda::q_sample(p, c10::cuda::getCurrentCUDAStream()));
+}
+
+void keyed_normal_cuda(const at::Tensor& t, int64_t seed, int64_t sample_offset, int64_t stream,
+                       const at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  cuda::NormalParams p;
+  p.geo = layout_of(out, {});
+  TORCH_CHECK(t.device() == out.device() && t.scalar_type() == at::kLong && t.is_contiguous() &&
+                  t.numel() == out.size(0),
+              "ddpm_fast cuda: t must be a contiguous int64 (B,) tensor on out's device");
+  TORCH_CHECK(stream >= 0 && stream <= 0xffffffffLL, "ddpm_fast cuda: stream must fit in 32 bits");
+  p.dtype = dtype_of(out);
+  p.out = out.data_ptr();
+  p.t = t.data_ptr<int64_t>();
+  p.seed = static_cast<uint64_t>(seed);
+  p.sample_offset = sample_offset;
+  p.stream = static_cast<uint32_t>(stream);
+  C10_CUDA_CHECK(cuda::keyed_normal(p, c10::cuda::getCurrentCUDAStream()));
+}
+
+void group_norm_silu_cuda(const at::Tensor& x, int64_t groups, const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add, double eps,
+                          bool silu, const at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x.dim() >= 2, "ddpm_fast cuda: group_norm_silu expects (B, C, ...)");
+  const cuda::Layout g = layout_of(x, {&out});
+  const int64_t B = x.size(0), C = x.size(1);
+  TORCH_CHECK(groups > 0 && C % groups == 0, "ddpm_fast cuda: channels must be divisible by groups");
+  auto fp32 = [&](const std::optional<at::Tensor>& v, at::IntArrayRef shape) -> at::Tensor {
+    if (!v) return at::Tensor();
+    TORCH_CHECK(v->sizes() == shape && v->device() == x.device(), "ddpm_fast cuda: group_norm_silu: bad ",
+                "weight/bias/add shape or device");
+    return v->to(at::kFloat).contiguous();
+  };
+  const at::Tensor w = fp32(weight, {C}), b = fp32(bias, {C}), a = fp32(add, {B, C});
+  cuda::GroupNormParams p;
+  p.batch = B;
+  p.channels = C;
+  p.spatial = x.numel() / (B * C);
+  p.groups = groups;
+  p.nhwc = g.nhwc;
+  p.dtype = dtype_of(x);
+  p.x = x.data_ptr();
+  p.out = out.data_ptr();
+  p.weight = w.defined() ? w.data_ptr<float>() : nullptr;
+  p.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  p.add = a.defined() ? a.data_ptr<float>() : nullptr;
+  p.eps = static_cast<float>(eps);
+  p.silu = silu;
+  const at::Tensor workspace =
+      at::empty({static_cast<int64_t>(cuda::group_norm_workspace_floats(p))}, x.options().dtype(at::kFloat));
+  p.workspace = workspace.data_ptr<float>();
+  C10_CUDA_CHECK(cuda::group_norm_silu(p, c10::cuda::getCurrentCUDAStream()));
+}
+
+}  // namespace
+}  // namespace ddpm_fast
+
+TORCH_LIBRARY_FRAGMENT(ddpm_fast, m) {
+  m.def(
+      "step_table(Tensor x_t, Tensor model_output, Tensor? noise, Tensor coeffs, Tensor t, int seed, "
+      "int sample_offset, bool clip_sample, float clip_range, Tensor(a!) out, Tensor(b!)? x0_out) -> ()");
+  m.def(
+      "q_sample_table(Tensor x0, Tensor coeffs, Tensor t, Tensor(a!) noise, bool generate_noise, int seed, "
+      "int sample_offset, Tensor(b!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) {
+  m.impl("step_table", &ddpm_fast::step_table_cuda);
+  m.impl("q_sample_table", &ddpm_fast::q_sample_table_cuda);
+  m.impl("keyed_normal", &ddpm_fast::keyed_normal_cuda);
+  m.impl("group_norm_silu", &ddpm_fast::group_norm_silu_cuda);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ddpm_fast CUDA kernels (ops registered under torch.ops.ddpm_fast for CUDA tensors)";
+}
