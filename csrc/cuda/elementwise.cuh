@@ -5,6 +5,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <initializer_list>
+
 #include "../common/philox.h"
 #include "launch.h"
 
@@ -39,6 +41,50 @@ __device__ __forceinline__ float keyed_normal_at(PhiloxKey key, int64_t i, uint3
   float z[4];
   philox_normal4(key, static_cast<uint32_t>(i >> 2), gs, t, stream, z);
   return z[i & 3];
+}
+
+// 128 bits of elements: 4 fp32 or 8 fp16/bf16, moved with one vector load or store.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+template <typename T>
+__device__ __forceinline__ void load_pack(const T* p, float* f) {
+  const Pack<T> pk = *reinterpret_cast<const Pack<T>*>(p);
+  DDPM_UNROLL
+  for (int j = 0; j < Pack<T>::kSize; ++j) f[j] = to_float(pk.v[j]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, const float* f) {
+  Pack<T> pk;
+  DDPM_UNROLL
+  for (int j = 0; j < Pack<T>::kSize; ++j) pk.v[j] = from_float<T>(f[j]);
+  *reinterpret_cast<Pack<T>*>(p) = pk;
+}
+
+// Keyed normals of the V consecutive memory elements at offset `off` of one sample. NCHW memory is in logical
+// order and off is a multiple of 4 (V is), so one Philox call yields four of them; NHWC takes one call each.
+template <int V>
+__device__ __forceinline__ void keyed_normals(PhiloxKey key, const Layout& g, int64_t off, uint32_t gs, uint32_t t,
+                                              uint32_t stream, float* z) {
+  if (!g.nhwc) {
+    DDPM_UNROLL
+    for (int q = 0; q < V / 4; ++q) philox_normal4(key, static_cast<uint32_t>((off >> 2) + q), gs, t, stream, z + 4 * q);
+  } else {
+    DDPM_UNROLL
+    for (int j = 0; j < V; ++j) z[j] = keyed_normal_at(key, logical_index(off + j, g), gs, t, stream);
+  }
+}
+
+// Whether a kernel may take Pack-sized steps: every sample a whole number of packs, every pointer 16-byte aligned.
+inline bool packable(const Layout& g, int elem_size, std::initializer_list<const void*> ptrs) {
+  if (g.numel_per_sample % (16 / elem_size) != 0) return false;
+  for (const void* p : ptrs)
+    if (p && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
 }
 
 inline int blocks_for(int64_t total, int threads) {

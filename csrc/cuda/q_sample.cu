@@ -46,8 +46,45 @@ __global__ void keyed_normal_kernel(NormalParams p) {
   }
 }
 
+// q_sample one 128-bit pack of one sample per thread-iteration.
+template <typename T, bool Generate>
+__global__ void q_sample_pack_kernel(QSampleParams p) {
+  constexpr int V = Pack<T>::kSize;
+  const T* x0 = static_cast<const T*>(p.x0);
+  T* eps = static_cast<T*>(p.noise);
+  T* out = static_cast<T*>(p.out);
+  const int64_t n = p.geo.numel_per_sample, packs = p.geo.batch * n / V;
+  const PhiloxKey key = philox_key(p.seed);
+  for (int64_t pk = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; pk < packs;
+       pk += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t idx = pk * V, b = idx / n;
+    float xv[V], e[V], o[V];
+    load_pack(x0 + idx, xv);
+    if (Generate) {
+      keyed_normals<V>(key, p.geo, idx - b * n, static_cast<uint32_t>(p.sample_offset + b),
+                       static_cast<uint32_t>(p.t[b]), kStreamQSample, e);
+      store_pack(eps + idx, e);
+      DDPM_UNROLL
+      for (int j = 0; j < V; ++j) e[j] = to_float(from_float<T>(e[j]));  // x_t from eps as stored
+    } else {
+      load_pack(eps + idx, e);
+    }
+    DDPM_UNROLL
+    for (int j = 0; j < V; ++j) o[j] = p.coeffs[2 * b] * xv[j] + p.coeffs[2 * b + 1] * e[j];
+    store_pack(out + idx, o);
+  }
+}
+
 template <typename T>
 cudaError_t launch_q(const QSampleParams& p, cudaStream_t s) {
+  if (packable(p.geo, sizeof(T), {p.x0, p.noise, p.out})) {
+    const int blocks = blocks_for(p.geo.batch * p.geo.numel_per_sample / Pack<T>::kSize, kThreads);
+    if (p.generate)
+      q_sample_pack_kernel<T, true><<<blocks, kThreads, 0, s>>>(p);
+    else
+      q_sample_pack_kernel<T, false><<<blocks, kThreads, 0, s>>>(p);
+    return cudaGetLastError();
+  }
   const int blocks = blocks_for(p.geo.batch * p.geo.numel_per_sample, kThreads);
   if (p.generate)
     q_sample_kernel<T, true><<<blocks, kThreads, 0, s>>>(p);
