@@ -177,6 +177,11 @@ def op_rows(rounds: int) -> list[dict]:
             {
                 "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
                 "triton": lambda: df.ops.attention(q, k, v, backend="triton"),
+                **(
+                    {"cuda": lambda: df.ops.attention(q, k, v, backend="cuda")}
+                    if cuda and dtype != torch.float32
+                    else {}
+                ),
             },
             rounds,
             10,

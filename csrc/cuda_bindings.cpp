@@ -150,6 +150,53 @@ void group_norm_silu_cuda(const at::Tensor& x, int64_t groups, const std::option
   C10_CUDA_CHECK(cuda::group_norm_silu(p, c10::cuda::getCurrentCUDAStream()));
 }
 
+void attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                    const std::optional<at::Tensor>& residual, const at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  for (const at::Tensor* t : {&q, &k, &v, &out, opt(residual)}) {
+    if (!t) continue;
+    TORCH_CHECK(t->dim() == 4 && t->device() == q.device() && t->scalar_type() == q.scalar_type() &&
+                    t->stride(3) == 1 && t->stride(2) % 2 == 0 &&
+                    reinterpret_cast<uintptr_t>(t->data_ptr()) % 4 == 0,
+                "ddpm_fast cuda: attention expects (B, H, N, D) tensors of q's dtype and device with a contiguous "
+                "last dim, even row strides and 4-byte aligned data");
+  }
+  cuda::AttentionParams a;
+  a.batch = q.size(0);
+  a.heads = q.size(1);
+  a.q_len = q.size(2);
+  a.head_dim = q.size(3);
+  a.kv_len = k.size(2);
+  a.v_dim = v.size(3);
+  a.dtype = dtype_of(q);
+  TORCH_CHECK(cuda::attention_supported(a.dtype, a.head_dim, a.v_dim),
+              "ddpm_fast cuda: attention runs fp16/bf16 with head dims 64, 128 or 256 (v's equal to q's)");
+  TORCH_CHECK(k.size(0) == a.batch && k.size(1) == a.heads && k.size(3) == a.head_dim && v.size(2) == a.kv_len &&
+                  v.size(0) == a.batch && v.size(1) == a.heads,
+              "ddpm_fast cuda: attention: q, k, v shapes do not match");
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({a.batch, a.heads, a.q_len, a.v_dim}),
+              "ddpm_fast cuda: attention: out shape mismatch");
+  auto strides = [](const at::Tensor& t, int64_t* dst) {
+    for (int i = 0; i < 3; ++i) dst[i] = t.stride(i);
+  };
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.out = out.data_ptr();
+  strides(q, a.q_strides);
+  strides(k, a.k_strides);
+  strides(v, a.v_strides);
+  strides(out, a.out_strides);
+  a.residual = nullptr;
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == out.sizes(), "ddpm_fast cuda: attention: residual must match out");
+    a.residual = residual->data_ptr();
+    strides(*residual, a.res_strides);
+  }
+  a.scale = static_cast<float>(scale);
+  C10_CUDA_CHECK(cuda::attention(a, c10::cuda::getCurrentCUDAStream()));
+}
+
 }  // namespace
 }  // namespace ddpm_fast
 
@@ -167,6 +214,7 @@ TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) {
   m.impl("q_sample_table", &ddpm_fast::q_sample_table_cuda);
   m.impl("keyed_normal", &ddpm_fast::keyed_normal_cuda);
   m.impl("group_norm_silu", &ddpm_fast::group_norm_silu_cuda);
+  m.impl("attention", &ddpm_fast::attention_cuda);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -69,7 +69,23 @@ struct GroupNormParams {
   bool silu;
 };
 
+// softmax(q k^T scale) v (+ residual) for (B, H, N, D) operands addressed through (batch, head, row) strides,
+// the last dimension contiguous; fp16/bf16, head dims 64/128/256 (attention_supported), on tensor cores.
+struct AttentionParams {
+  int64_t batch, heads, q_len, kv_len, head_dim, v_dim;
+  DType dtype;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* residual;  // or nullptr
+  void* out;
+  int64_t q_strides[3], k_strides[3], v_strides[3], res_strides[3], out_strides[3];
+  float scale;
+};
+
 cudaError_t ddpm_step(const StepParams& p, cudaStream_t stream);
+cudaError_t attention(const AttentionParams& p, cudaStream_t stream);
+bool attention_supported(DType dtype, int64_t head_dim, int64_t v_dim);
 cudaError_t group_norm_silu(const GroupNormParams& p, cudaStream_t stream);
 size_t group_norm_workspace_floats(const GroupNormParams& p);
 cudaError_t q_sample(const QSampleParams& p, cudaStream_t stream);

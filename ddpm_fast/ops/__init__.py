@@ -425,6 +425,7 @@ def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
         scale = C.number("scale", scale, positive=True)
     if out is not None:
         C.like("out", out, q, "q", shape=out_shape)
+    requested = backend
     backend = resolve("attention", backend, q.device, _needs_grad(q, k, v, residual), q.dtype)
     if backend == "torch":
         return _finish(ref.attention(q, k, v, scale=scale, residual=residual), out)
@@ -435,6 +436,22 @@ def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
         return x if x.stride(-1) == 1 else x.contiguous()
 
     B, H, N, Dv = out_shape
+    if backend == "cuda":
+        qr, kr, vr = rows(q), rows(k), rows(v)
+        rr = None if residual is None else rows(residual)
+        if _cuda_attention_fits(qr, kr, vr, rr):
+            fits = out is not None and out.stride(-1) == 1 and out.stride(2) % 2 == 0 and out.data_ptr() % 4 == 0
+            result = out if fits else q.new_empty(B, N, H, Dv).transpose(1, 2)
+            torch.ops.ddpm_fast.attention(qr, kr, vr, float(scale), rr, result)
+            return _finish(result, out)
+        if requested not in (None, "auto"):
+            raise TypeError(
+                "q: the cuda attention kernel runs float16/bfloat16 with head dims 64, 128 or 256 (v's equal to q's) "
+                f"and even row strides; got {q.dtype}, head dims {q.shape[3]}/{v.shape[3]}"
+            )
+        if not _dispatch_available("triton"):
+            return _finish(ref.attention(q, k, v, scale=scale, residual=residual), out)
+        backend = "triton"  # auto: the shapes and dtypes the tensor-core kernel does not take
     if backend == "triton":  # any of the fused dtypes, fp32 accumulation inside
         from ..kernels import attention as tk
 
@@ -515,6 +532,20 @@ def conv3x3(x, weight, bias=None, residual=None, *, packed=None, backend=None, o
 
 def _overlaps(a, b) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _cuda_attention_fits(q, k, v, residual) -> bool:
+    """What the tensor-core kernel (csrc/cuda/attention.cu) takes; other cases go to Triton."""
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in (64, 128, 256) or v.shape[3] != q.shape[3]:
+        return False
+    return all(
+        t.stride(-1) == 1 and t.stride(2) % 2 == 0 and t.data_ptr() % 4 == 0
+        for t in (q, k, v) + (() if residual is None else (residual,))
+    )
+
+
+def _dispatch_available(name: str) -> bool:
+    return backends()[name] == "available"
 
 
 def _register_fakes() -> None:

@@ -22,7 +22,7 @@ BACKENDS = ("torch", "cpu", "triton", "cuda")
 _IMPLEMENTS = {
     "cpu": {"q_sample", "ddpm_step", "keyed_normal", "group_norm_silu", "attention", "conv3x3"},
     "triton": {"q_sample", "ddpm_step", "keyed_normal", "group_norm_silu", "attention"},
-    "cuda": {"q_sample", "ddpm_step", "keyed_normal", "group_norm_silu"},
+    "cuda": {"q_sample", "ddpm_step", "keyed_normal", "group_norm_silu", "attention"},
 }
 # Fastest first, per device type. On CUDA tensors Triton comes before the CUDA kernels until a GPU run has
 # measured them side by side (benchmarks/gpu_check.py has rows for both); backend="cuda" picks them by name.

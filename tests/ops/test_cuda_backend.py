@@ -90,3 +90,29 @@ def test_group_norm_silu(shape, groups, channels_last, with_add):
     out = df.ops.group_norm_silu(x, groups, w, b, 1e-6, add=add, backend="cuda")
     want = ref.group_norm_silu(x.cpu(), groups, w.cpu(), b.cpu(), 1e-6, add=None if add is None else add.cpu())
     assert_fp32_close(f"cuda group_norm_silu {shape} cl={channels_last} add={with_add}", out.cpu(), want, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads, d", [(1, 256), (4, 64), (2, 128)])
+@pytest.mark.parametrize("n, m", [(256, 256), (100, 77), (1, 33)])
+def test_attention_tensor_cores(dtype, heads, d, n, m):
+    """The U-Net's layout: q, k, v strided views of one (B, N, 3C) projection; residual in the epilogue."""
+    g = torch.Generator().manual_seed(0)
+    B, C = 2, heads * d
+    qkv = torch.randn(B, max(n, m), 3 * C, generator=g).to(dtype).cuda()
+    q = qkv[:, :n, :C].view(B, n, heads, d).transpose(1, 2)
+    k = qkv[:, :m, C : 2 * C].view(B, m, heads, d).transpose(1, 2)
+    v = qkv[:, :m, 2 * C :].view(B, m, heads, d).transpose(1, 2)
+    res = torch.randn(B, heads, n, d, generator=g).to(dtype).cuda()
+    out = df.ops.attention(q, k, v, residual=res, backend="cuda")
+    want = ref.attention(q.float().cpu(), k.float().cpu(), v.float().cpu(), residual=res.float().cpu())
+    low = ref.attention(q.cpu(), k.cpu(), v.cpu(), residual=res.cpu())
+    assert_lowp_close(f"cuda attention {dtype} {heads}x{d} n={n} m={m}", out.float().cpu(), want, low.float())
+
+
+def test_attention_outside_the_kernel_goes_to_triton_or_raises():
+    q = torch.randn(1, 1, 16, 64, device="cuda")  # fp32: tensor cores would miss fp32's tolerance
+    with pytest.raises(TypeError, match="float16/bfloat16"):
+        df.ops.attention(q, q, q, backend="cuda")
+    auto = df.ops.attention(q, q, q)
+    assert (auto.cpu() - ref.attention(q.cpu(), q.cpu(), q.cpu())).abs().max().item() < 2e-5
