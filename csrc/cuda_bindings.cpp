@@ -1,15 +1,16 @@
 // Torch glue of the CUDA kernels (ddpm_fast._C_cuda, built by setup.py only when torch has CUDA): checks the
 // tensors, passes raw pointers and torch's current stream (so the kernels are captured by CUDA graphs and order
-// with torch's own work), and registers CUDA implementations under torch.ops.ddpm_fast. keyed_normal and
-// group_norm_silu share the CPU ops' schemas (csrc/bindings.cpp); the reverse step and the noising take the
-// per-sample coefficient table the Python side builds for Triton too (step_table, q_sample_table), so nothing
-// here reads a device value on the host. Inputs are validated in Python with readable messages first.
+// with torch's own work), and registers CUDA implementations of the ops the CPU extension defines
+// (csrc/bindings.cpp), under the same schemas. Inputs are validated in Python with readable messages first.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
+#include "common/coefficients.h"
 #include "cuda/launch.h"
 
 namespace ddpm_fast {
@@ -47,31 +48,66 @@ cuda::Layout layout_of(const at::Tensor& x, std::initializer_list<const at::Tens
   return g;
 }
 
-void check_table(const at::Tensor& c, const at::Tensor& t, const at::Tensor& x, int64_t width) {
-  TORCH_CHECK(c.device() == x.device() && c.scalar_type() == at::kFloat && c.is_contiguous() && c.dim() == 2 &&
-                  c.size(0) == x.size(0) && c.size(1) == width,
-              "ddpm_fast cuda: coefficients must be a contiguous float32 (B, ", width, ") tensor on x's device");
-  TORCH_CHECK(t.device() == x.device() && t.scalar_type() == at::kLong && t.is_contiguous() && t.numel() == x.size(0),
-              "ddpm_fast cuda: t must be a contiguous int64 (B,) tensor on x's device");
-}
-
 const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; }
 
-void step_table_cuda(const at::Tensor& x, const at::Tensor& m, const std::optional<at::Tensor>& noise,
-                     const at::Tensor& coeffs, const at::Tensor& t, int64_t seed, int64_t sample_offset, bool clip,
-                     double clip_range, const at::Tensor& out, const std::optional<at::Tensor>& x0_out) {
+// t (and t_prev, abar, a given coefficient table) arrive on the host, as the Python side passes them to the CPU
+// kernels too: the per-sample coefficients are computed here with csrc/common/coefficients.h (the CPU kernels'
+// own functions), then the (B, 9) or (B, 2) table and t go to the device in one small copy each.
+void check_host_schedule(const at::Tensor& t, const at::Tensor& abar, int64_t batch) {
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == batch && t.is_contiguous() && t.is_cpu(),
+              "ddpm_fast cuda: t must be a contiguous int64 CPU tensor of shape (batch,)");
+  TORCH_CHECK(abar.scalar_type() == at::kDouble && abar.dim() == 1 && abar.is_contiguous() && abar.is_cpu(),
+              "ddpm_fast cuda: alphas_cumprod must be a contiguous float64 CPU tensor");
+  const auto [lo, hi] = at::aminmax(t);
+  TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < abar.size(0), "ddpm_fast cuda: t out of range");
+}
+
+const float* host_table(const std::optional<at::Tensor>& c, int64_t batch, int64_t n) {
+  if (!c) return nullptr;
+  TORCH_CHECK(c->scalar_type() == at::kFloat && c->is_cpu() && c->is_contiguous() &&
+                  c->sizes() == at::IntArrayRef({batch, n}),
+              "ddpm_fast cuda: coefficients must be a contiguous float32 CPU tensor of shape (batch, ", n, ")");
+  return c->data_ptr<float>();
+}
+
+void ddpm_step_cuda(const at::Tensor& x, const at::Tensor& m, const at::Tensor& t,
+                    const std::optional<at::Tensor>& t_prev, const at::Tensor& abar,
+                    const std::optional<at::Tensor>& coeffs, const std::optional<at::Tensor>& noise, int64_t seed,
+                    int64_t sample_offset, int64_t prediction_type, int64_t variance_type, bool clip,
+                    double clip_range, const at::Tensor& out, const std::optional<at::Tensor>& x0_out) {
   const c10::cuda::CUDAGuard guard(x.device());
   cuda::StepParams p;
   p.geo = layout_of(x, {&m, opt(noise), &out, opt(x0_out)});
-  check_table(coeffs, t, x, 9);
+  const int64_t B = p.geo.batch;
+  check_host_schedule(t, abar, B);
+  if (t_prev)
+    TORCH_CHECK(t_prev->scalar_type() == at::kLong && t_prev->sizes() == t.sizes() && t_prev->is_contiguous() &&
+                    t_prev->is_cpu(),
+                "ddpm_fast cuda: t_prev must be a contiguous int64 CPU tensor shaped like t");
+  const float* given = host_table(coeffs, B, 7);
+  const int64_t* th = t.data_ptr<int64_t>();
+  const int64_t* tp = t_prev ? t_prev->data_ptr<int64_t>() : nullptr;
+  const double* ab = abar.data_ptr<double>();
+  if (tp)
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(tp[b] >= -1 && tp[b] < abar.size(0), "ddpm_fast cuda: t_prev out of range");
+  at::Tensor table = at::empty({B, 9}, at::TensorOptions().dtype(at::kFloat));
+  float* tb = table.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    const StepCoeffs k = step_coeffs_for(th[b], tp ? tp[b] : th[b] - 1, ab, given ? given + 7 * b : nullptr,
+                                         static_cast<int>(prediction_type), static_cast<int>(variance_type));
+    const float row[9] = {k.px, k.pm, k.q, k.c0, k.c1, k.cm, k.kx, k.km, k.sigma};
+    std::copy(row, row + 9, tb + 9 * b);
+  }
+  const at::Tensor table_dev = table.to(x.device()), t_dev = t.to(x.device());
   p.dtype = dtype_of(x);
   p.x = x.data_ptr();
   p.m = m.data_ptr();
   p.noise = noise ? noise->data_ptr() : nullptr;
   p.out = out.data_ptr();
   p.x0_out = x0_out ? x0_out->data_ptr() : nullptr;
-  p.coeffs = coeffs.data_ptr<float>();
-  p.t = t.data_ptr<int64_t>();
+  p.coeffs = table_dev.data_ptr<float>();
+  p.t = t_dev.data_ptr<int64_t>();
   p.seed = static_cast<uint64_t>(seed);
   p.sample_offset = sample_offset;
   p.clip = clip;
@@ -79,18 +115,30 @@ void step_table_cuda(const at::Tensor& x, const at::Tensor& m, const std::option
   C10_CUDA_CHECK(cuda::ddpm_step(p, c10::cuda::getCurrentCUDAStream()));
 }
 
-void q_sample_table_cuda(const at::Tensor& x0, const at::Tensor& coeffs, const at::Tensor& t, const at::Tensor& noise,
-                         bool generate, int64_t seed, int64_t sample_offset, const at::Tensor& out) {
+void q_sample_cuda(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& abar,
+                   const std::optional<at::Tensor>& coeffs, const at::Tensor& noise, bool generate, int64_t seed,
+                   int64_t sample_offset, const at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(x0.device());
   cuda::QSampleParams p;
   p.geo = layout_of(x0, {&noise, &out});
-  check_table(coeffs, t, x0, 2);
+  const int64_t B = p.geo.batch;
+  check_host_schedule(t, abar, B);
+  const float* given = host_table(coeffs, B, 2);
+  const int64_t* th = t.data_ptr<int64_t>();
+  at::Tensor table = at::empty({B, 2}, at::TensorOptions().dtype(at::kFloat));
+  float* tb = table.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    const QSampleCoeffs k = q_sample_coeffs_for(th[b], abar.data_ptr<double>(), given ? given + 2 * b : nullptr);
+    tb[2 * b] = k.a;
+    tb[2 * b + 1] = k.b;
+  }
+  const at::Tensor table_dev = table.to(x0.device()), t_dev = t.to(x0.device());
   p.dtype = dtype_of(x0);
   p.x0 = x0.data_ptr();
   p.noise = noise.data_ptr();
   p.out = out.data_ptr();
-  p.coeffs = coeffs.data_ptr<float>();
-  p.t = t.data_ptr<int64_t>();
+  p.coeffs = table_dev.data_ptr<float>();
+  p.t = t_dev.data_ptr<int64_t>();
   p.seed = static_cast<uint64_t>(seed);
   p.sample_offset = sample_offset;
   p.generate = generate;
@@ -200,18 +248,9 @@ void attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 }  // namespace
 }  // namespace ddpm_fast
 
-TORCH_LIBRARY_FRAGMENT(ddpm_fast, m) {
-  m.def(
-      "step_table(Tensor x_t, Tensor model_output, Tensor? noise, Tensor coeffs, Tensor t, int seed, "
-      "int sample_offset, bool clip_sample, float clip_range, Tensor(a!) out, Tensor(b!)? x0_out) -> ()");
-  m.def(
-      "q_sample_table(Tensor x0, Tensor coeffs, Tensor t, Tensor(a!) noise, bool generate_noise, int seed, "
-      "int sample_offset, Tensor(b!) out) -> ()");
-}
-
 TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) {
-  m.impl("step_table", &ddpm_fast::step_table_cuda);
-  m.impl("q_sample_table", &ddpm_fast::q_sample_table_cuda);
+  m.impl("ddpm_step", &ddpm_fast::ddpm_step_cuda);
+  m.impl("q_sample", &ddpm_fast::q_sample_cuda);
   m.impl("keyed_normal", &ddpm_fast::keyed_normal_cuda);
   m.impl("group_norm_silu", &ddpm_fast::group_norm_silu_cuda);
   m.impl("attention", &ddpm_fast::attention_cuda);

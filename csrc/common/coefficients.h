@@ -4,6 +4,8 @@
 // The elementwise kernels apply them in fp32.
 #pragma once
 
+#include <stdint.h>
+
 #include "macros.h"
 
 #if !defined(__CUDACC__)
@@ -67,6 +69,25 @@ HOST_DEVICE StepCoeffs step_coeffs(double abar_t, double abar_prev, int predicti
   k.km = static_cast<float>(c0 * q * pm);
   k.sigma = last_step ? 0.0f : static_cast<float>(sqrt(variance));
   return k;
+}
+
+// Sample b's coefficients as the kernels take them: from a given table row [px, pm, q, c0, c1, cm, sigma] (DDIM,
+// drop-in schedulers reproducing their own rounding) with kx and km folded, or from the schedule; t_prev is the
+// previous timestep (t - 1 unless respaced, -1 for none). No noise at t == 0 either way.
+HOST_DEVICE StepCoeffs step_coeffs_for(int64_t t, int64_t t_prev, const double* abar, const float* given,
+                                       int prediction_type, int variance_type) {
+  if (given) {
+    const float* c = given;
+    return {c[0], c[1], c[2], c[3], c[4], c[5], c[3] * c[2] * c[0] + c[4], c[3] * c[2] * c[1] + c[5],
+            t == 0 ? 0.f : c[6]};
+  }
+  const double abar_prev = t_prev >= 0 ? abar[t_prev] : 1.0;
+  return step_coeffs(abar[t], abar_prev, prediction_type, variance_type, /*last_step=*/t == 0);
+}
+
+// Sample b's noising coefficients: a given [a, b] row, or from abar_t.
+HOST_DEVICE QSampleCoeffs q_sample_coeffs_for(int64_t t, const double* abar, const float* given) {
+  return given ? QSampleCoeffs{given[0], given[1]} : q_sample_coeffs(abar[t]);
 }
 
 }  // namespace ddpm_fast

@@ -105,15 +105,8 @@ void ddpm_step(const StepArgs& a) {
   bool any_noise = false;
   for (int64_t b = 0; b < a.geo.batch; ++b) {
     const int64_t t = a.t[b];
-    if (a.coeffs) {  // px, pm, q, c0, c1, cm, sigma
-      const float* c = a.coeffs + 7 * b;
-      coeffs[b] = {c[0], c[1], c[2], c[3], c[4], c[5], c[3] * c[2] * c[0] + c[4], c[3] * c[2] * c[1] + c[5],
-                   t == 0 ? 0.f : c[6]};
-    } else {
-      const int64_t t_prev = a.t_prev ? a.t_prev[b] : t - 1;
-      const double abar_prev = t_prev >= 0 ? a.abar[t_prev] : 1.0;
-      coeffs[b] = step_coeffs(a.abar[t], abar_prev, a.prediction_type, a.variance_type, /*last_step=*/t == 0);
-    }
+    coeffs[b] = step_coeffs_for(t, a.t_prev ? a.t_prev[b] : t - 1, a.abar, a.coeffs ? a.coeffs + 7 * b : nullptr,
+                                a.prediction_type, a.variance_type);
     any_noise |= coeffs[b].sigma != 0.0f;
   }
   switch (a.dtype) {

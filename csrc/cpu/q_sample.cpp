@@ -16,7 +16,7 @@ void q_sample_typed(const QSampleArgs& a) {
   const int64_t n = a.geo.numel_per_sample;
   std::vector<QSampleCoeffs> coeffs(a.geo.batch);
   for (int64_t b = 0; b < a.geo.batch; ++b)
-    coeffs[b] = a.coeffs ? QSampleCoeffs{a.coeffs[2 * b], a.coeffs[2 * b + 1]} : q_sample_coeffs(a.abar[a.t[b]]);
+    coeffs[b] = q_sample_coeffs_for(a.t[b], a.abar, a.coeffs ? a.coeffs + 2 * b : nullptr);
   const T* x0 = static_cast<const T*>(a.x0);
   T* noise = static_cast<T*>(a.noise);
   T* out = static_cast<T*>(a.out);

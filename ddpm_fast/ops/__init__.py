@@ -85,7 +85,7 @@ def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, coefficients
     seed = C.seed_value(seed) if drawn else 0
     sample_offset = C.sample_offset(sample_offset, B)
     backend = resolve("q_sample", backend, x0.device, _needs_grad(x0, noise), x0.dtype)
-    t = C.timesteps(t, B, len(s), "cpu" if backend == "cpu" else x0.device)
+    t = C.timesteps(t, B, len(s), "cpu" if backend in ("cpu", "cuda") else x0.device)
     coefficients = C.coefficient_table("coefficients", coefficients, B, 2)
     if backend == "torch":
         result = ref.q_sample(x0, t, noise, s, seed=seed, sample_offset=sample_offset, coefficients=coefficients)
@@ -97,19 +97,18 @@ def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, coefficients
     x0d = _dense(x0, fmt)
     eps = torch.empty_like(x0d, memory_format=fmt) if drawn else _dense(noise, fmt)
     x_t = _result_buffer(out, x0d, fmt)
-    if backend in ("triton", "cuda"):  # the GPU kernels read a (B, 2) coefficient table from device memory
+    if backend == "triton":  # the Triton kernel reads a (B, 2) coefficient table from device memory
+        from ..kernels import q_sample as tk
+
         if coefficients is None:
             abar = s.alphas_cumprod.to(t.device)[t]
             coefficients = torch.stack([abar.sqrt(), (1 - abar).sqrt()], dim=1)
         table = coefficients.to(x0.device, torch.float32).contiguous()
-        if backend == "triton":
-            from ..kernels import q_sample as tk
-
-            tk.q_sample(x0d, eps, x_t, table, t, drawn, seed, sample_offset, fmt == torch.channels_last)
-        else:
-            torch.ops.ddpm_fast.q_sample_table(x0d, table, t, eps, drawn, _signed64(seed), sample_offset, x_t)
+        tk.q_sample(x0d, eps, x_t, table, t, drawn, seed, sample_offset, fmt == torch.channels_last)
         x_t = _finish(x_t, out)
         return (x_t, eps) if drawn else x_t
+    # cpu and cuda: t, the schedule and any coefficient table go on the host; the kernels' glue computes each
+    # sample's coefficients with csrc/common/coefficients.h
     torch.ops.ddpm_fast.q_sample(
         x0d,
         t,
@@ -173,7 +172,7 @@ def ddpm_step(
     seed = C.seed_value(seed) if noise is None else 0
     sample_offset = C.sample_offset(sample_offset, B)
     backend = resolve("ddpm_step", backend, x_t.device, _needs_grad(x_t, model_output, noise), x_t.dtype)
-    t = C.timesteps(t, B, len(s), "cpu" if backend == "cpu" else x_t.device)
+    t = C.timesteps(t, B, len(s), "cpu" if backend in ("cpu", "cuda") else x_t.device)
     if t_prev is not None:
         t_prev = C.previous_timesteps(t_prev, t, len(s))
     coefficients = C.coefficient_table("coefficients", coefficients, B, 7)
@@ -202,7 +201,9 @@ def ddpm_step(
     xd = _dense(x_t, fmt)
     result = _result_buffer(out, xd, fmt)
     x0_result = None if x0_out is None else _result_buffer(x0_out, xd, fmt)
-    if backend in ("triton", "cuda"):  # the GPU kernels read a (B, 9) coefficient table from device memory
+    if backend == "triton":  # the Triton kernel reads a (B, 9) coefficient table from device memory
+        from ..kernels import ddpm_step as tk
+
         if coefficients is None:
             coefficients = ref.step_coefficients(
                 t.cpu(), None if t_prev is None else t_prev.cpu(), s, prediction_type, variance_type
@@ -210,32 +211,25 @@ def ddpm_step(
         else:
             coefficients = coefficients.clone()
             coefficients[:, 6] *= (t.cpu() > 0).to(coefficients)
-        table = step_table(coefficients).to(x_t.device)
-        md, zd = _dense(model_output, fmt), None if noise is None else _dense(noise, fmt)
-        if backend == "triton":
-            from ..kernels import ddpm_step as tk
-
-            tk.ddpm_step(
-                xd,
-                md,
-                zd,
-                result,
-                x0_result,
-                table,
-                t,
-                seed,
-                sample_offset,
-                clip_sample,
-                clip_range,
-                fmt == torch.channels_last,
-            )
-        else:
-            torch.ops.ddpm_fast.step_table(
-                xd, md, zd, table, t, _signed64(seed), sample_offset, clip_sample, clip_range, result, x0_result
-            )
+        tk.ddpm_step(
+            xd,
+            _dense(model_output, fmt),
+            None if noise is None else _dense(noise, fmt),
+            result,
+            x0_result,
+            step_table(coefficients).to(x_t.device),
+            t,
+            seed,
+            sample_offset,
+            clip_sample,
+            clip_range,
+            fmt == torch.channels_last,
+        )
         if x0_out is not None:
             _finish(x0_result, x0_out)
         return _finish(result, out)
+    # cpu and cuda: t, t_prev, the schedule and any coefficient table go on the host; the kernels' glue computes
+    # each sample's coefficients with csrc/common/coefficients.h
     torch.ops.ddpm_fast.ddpm_step(
         xd,
         _dense(model_output, fmt),
