@@ -8,11 +8,7 @@
 #include <vector>
 
 #include "elementwise.h"
-
-// Fortran BLAS, exported by libtorch_cpu (MKL). Weak: a build of torch without it uses the loop below.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+#include "gemm.h"
 
 namespace ddpm_fast {
 namespace cpu {
@@ -22,24 +18,6 @@ namespace {
 // U-Net's 16x16 attention (8 x 256 tokens): 64 and 128 rows tie at one head, 128 is ahead at four.
 constexpr int64_t kQueryBlock = 128;
 constexpr int64_t kKeyBlock = 512;
-
-// Row-major C (m x n, ldc) = alpha * A (m x k, lda) * op(B) + beta * C, where op(B) = B^T for B (n x k, ldb)
-// when b_transposed, else B (k x n, ldb). Row-major product = column-major product of the transposes.
-void gemm_rm(bool b_transposed, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-             const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (sgemm_) {
-    const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    sgemm_(b_transposed ? "T" : "N", "N", &M, &N, &K, &alpha, b, &la, a, &lb, &beta, c, &lc);
-    return;
-  }
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      float acc = 0.f;
-      for (int64_t p = 0; p < k; ++p) acc += a[i * lda + p] * (b_transposed ? b[j * ldb + p] : b[p * ldb + j]);
-      c[i * ldc + j] = alpha * acc + (beta == 0.f ? 0.f : beta * c[i * ldc + j]);
-    }
-}
 
 // p[i] = exp(p[i] - m), returns the sum.
 inline float exp_shift_sum(float* p, int64_t n, float m) {

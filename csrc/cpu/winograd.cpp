@@ -13,10 +13,7 @@
 #include <vector>
 
 #include "elementwise.h"
-
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+#include "gemm.h"
 
 namespace ddpm_fast {
 namespace cpu {
@@ -25,27 +22,6 @@ namespace {
 // Tiles per block: the block's V (16 x tiles x C) and M (16 x tiles x K) live in L2/L3 between the transforms
 // and the products, and 64-row products keep the BLAS near its peak (measured 48..128 within 3% here).
 constexpr int64_t kTileBlock = 64;
-
-// Row-major C (m x n) = A (m x k, lda) @ B (k x n, ldb): the column-major product of the transposes.
-void gemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-             int64_t ldc) {
-  if (sgemm_) {
-    const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    const float one = 1.f, zero = 0.f;
-    sgemm_("N", "N", &M, &N, &K, &one, b, &la, a, &lb, &zero, c, &lc);
-    return;
-  }
-  for (int64_t i = 0; i < m; ++i) {
-    float* ci = c + i * ldc;
-    std::fill(ci, ci + n, 0.f);
-    for (int64_t p = 0; p < k; ++p) {
-      const float aip = a[i * lda + p];
-      const float* bp = b + p * ldb;
-      for (int64_t j = 0; j < n; ++j) ci[j] += aip * bp[j];
-    }
-  }
-}
 
 // V = B^T d B for one 4x4 patch of a vector of channels (d[4 * i + j]: row i, column j).
 template <typename V>
@@ -152,7 +128,7 @@ void winograd_conv3x3(const WinogradArgs& a) {
       }
       // 2. the 16 products M[e] (nt x K) = V[e] (nt x C) @ U[e] (C x K)
       for (int e = 0; e < 16; ++e)
-        gemm_nn(nt, K, C, V + e * block * C, C, a.u + e * C * K, K, M + e * block * K, K);
+        gemm_rm(false, nt, K, C, 1.f, V + e * block * C, C, a.u + e * C * K, K, 0.f, M + e * block * K, K);
       // 3. output transform, bias and residual: 2x2 outputs a tile, clipped at odd edges
       for (int64_t ti = 0; ti < nt; ++ti) {
         const int64_t tile = t0 + ti, n = tile / (TY * TX), ty = tile / TX % TY, tx = tile % TX;

@@ -8,12 +8,9 @@
 // Head dims 64, 128 and 256 (D / 8 accumulator tiles of 4 floats a thread); fp32 inputs and other head dims are
 // not handled here (ddpm_fast.ops routes them to Triton): tensor cores multiply fp16/bf16 (tf32 would miss fp32's
 // tolerance).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cmath>
 
-#include "launch.h"
+#include "elementwise.cuh"
 
 namespace ddpm_fast {
 namespace cuda {
@@ -42,20 +39,6 @@ __device__ __forceinline__ uint32_t join2(T lo, T hi) {
   const uint16_t l = *reinterpret_cast<const uint16_t*>(&lo), h = *reinterpret_cast<const uint16_t*>(&hi);
   return static_cast<uint32_t>(l) | (static_cast<uint32_t>(h) << 16);
 }
-
-template <typename T>
-__device__ __forceinline__ float to_f(T v);
-template <>
-__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // c (16x8 fp32) += a (16x16, row) b (16x8, col)
 template <typename T>
@@ -205,11 +188,11 @@ __global__ void __launch_bounds__(32 * kWarps) attention_mma_kernel(AttentionPar
       const float inv = half ? inv1 : inv0;
       float y0 = o[t][2 * half] * inv, y1 = o[t][2 * half + 1] * inv;
       if (res) {
-        y0 += to_f<T>(res[row * p.res_strides[2] + col]);
-        y1 += to_f<T>(res[row * p.res_strides[2] + col + 1]);
+        y0 += to_float<T>(res[row * p.res_strides[2] + col]);
+        y1 += to_float<T>(res[row * p.res_strides[2] + col + 1]);
       }
-      out[row * p.out_strides[2] + col] = from_f<T>(y0);
-      out[row * p.out_strides[2] + col + 1] = from_f<T>(y1);
+      out[row * p.out_strides[2] + col] = from_float<T>(y0);
+      out[row * p.out_strides[2] + col + 1] = from_float<T>(y1);
     }
   }
 }
