@@ -221,7 +221,6 @@ def sample_to_folder(
     counts = [min(chunk_size, n - c * chunk_size) for c in range(num_chunks)]
     run = dict(
         model=os.path.abspath(model),
-        model_sha256=_model_fingerprint(model),
         n=n,
         seed=seed,
         chunk_size=chunk_size,
@@ -235,9 +234,9 @@ def sample_to_folder(
     group = _Group(dev)
     try:
         error = None
-        if group.rank == 0:
+        if group.rank == 0:  # only rank 0 checks the folder: it alone hashes the model
             try:
-                _prepare_folder(out, run, num_chunks, counts, shape_hwc)
+                _prepare_folder(out, dict(run, model_sha256=_model_fingerprint(model)), num_chunks, counts, shape_hwc)
             except ValueError as e:
                 error = e
         if group.total(error is not None):  # every rank stops if rank 0 refuses the folder

@@ -13,7 +13,7 @@ import torch
 from .. import reference as ref
 from ..reference.noise import STREAM_X_T
 from . import _checks as C
-from ._dispatch import backends, resolve
+from ._dispatch import _why_unavailable, backends, resolve
 from ._tables import step_table
 
 __all__ = [
@@ -443,7 +443,7 @@ def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
                 "q: the cuda attention kernel runs float16/bfloat16 with head dims 64, 128 or 256 (v's equal to q's) "
                 f"and even row strides; got {q.dtype}, head dims {q.shape[3]}/{v.shape[3]}"
             )
-        if not _dispatch_available("triton"):
+        if _why_unavailable("triton") is not None:
             return _finish(ref.attention(q, k, v, scale=scale, residual=residual), out)
         backend = "triton"  # auto: the shapes and dtypes the tensor-core kernel does not take
     if backend == "triton":  # any of the fused dtypes, fp32 accumulation inside
@@ -536,10 +536,6 @@ def _cuda_attention_fits(q, k, v, residual) -> bool:
         t.stride(-1) == 1 and t.stride(2) % 2 == 0 and t.data_ptr() % 4 == 0
         for t in (q, k, v) + (() if residual is None else (residual,))
     )
-
-
-def _dispatch_available(name: str) -> bool:
-    return backends()[name] == "available"
 
 
 def _register_fakes() -> None:
