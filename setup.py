@@ -69,6 +69,19 @@ def extensions():
     return exts
 
 
+class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """Compiles each extension in its own temporary folder: _C and _C_avx2 share their sources, and in one folder
+    their objects would overwrite each other (and ninja would rebuild every translation unit every time)."""
+
+    def build_extension(self, ext):
+        base = self.build_temp
+        self.build_temp = os.path.join(base, ext.name)
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = base
+
+
 setup(
     name="ddpm_fast",
     version="0.1.0",
@@ -76,7 +89,7 @@ setup(
     packages=find_packages(include=["ddpm_fast", "ddpm_fast.*"]) + ["ddpm_fast.kernels"],
     package_dir={"ddpm_fast.kernels": "kernels"},
     ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={"triton": ["triton"], "diffusers": ["diffusers"], "test": ["pytest", "pytest-benchmark"]},

@@ -1,8 +1,18 @@
 // Fused attention, flash-style (Dao et al. 2022) on the CPU: for each (batch, head, block of queries)
 //   S = Q_blk K_j^T * scale;  m' = max(m, rowmax S);  P = exp(S - m');  l = l e^{m - m'} + rowsum P;
 //   acc = acc e^{m - m'} + P V_j  over key blocks j;   out = acc / l (+ residual)
-// with fp32 accumulators. The matrix products run in the BLAS sgemm torch links (MKL on x86), reading q, k
-// and v in place through their row strides: the U-Net's (B, HW, C) projections need no transpose or copy.
+// with fp32 accumulators, reading q, k and v in place through their row strides: the U-Net's (B, HW, C)
+// projections need no transpose or copy.
+//
+// AVX2 build: the products run in this file's own 6x16 register tiles, on operands packed so that every tile
+// streams contiguous memory. The block is computed transposed, S^T = K Q^T and O^T = V^T P^T, which puts the
+// queries along the vector lanes: the softmax over keys is then a column operation (no horizontal reductions),
+// P^T is already the packed operand of the second product, and the rescaling by e^{m - m'} is per lane.
+// Scores live in the exp2 domain (scale * log2(e) is folded into the packed queries). K and V are packed once
+// per (batch, head) and reused by every query block of it; the next head's rows are prefetched meanwhile.
+// Measured at the U-Net's 16x16 attention (benchmarks/bench_attention.py) against MKL on the same tiles, which
+// loses to it through per-call packing and the L1 set conflicts of rows 3C floats apart.
+// Portable build: the same algorithm with the BLAS sgemm torch links (MKL on x86) for the products.
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -14,8 +24,274 @@ namespace ddpm_fast {
 namespace cpu {
 namespace {
 
-// Query rows per task (S and the accumulator stay in L2) and keys per online-softmax step. Measured on the
-// U-Net's 16x16 attention (8 x 256 tokens): 64 and 128 rows tie at one head, 128 is ahead at four.
+#if defined(CPU_CAPABILITY_AVX2)
+
+constexpr int64_t kRows = 6;         // tile rows: the broadcast operand (keys of S^T, value columns of O^T)
+constexpr int64_t kCols = 16;        // tile columns: one panel of 16 queries, two vectors
+constexpr int64_t kQueryBlock = 64;  // queries per task: four panels
+constexpr int64_t kKeyBlock = 512;   // keys per online-softmax step: S^T (512 x 64) stays in L2
+constexpr int64_t kPad = 8;          // floats after each packed tile: room for pack_v's 8-float stores
+
+// C (R x 16, row r at c + r * ldc) = acc, or C * col_scale + acc when Rescale; acc = sum_k a[k][r] b[k][0..16),
+// with a packed as (K, kRows) and b as (K, kCols). Twelve accumulators, two loads and R broadcasts per k.
+template <int R, bool Rescale>
+inline void tile(int64_t K, const float* a, const float* b, float* c, int64_t ldc, const float* col_scale) {
+  __m256 c0[R], c1[R];  // the accumulators: every loop over r is unrolled, so they stay in registers
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k, a += kRows, b += kCols) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 x = _mm256_broadcast_ss(a + r);
+      c0[r] = _mm256_fmadd_ps(x, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(x, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    float* cr = c + r * ldc;
+    if constexpr (Rescale) {
+      c0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(cr), _mm256_loadu_ps(col_scale), c0[r]);
+      c1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(cr + 8), _mm256_loadu_ps(col_scale + 8), c1[r]);
+    }
+    _mm256_storeu_ps(cr, c0[r]);
+    _mm256_storeu_ps(cr + 8, c1[r]);
+  }
+}
+
+template <bool Rescale>
+inline void tile_rows(int64_t rows, int64_t K, const float* a, const float* b, float* c, int64_t ldc,
+                      const float* col_scale) {
+  switch (rows) {
+    case 6: return tile<6, Rescale>(K, a, b, c, ldc, col_scale);
+    case 5: return tile<5, Rescale>(K, a, b, c, ldc, col_scale);
+    case 4: return tile<4, Rescale>(K, a, b, c, ldc, col_scale);
+    case 3: return tile<3, Rescale>(K, a, b, c, ldc, col_scale);
+    case 2: return tile<2, Rescale>(K, a, b, c, ldc, col_scale);
+    default: return tile<1, Rescale>(K, a, b, c, ldc, col_scale);
+  }
+}
+
+inline void transpose8x8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// Q^T in panels of 16 queries, times s: qp[panel][d][0..16); queries past nq are zeros.
+void pack_q(int64_t nq, int64_t D, const float* q, int64_t ldq, float s, float* qp) {
+  const __m256 vs = _mm256_set1_ps(s);
+  for (int64_t i0 = 0; i0 < nq; i0 += 8) {  // eight queries: half a panel
+    float* dst = qp + (i0 / kCols) * D * kCols + i0 % kCols;
+    int64_t d = 0;
+    if (i0 + 8 <= nq) {
+      for (; d + 8 <= D; d += 8) {
+        __m256 r[8];
+        for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(q + (i0 + j) * ldq + d);
+        transpose8x8(r);
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (d + j) * kCols, _mm256_mul_ps(r[j], vs));
+      }
+    }
+    for (; d < D; ++d)
+      for (int64_t j = 0; j < 8; ++j) dst[d * kCols + j] = i0 + j < nq ? q[(i0 + j) * ldq + d] * s : 0.f;
+  }
+  if (nq % kCols && nq % kCols <= 8) {  // the upper half of the last panel
+    float* dst = qp + (nq / kCols) * D * kCols + 8;
+    for (int64_t d = 0; d < D; ++d) _mm256_storeu_ps(dst + d * kCols, _mm256_setzero_ps());
+  }
+}
+
+// K rows (nk x D) in tiles of 6 keys: kp[tile][d][0..6), tile stride D * 6 + kPad.
+void pack_k(int64_t nk, int64_t D, const float* k, int64_t ldk, float* kp) {
+  for (int64_t r0 = 0; r0 < nk; r0 += kRows) {
+    float* dst = kp + (r0 / kRows) * (D * kRows + kPad);
+    const int64_t rows = std::min(kRows, nk - r0);
+    int64_t d = 0;
+    if (rows == kRows) {
+      for (; d + 8 <= D; d += 8) {
+        __m256 r[8];
+        for (int j = 0; j < 6; ++j) r[j] = _mm256_loadu_ps(k + (r0 + j) * ldk + d);
+        r[6] = r[7] = _mm256_setzero_ps();
+        transpose8x8(r);
+        // 8-float stores of 6-float rows: each overlaps the next row, written after it; the last one the pad
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (d + j) * kRows, r[j]);
+      }
+    }
+    for (; d < D; ++d)
+      for (int64_t j = 0; j < kRows; ++j) dst[d * kRows + j] = j < rows ? k[(r0 + j) * ldk + d] : 0.f;
+  }
+}
+
+// V rows (nk x Dv) in tiles of 6 columns: vp[tile][k][0..6), tile stride nk * 6 + kPad. Row by row, so each
+// row of V is read once, in order.
+void pack_v(int64_t nk, int64_t Dv, const float* v, int64_t ldv, float* vp) {
+  const int64_t tiles = (Dv + kRows - 1) / kRows, stride = nk * kRows + kPad;
+  const int64_t wide = Dv >= 8 ? (Dv - 8) / kRows + 1 : 0;  // tiles whose 8-float load stays inside the row
+  for (int64_t k = 0; k < nk; ++k) {
+    const float* row = v + k * ldv;
+    float* dst = vp + k * kRows;
+    int64_t t = 0;
+    for (; t < wide; ++t) _mm256_storeu_ps(dst + t * stride, _mm256_loadu_ps(row + t * kRows));
+    for (; t < tiles; ++t)
+      for (int64_t j = 0; j < kRows; ++j) dst[t * stride + j] = t * kRows + j < Dv ? row[t * kRows + j] : 0.f;
+  }
+}
+
+// Softmax over the keys of one 16-query panel of S^T (nk x 16, in the exp2 domain), online across key blocks:
+// P^T = 2^(S^T - m') in place, l = l * corr + colsum P^T, corr = 2^(m - m') for rescaling O^T.
+void softmax_panel(int64_t nk, float* st, float* m, float* l, float* corr) {
+  __m256 m0 = _mm256_loadu_ps(m), m1 = _mm256_loadu_ps(m + 8);
+  const __m256 old0 = m0, old1 = m1;
+  for (int64_t t = 0; t < nk; ++t) {
+    m0 = _mm256_max_ps(m0, _mm256_loadu_ps(st + t * kCols));
+    m1 = _mm256_max_ps(m1, _mm256_loadu_ps(st + t * kCols + 8));
+  }
+  // exp2_in_range's domain; 2^-126 is nothing next to the max's 1. max_ps returns its second operand when either
+  // is NaN: the max above skips a NaN score, the clamp here passes it on, so a NaN reaches the output.
+  const __m256 lo = _mm256_set1_ps(-126.f);
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+  for (int64_t t = 0; t < nk; ++t) {
+    float* row = st + t * kCols;
+    const __m256 e0 = exp2_in_range(_mm256_max_ps(lo, _mm256_sub_ps(_mm256_loadu_ps(row), m0)));
+    const __m256 e1 = exp2_in_range(_mm256_max_ps(lo, _mm256_sub_ps(_mm256_loadu_ps(row + 8), m1)));
+    _mm256_storeu_ps(row, e0);
+    _mm256_storeu_ps(row + 8, e1);
+    s0 = _mm256_add_ps(s0, e0);
+    s1 = _mm256_add_ps(s1, e1);
+  }
+  // on the first block m = -inf: corr = 2^-126 multiplies l = 0 (O^T is then stored, not rescaled)
+  const __m256 c0 = exp2_in_range(_mm256_max_ps(_mm256_sub_ps(old0, m0), lo));
+  const __m256 c1 = exp2_in_range(_mm256_max_ps(_mm256_sub_ps(old1, m1), lo));
+  _mm256_storeu_ps(m, m0);
+  _mm256_storeu_ps(m + 8, m1);
+  _mm256_storeu_ps(l, _mm256_fmadd_ps(_mm256_loadu_ps(l), c0, s0));
+  _mm256_storeu_ps(l + 8, _mm256_fmadd_ps(_mm256_loadu_ps(l + 8), c1, s1));
+  _mm256_storeu_ps(corr, c0);
+  _mm256_storeu_ps(corr + 8, c1);
+}
+
+// out[i][c] = O^T[c][i] / l[i] (+ residual[i][c]) for i < nq, c < Dv: 8x8 transposes, scalar edges.
+void store_output(int64_t nq, int64_t Dv, const float* ot, int64_t ldot, const float* l, const float* res,
+                  int64_t ldr, float* out, int64_t ldo) {
+  for (int64_t i0 = 0; i0 < nq; i0 += 8) {
+    int64_t c = 0;
+    if (i0 + 8 <= nq) {
+      const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_loadu_ps(l + i0));
+      for (; c + 8 <= Dv; c += 8) {
+        __m256 r[8];
+        for (int j = 0; j < 8; ++j) r[j] = _mm256_mul_ps(_mm256_loadu_ps(ot + (c + j) * ldot + i0), inv);
+        transpose8x8(r);
+        for (int j = 0; j < 8; ++j) {
+          if (res) r[j] = _mm256_add_ps(r[j], _mm256_loadu_ps(res + (i0 + j) * ldr + c));
+          _mm256_storeu_ps(out + (i0 + j) * ldo + c, r[j]);
+        }
+      }
+    }
+    for (int64_t i = i0; i < std::min(i0 + 8, nq); ++i)
+      for (int64_t cc = c; cc < Dv; ++cc)
+        out[i * ldo + cc] = ot[cc * ldot + i] / l[i] + (res ? res[i * ldr + cc] : 0.f);
+  }
+}
+
+struct Scratch {
+  std::vector<float> qp, kp, vp, st, ot, m, l, corr;
+};
+
+void attention_tiles(const AttentionArgs& a) {
+  const int64_t B = a.batch, H = a.heads, N = a.q_len, M = a.kv_len, D = a.head_dim, Dv = a.v_dim;
+  const int64_t blocks = (N + kQueryBlock - 1) / kQueryBlock, KB = std::min(kKeyBlock, M);
+  const int64_t k_tiles = (KB + kRows - 1) / kRows, v_tiles = (Dv + kRows - 1) / kRows;
+  const bool one_key_block = M <= kKeyBlock;  // then K and V are packed once per (batch, head)
+  const float s = a.scale * 1.4426950408889634f;  // scores in the exp2 domain
+  at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
+    thread_local Scratch w;  // reused across calls: no page faults on the hot path
+    w.qp.resize(kQueryBlock * D);
+    w.kp.resize(k_tiles * (D * kRows + kPad));
+    w.vp.resize(v_tiles * (KB * kRows + kPad));
+    w.st.resize(KB * kQueryBlock);
+    w.ot.resize(Dv * kQueryBlock);
+    w.m.resize(kQueryBlock);
+    w.l.resize(kQueryBlock);
+    w.corr.resize(kQueryBlock);
+    int64_t packed = -1;  // the (batch, head) whose K and V are in w.kp / w.vp
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / blocks, b = bh / H, h = bh % H;
+      const int64_t q0 = (item % blocks) * kQueryBlock, nq = std::min(kQueryBlock, N - q0);
+      const int64_t panels = (nq + kCols - 1) / kCols, ldot = panels * kCols;
+      const float* q = a.q + b * a.q_strides[0] + h * a.q_strides[1] + q0 * a.q_strides[2];
+      const float* k = a.k + b * a.k_strides[0] + h * a.k_strides[1];
+      const float* v = a.v + b * a.v_strides[0] + h * a.v_strides[1];
+      // the next (batch, head) this thread will pack: its rows are prefetched while this block computes
+      const int64_t next = (item + 1) / blocks;
+      const bool prefetch = one_key_block && item + 1 < end && next != bh;
+      const float* k_next = prefetch ? a.k + (next / H) * a.k_strides[0] + (next % H) * a.k_strides[1] : nullptr;
+      const float* v_next = prefetch ? a.v + (next / H) * a.v_strides[0] + (next % H) * a.v_strides[1] : nullptr;
+
+      pack_q(nq, D, q, a.q_strides[2], s, w.qp.data());
+      std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(w.l.begin(), w.l.end(), 0.f);
+      for (int64_t k0 = 0; k0 < M; k0 += KB) {
+        const int64_t nk = std::min(KB, M - k0);
+        if (!one_key_block || packed != bh) {
+          pack_k(nk, D, k + k0 * a.k_strides[2], a.k_strides[2], w.kp.data());
+          pack_v(nk, Dv, v + k0 * a.v_strides[2], a.v_strides[2], w.vp.data());
+          packed = bh;
+        }
+        // S^T (nk x 16 per panel) = K Q^T
+        for (int64_t r0 = 0; r0 < nk; r0 += kRows) {
+          const int64_t rows = std::min(kRows, nk - r0);
+          if (prefetch)
+            for (int64_t j = r0; j < r0 + rows; ++j) {
+              for (int64_t d = 0; d < D; d += 16) _mm_prefetch(k_next + j * a.k_strides[2] + d, _MM_HINT_T1);
+              for (int64_t d = 0; d < Dv; d += 16) _mm_prefetch(v_next + j * a.v_strides[2] + d, _MM_HINT_T1);
+            }
+          const float* kt = w.kp.data() + (r0 / kRows) * (D * kRows + kPad);
+          for (int64_t p = 0; p < panels; ++p)
+            tile_rows<false>(rows, D, kt, w.qp.data() + p * D * kCols, w.st.data() + (p * nk + r0) * kCols, kCols,
+                             nullptr);
+        }
+        for (int64_t p = 0; p < panels; ++p)
+          softmax_panel(nk, w.st.data() + p * nk * kCols, w.m.data() + p * kCols, w.l.data() + p * kCols,
+                        w.corr.data() + p * kCols);
+        // O^T (Dv x 16 per panel) = V^T P^T, or O^T * corr + V^T P^T after the first key block
+        for (int64_t r0 = 0; r0 < Dv; r0 += kRows) {
+          const int64_t rows = std::min(kRows, Dv - r0);
+          const float* vt = w.vp.data() + (r0 / kRows) * (nk * kRows + kPad);
+          for (int64_t p = 0; p < panels; ++p) {
+            const float* pt = w.st.data() + p * nk * kCols;
+            float* ot = w.ot.data() + r0 * ldot + p * kCols;
+            if (k0 == 0)
+              tile_rows<false>(rows, nk, vt, pt, ot, ldot, nullptr);
+            else
+              tile_rows<true>(rows, nk, vt, pt, ot, ldot, w.corr.data() + p * kCols);
+          }
+        }
+      }
+      float* o = a.out + b * a.out_strides[0] + h * a.out_strides[1] + q0 * a.out_strides[2];
+      const float* r = a.residual ? a.residual + b * a.res_strides[0] + h * a.res_strides[1] + q0 * a.res_strides[2]
+                                  : nullptr;
+      store_output(nq, Dv, w.ot.data(), ldot, w.l.data(), r, a.res_strides[2], o, a.out_strides[2]);
+    }
+  });
+}
+
+#else  // portable build: the products in BLAS
+
+// Query rows per task (S and the accumulator stay in L2) and keys per online-softmax step.
 constexpr int64_t kQueryBlock = 128;
 constexpr int64_t kKeyBlock = 512;
 
@@ -46,9 +322,7 @@ inline float row_max(const float* p, int64_t n) {
   return m;
 }
 
-}  // namespace
-
-void attention(const AttentionArgs& a) {
+void attention_blas(const AttentionArgs& a) {
   const int64_t B = a.batch, H = a.heads, N = a.q_len, M = a.kv_len, D = a.head_dim, Dv = a.v_dim;
   const int64_t blocks = (N + kQueryBlock - 1) / kQueryBlock;
   const int64_t KB = std::min(kKeyBlock, M);
@@ -98,6 +372,18 @@ void attention(const AttentionArgs& a) {
       }
     }
   });
+}
+
+#endif
+
+}  // namespace
+
+void attention(const AttentionArgs& a) {
+#if defined(CPU_CAPABILITY_AVX2)
+  attention_tiles(a);
+#else
+  attention_blas(a);
+#endif
 }
 
 }  // namespace cpu
