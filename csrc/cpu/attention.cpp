@@ -207,8 +207,32 @@ void store_output(int64_t nq, int64_t Dv, const float* ot, int64_t ldot, const f
   }
 }
 
+// Rows i0..i1 of a (rows x width) fp32 operand with row stride ld toward the cache, one prefetch per line.
+template <_mm_hint Hint>
+inline void prefetch_rows(const float* p, int64_t ld, int64_t i0, int64_t i1, int64_t width) {
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t c = 0; c < width; c += 16) _mm_prefetch(p + i * ld + c, Hint);
+}
+
+// One thread's working buffers, carved from one allocation at 64-byte boundaries: the tiles' 16-float rows are
+// then whole cache lines (from malloc's 16-byte alignment, half of their two-vector loads would split lines).
 struct Scratch {
-  std::vector<float> qp, kp, vp, st, ot, m, l, corr;
+  std::vector<float> storage;
+  float *qp, *kp, *vp, *st, *ot, *m, *l, *corr;
+
+  void carve(int64_t qp_n, int64_t kp_n, int64_t vp_n, int64_t st_n, int64_t ot_n, int64_t rows_n) {
+    constexpr int64_t kLine = 16;  // floats per cache line
+    auto up = [](int64_t n) { return (n + kLine - 1) / kLine * kLine; };
+    const int64_t total = up(qp_n) + up(kp_n) + up(vp_n) + up(st_n) + up(ot_n) + 3 * up(rows_n) + kLine;
+    if (static_cast<int64_t>(storage.size()) < total) storage.resize(total);
+    float* p = storage.data();
+    p += (kLine - reinterpret_cast<uintptr_t>(p) / sizeof(float) % kLine) % kLine;
+    for (auto [dst, n] : {std::pair{&qp, qp_n}, {&kp, kp_n}, {&vp, vp_n}, {&st, st_n}, {&ot, ot_n}, {&m, rows_n},
+                          {&l, rows_n}, {&corr, rows_n}}) {
+      *dst = p;
+      p += up(n);
+    }
+  }
 };
 
 void attention_tiles(const AttentionArgs& a) {
@@ -219,14 +243,8 @@ void attention_tiles(const AttentionArgs& a) {
   const float s = a.scale * 1.4426950408889634f;  // scores in the exp2 domain
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
     thread_local Scratch w;  // reused across calls: no page faults on the hot path
-    w.qp.resize(kQueryBlock * D);
-    w.kp.resize(k_tiles * (D * kRows + kPad));
-    w.vp.resize(v_tiles * (KB * kRows + kPad));
-    w.st.resize(KB * kQueryBlock);
-    w.ot.resize(Dv * kQueryBlock);
-    w.m.resize(kQueryBlock);
-    w.l.resize(kQueryBlock);
-    w.corr.resize(kQueryBlock);
+    w.carve(kQueryBlock * D, k_tiles * (D * kRows + kPad), v_tiles * (KB * kRows + kPad), KB * kQueryBlock,
+            Dv * kQueryBlock, kQueryBlock);
     int64_t packed = -1;  // the (batch, head) whose K and V are in w.kp / w.vp
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / blocks, b = bh / H, h = bh % H;
@@ -241,50 +259,65 @@ void attention_tiles(const AttentionArgs& a) {
       const float* k_next = prefetch ? a.k + (next / H) * a.k_strides[0] + (next % H) * a.k_strides[1] : nullptr;
       const float* v_next = prefetch ? a.v + (next / H) * a.v_strides[0] + (next % H) * a.v_strides[1] : nullptr;
 
-      pack_q(nq, D, q, a.q_strides[2], s, w.qp.data());
-      std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(w.l.begin(), w.l.end(), 0.f);
-      for (int64_t k0 = 0; k0 < M; k0 += KB) {
-        const int64_t nk = std::min(KB, M - k0);
-        if (!one_key_block || packed != bh) {
-          pack_k(nk, D, k + k0 * a.k_strides[2], a.k_strides[2], w.kp.data());
-          pack_v(nk, Dv, v + k0 * a.v_strides[2], a.v_strides[2], w.vp.data());
-          packed = bh;
-        }
-        // S^T (nk x 16 per panel) = K Q^T
-        for (int64_t r0 = 0; r0 < nk; r0 += kRows) {
-          const int64_t rows = std::min(kRows, nk - r0);
-          if (prefetch)
-            for (int64_t j = r0; j < r0 + rows; ++j) {
-              for (int64_t d = 0; d < D; d += 16) _mm_prefetch(k_next + j * a.k_strides[2] + d, _MM_HINT_T1);
-              for (int64_t d = 0; d < Dv; d += 16) _mm_prefetch(v_next + j * a.v_strides[2] + d, _MM_HINT_T1);
-            }
-          const float* kt = w.kp.data() + (r0 / kRows) * (D * kRows + kPad);
-          for (int64_t p = 0; p < panels; ++p)
-            tile_rows<false>(rows, D, kt, w.qp.data() + p * D * kCols, w.st.data() + (p * nk + r0) * kCols, kCols,
-                             nullptr);
-        }
-        for (int64_t p = 0; p < panels; ++p)
-          softmax_panel(nk, w.st.data() + p * nk * kCols, w.m.data() + p * kCols, w.l.data() + p * kCols,
-                        w.corr.data() + p * kCols);
-        // O^T (Dv x 16 per panel) = V^T P^T, or O^T * corr + V^T P^T after the first key block
-        for (int64_t r0 = 0; r0 < Dv; r0 += kRows) {
-          const int64_t rows = std::min(kRows, Dv - r0);
-          const float* vt = w.vp.data() + (r0 / kRows) * (nk * kRows + kPad);
-          for (int64_t p = 0; p < panels; ++p) {
-            const float* pt = w.st.data() + p * nk * kCols;
-            float* ot = w.ot.data() + r0 * ldot + p * kCols;
-            if (k0 == 0)
-              tile_rows<false>(rows, nk, vt, pt, ot, ldot, nullptr);
-            else
-              tile_rows<true>(rows, nk, vt, pt, ot, ldot, w.corr.data() + p * kCols);
-          }
-        }
-      }
       float* o = a.out + b * a.out_strides[0] + h * a.out_strides[1] + q0 * a.out_strides[2];
       const float* r = a.residual ? a.residual + b * a.res_strides[0] + h * a.res_strides[1] + q0 * a.res_strides[2]
                                   : nullptr;
-      store_output(nq, Dv, w.ot.data(), ldot, w.l.data(), r, a.res_strides[2], o, a.out_strides[2]);
+      const float* q_next = nullptr;  // the next block's queries
+      int64_t nq_next = 0;
+      if (item + 1 < end) {
+        const int64_t q0n = ((item + 1) % blocks) * kQueryBlock;
+        nq_next = std::min(kQueryBlock, N - q0n);
+        q_next = a.q + (next / H) * a.q_strides[0] + (next % H) * a.q_strides[1] + q0n * a.q_strides[2];
+      }
+      pack_q(nq, D, q, a.q_strides[2], s, w.qp);
+      std::fill(w.m, w.m + kQueryBlock, -std::numeric_limits<float>::infinity());
+      std::fill(w.l, w.l + kQueryBlock, 0.f);
+      for (int64_t k0 = 0; k0 < M; k0 += KB) {
+        const int64_t nk = std::min(KB, M - k0);
+        if (!one_key_block || packed != bh) {
+          pack_k(nk, D, k + k0 * a.k_strides[2], a.k_strides[2], w.kp);
+          pack_v(nk, Dv, v + k0 * a.v_strides[2], a.v_strides[2], w.vp);
+          packed = bh;
+        }
+        // S^T (nk x 16 per panel) = K Q^T; the next head's rows are fetched a slice per tile, not in bursts
+        for (int64_t r0 = 0; r0 < nk; r0 += kRows) {
+          const int64_t rows = std::min(kRows, nk - r0);
+          const float* kt = w.kp + (r0 / kRows) * (D * kRows + kPad);
+          for (int64_t p = 0; p < panels; ++p) {
+            if (prefetch) {
+              const int64_t j0 = r0 + rows * p / panels, j1 = r0 + rows * (p + 1) / panels;
+              prefetch_rows<_MM_HINT_T1>(k_next, a.k_strides[2], j0, j1, D);
+              prefetch_rows<_MM_HINT_T1>(v_next, a.v_strides[2], j0, j1, Dv);
+            }
+            tile_rows<false>(rows, D, kt, w.qp + p * D * kCols, w.st + (p * nk + r0) * kCols, kCols,
+                             nullptr);
+          }
+        }
+        for (int64_t p = 0; p < panels; ++p)
+          softmax_panel(nk, w.st + p * nk * kCols, w.m + p * kCols, w.l + p * kCols,
+                        w.corr + p * kCols);
+        // O^T (Dv x 16 per panel) = V^T P^T, or O^T * corr + V^T P^T after the first key block; meanwhile the
+        // residual rows this block adds and the next block's queries are fetched, a slice per tile
+        const int64_t calls = v_tiles * panels;
+        for (int64_t r0 = 0; r0 < Dv; r0 += kRows) {
+          const int64_t rows = std::min(kRows, Dv - r0);
+          const float* vt = w.vp + (r0 / kRows) * (nk * kRows + kPad);
+          for (int64_t p = 0; p < panels; ++p) {
+            if (k0 + KB >= M) {
+              const int64_t c = r0 / kRows * panels + p;
+              if (r) prefetch_rows<_MM_HINT_T0>(r, a.res_strides[2], c * nq / calls, (c + 1) * nq / calls, Dv);
+              prefetch_rows<_MM_HINT_T0>(q_next, a.q_strides[2], c * nq_next / calls, (c + 1) * nq_next / calls, D);
+            }
+            const float* pt = w.st + p * nk * kCols;
+            float* ot = w.ot + r0 * ldot + p * kCols;
+            if (k0 == 0)
+              tile_rows<false>(rows, nk, vt, pt, ot, ldot, nullptr);
+            else
+              tile_rows<true>(rows, nk, vt, pt, ot, ldot, w.corr + p * kCols);
+          }
+        }
+      }
+      store_output(nq, Dv, w.ot, ldot, w.l, r, a.res_strides[2], o, a.out_strides[2]);
     }
   });
 }
