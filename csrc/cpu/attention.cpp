@@ -207,12 +207,20 @@ void store_output(int64_t nq, int64_t Dv, const float* ot, int64_t ldot, const f
   }
 }
 
-// Rows i0..i1 of a (rows x width) fp32 operand with row stride ld toward the cache, one prefetch per line.
-template <_mm_hint Hint>
-inline void prefetch_rows(const float* p, int64_t ld, int64_t i0, int64_t i1, int64_t width) {
-  for (int64_t i = i0; i < i1; ++i)
-    for (int64_t c = 0; c < width; c += 16) _mm_prefetch(p + i * ld + c, Hint);
-}
+// Fetches the rows of a (rows x width) fp32 operand with row stride ld toward the cache in `calls` even slices,
+// one prefetch per line: spread between the tiles, the misses overlap the arithmetic instead of queueing.
+struct RowFetcher {
+  const float* p;
+  int64_t ld, rows, width, per_call, next = 0;
+  RowFetcher(const float* p, int64_t ld, int64_t rows, int64_t width, int64_t calls)
+      : p(p), ld(ld), rows(rows), width(width), per_call((rows + calls - 1) / calls) {}
+  template <_mm_hint Hint>
+  void step() {
+    const int64_t end = std::min(rows, next + per_call);
+    for (; next < end; ++next)
+      for (int64_t c = 0; c < width; c += 16) _mm_prefetch(p + next * ld + c, Hint);
+  }
+};
 
 // One thread's working buffers, carved from one allocation at 64-byte boundaries: the tiles' 16-float rows are
 // then whole cache lines (from malloc's 16-byte alignment, half of their two-vector loads would split lines).
@@ -279,41 +287,39 @@ void attention_tiles(const AttentionArgs& a) {
           pack_v(nk, Dv, v + k0 * a.v_strides[2], a.v_strides[2], w.vp);
           packed = bh;
         }
-        // S^T (nk x 16 per panel) = K Q^T; the next head's rows are fetched a slice per tile, not in bursts
-        for (int64_t r0 = 0; r0 < nk; r0 += kRows) {
-          const int64_t rows = std::min(kRows, nk - r0);
-          const float* kt = w.kp + (r0 / kRows) * (D * kRows + kPad);
-          for (int64_t p = 0; p < panels; ++p) {
-            if (prefetch) {
-              const int64_t j0 = r0 + rows * p / panels, j1 = r0 + rows * (p + 1) / panels;
-              prefetch_rows<_MM_HINT_T1>(k_next, a.k_strides[2], j0, j1, D);
-              prefetch_rows<_MM_HINT_T1>(v_next, a.v_strides[2], j0, j1, Dv);
-            }
-            tile_rows<false>(rows, D, kt, w.qp + p * D * kCols, w.st + (p * nk + r0) * kCols, kCols,
-                             nullptr);
+        // Panel by panel (16 queries): S^T (nk x 16) = K Q^T, its softmax, O^T (Dv x 16) = V^T P^T (or
+        // O^T * corr + V^T P^T after the first key block). The panel's scores stay in L1 through all three; the
+        // packed K and V tiles stream from L2, 24 bytes per step. Meanwhile the next head's rows, the residual
+        // rows and the next block's queries are fetched, a slice before each tile, not in bursts.
+        const int64_t calls = panels * (k_tiles + v_tiles);
+        const bool last_block = k0 + KB >= M;
+        RowFetcher next_k{k_next, a.k_strides[2], prefetch ? M : 0, D, calls};
+        RowFetcher next_v{v_next, a.v_strides[2], prefetch ? M : 0, Dv, calls};
+        RowFetcher res{r, a.res_strides[2], last_block && r ? nq : 0, Dv, calls};
+        RowFetcher next_q{q_next, a.q_strides[2], last_block ? nq_next : 0, D, calls};
+        auto fetch_slice = [&] {
+          next_k.step<_MM_HINT_T1>();
+          next_v.step<_MM_HINT_T1>();
+          res.step<_MM_HINT_T0>();
+          next_q.step<_MM_HINT_T0>();
+        };
+        for (int64_t p = 0; p < panels; ++p) {
+          float* st = w.st + p * nk * kCols;
+          for (int64_t r0 = 0; r0 < nk; r0 += kRows) {
+            fetch_slice();
+            tile_rows<false>(std::min(kRows, nk - r0), D, w.kp + (r0 / kRows) * (D * kRows + kPad),
+                             w.qp + p * D * kCols, st + r0 * kCols, kCols, nullptr);
           }
-        }
-        for (int64_t p = 0; p < panels; ++p)
-          softmax_panel(nk, w.st + p * nk * kCols, w.m + p * kCols, w.l + p * kCols,
-                        w.corr + p * kCols);
-        // O^T (Dv x 16 per panel) = V^T P^T, or O^T * corr + V^T P^T after the first key block; meanwhile the
-        // residual rows this block adds and the next block's queries are fetched, a slice per tile
-        const int64_t calls = v_tiles * panels;
-        for (int64_t r0 = 0; r0 < Dv; r0 += kRows) {
-          const int64_t rows = std::min(kRows, Dv - r0);
-          const float* vt = w.vp + (r0 / kRows) * (nk * kRows + kPad);
-          for (int64_t p = 0; p < panels; ++p) {
-            if (k0 + KB >= M) {
-              const int64_t c = r0 / kRows * panels + p;
-              if (r) prefetch_rows<_MM_HINT_T0>(r, a.res_strides[2], c * nq / calls, (c + 1) * nq / calls, Dv);
-              prefetch_rows<_MM_HINT_T0>(q_next, a.q_strides[2], c * nq_next / calls, (c + 1) * nq_next / calls, D);
-            }
-            const float* pt = w.st + p * nk * kCols;
+          softmax_panel(nk, st, w.m + p * kCols, w.l + p * kCols, w.corr + p * kCols);
+          for (int64_t r0 = 0; r0 < Dv; r0 += kRows) {
+            fetch_slice();
+            const int64_t rows = std::min(kRows, Dv - r0);
+            const float* vt = w.vp + (r0 / kRows) * (nk * kRows + kPad);
             float* ot = w.ot + r0 * ldot + p * kCols;
             if (k0 == 0)
-              tile_rows<false>(rows, nk, vt, pt, ot, ldot, nullptr);
+              tile_rows<false>(rows, nk, vt, st, ot, ldot, nullptr);
             else
-              tile_rows<true>(rows, nk, vt, pt, ot, ldot, w.corr + p * kCols);
+              tile_rows<true>(rows, nk, vt, st, ot, ldot, w.corr + p * kCols);
           }
         }
       }
