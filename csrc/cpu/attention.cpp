@@ -32,10 +32,14 @@ constexpr int64_t kQueryBlock = 64;  // queries per task: four panels
 constexpr int64_t kKeyBlock = 512;   // keys per online-softmax step: S^T (512 x 64) stays in L2
 constexpr int64_t kPad = 8;          // floats after each packed tile: room for pack_v's 8-float stores
 
-// C (R x 16, row r at c + r * ldc) = acc, or C * col_scale + acc when Rescale; acc = sum_k a[k][r] b[k][0..16),
-// with a packed as (K, kRows) and b as (K, kCols). Twelve accumulators, two loads and R broadcasts per k.
-template <int R, bool Rescale>
-inline void tile(int64_t K, const float* a, const float* b, float* c, int64_t ldc, const float* col_scale) {
+// What a tile does with its sums: store them (and fold their column maxima into col[0..16): the scores), or add
+// them to C rescaled per column by col[0..16) (O^T after the first key block), or just store them.
+enum class Epilogue { kStoreMax, kRescale, kStore };
+
+// C (R x 16, row r at c + r * ldc) from acc = sum_k a[k][r] b[k][0..16) as the epilogue says, with a packed as
+// (K, kRows) and b as (K, kCols). Twelve accumulators, two loads and R broadcasts per k.
+template <int R, Epilogue E>
+inline void tile(int64_t K, const float* a, const float* b, float* c, int64_t ldc, float* col) {
   __m256 c0[R], c1[R];  // the accumulators: every loop over r is unrolled, so they stay in registers
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
@@ -51,25 +55,34 @@ inline void tile(int64_t K, const float* a, const float* b, float* c, int64_t ld
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
     float* cr = c + r * ldc;
-    if constexpr (Rescale) {
-      c0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(cr), _mm256_loadu_ps(col_scale), c0[r]);
-      c1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(cr + 8), _mm256_loadu_ps(col_scale + 8), c1[r]);
+    if constexpr (E == Epilogue::kRescale) {
+      c0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(cr), _mm256_loadu_ps(col), c0[r]);
+      c1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(cr + 8), _mm256_loadu_ps(col + 8), c1[r]);
     }
     _mm256_storeu_ps(cr, c0[r]);
     _mm256_storeu_ps(cr + 8, c1[r]);
   }
+  if constexpr (E == Epilogue::kStoreMax) {  // max_ps returns its second operand when either is NaN: a NaN score is skipped here
+    __m256 m0 = _mm256_loadu_ps(col), m1 = _mm256_loadu_ps(col + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      m0 = _mm256_max_ps(c0[r], m0);
+      m1 = _mm256_max_ps(c1[r], m1);
+    }
+    _mm256_storeu_ps(col, m0);
+    _mm256_storeu_ps(col + 8, m1);
+  }
 }
 
-template <bool Rescale>
-inline void tile_rows(int64_t rows, int64_t K, const float* a, const float* b, float* c, int64_t ldc,
-                      const float* col_scale) {
+template <Epilogue E>
+inline void tile_rows(int64_t rows, int64_t K, const float* a, const float* b, float* c, int64_t ldc, float* col) {
   switch (rows) {
-    case 6: return tile<6, Rescale>(K, a, b, c, ldc, col_scale);
-    case 5: return tile<5, Rescale>(K, a, b, c, ldc, col_scale);
-    case 4: return tile<4, Rescale>(K, a, b, c, ldc, col_scale);
-    case 3: return tile<3, Rescale>(K, a, b, c, ldc, col_scale);
-    case 2: return tile<2, Rescale>(K, a, b, c, ldc, col_scale);
-    default: return tile<1, Rescale>(K, a, b, c, ldc, col_scale);
+    case 6: return tile<6, E>(K, a, b, c, ldc, col);
+    case 5: return tile<5, E>(K, a, b, c, ldc, col);
+    case 4: return tile<4, E>(K, a, b, c, ldc, col);
+    case 3: return tile<3, E>(K, a, b, c, ldc, col);
+    case 2: return tile<2, E>(K, a, b, c, ldc, col);
+    default: return tile<1, E>(K, a, b, c, ldc, col);
   }
 }
 
@@ -152,16 +165,12 @@ void pack_v(int64_t nk, int64_t Dv, const float* v, int64_t ldv, float* vp) {
 }
 
 // Softmax over the keys of one 16-query panel of S^T (nk x 16, in the exp2 domain), online across key blocks:
-// P^T = 2^(S^T - m') in place, l = l * corr + colsum P^T, corr = 2^(m - m') for rescaling O^T.
-void softmax_panel(int64_t nk, float* st, float* m, float* l, float* corr) {
-  __m256 m0 = _mm256_loadu_ps(m), m1 = _mm256_loadu_ps(m + 8);
-  const __m256 old0 = m0, old1 = m1;
-  for (int64_t t = 0; t < nk; ++t) {
-    m0 = _mm256_max_ps(m0, _mm256_loadu_ps(st + t * kCols));
-    m1 = _mm256_max_ps(m1, _mm256_loadu_ps(st + t * kCols + 8));
-  }
+// given the running maxima m and this block's m' = max(m, column maxima) (kept by the S^T tiles),
+// P^T = 2^(S^T - m') in place, l = l * corr + colsum P^T, corr = 2^(m - m') for rescaling O^T; m = m'.
+void softmax_panel(int64_t nk, float* st, const float* m_new, float* m, float* l, float* corr) {
+  const __m256 m0 = _mm256_loadu_ps(m_new), m1 = _mm256_loadu_ps(m_new + 8);
   // exp2_in_range's domain; 2^-126 is nothing next to the max's 1. max_ps returns its second operand when either
-  // is NaN: the max above skips a NaN score, the clamp here passes it on, so a NaN reaches the output.
+  // is NaN: the tiles' maxima skip a NaN score, the clamp here passes it on, so a NaN reaches the output.
   const __m256 lo = _mm256_set1_ps(-126.f);
   __m256 s0 = _mm256_setzero_ps(), s1 = s0;
   for (int64_t t = 0; t < nk; ++t) {
@@ -174,8 +183,8 @@ void softmax_panel(int64_t nk, float* st, float* m, float* l, float* corr) {
     s1 = _mm256_add_ps(s1, e1);
   }
   // on the first block m = -inf: corr = 2^-126 multiplies l = 0 (O^T is then stored, not rescaled)
-  const __m256 c0 = exp2_in_range(_mm256_max_ps(_mm256_sub_ps(old0, m0), lo));
-  const __m256 c1 = exp2_in_range(_mm256_max_ps(_mm256_sub_ps(old1, m1), lo));
+  const __m256 c0 = exp2_in_range(_mm256_max_ps(lo, _mm256_sub_ps(_mm256_loadu_ps(m), m0)));
+  const __m256 c1 = exp2_in_range(_mm256_max_ps(lo, _mm256_sub_ps(_mm256_loadu_ps(m + 8), m1)));
   _mm256_storeu_ps(m, m0);
   _mm256_storeu_ps(m + 8, m1);
   _mm256_storeu_ps(l, _mm256_fmadd_ps(_mm256_loadu_ps(l), c0, s0));
@@ -305,21 +314,23 @@ void attention_tiles(const AttentionArgs& a) {
         };
         for (int64_t p = 0; p < panels; ++p) {
           float* st = w.st + p * nk * kCols;
+          alignas(32) float m_new[kCols];
+          std::copy(w.m + p * kCols, w.m + (p + 1) * kCols, m_new);
           for (int64_t r0 = 0; r0 < nk; r0 += kRows) {
             fetch_slice();
-            tile_rows<false>(std::min(kRows, nk - r0), D, w.kp + (r0 / kRows) * (D * kRows + kPad),
-                             w.qp + p * D * kCols, st + r0 * kCols, kCols, nullptr);
+            tile_rows<Epilogue::kStoreMax>(std::min(kRows, nk - r0), D, w.kp + (r0 / kRows) * (D * kRows + kPad),
+                             w.qp + p * D * kCols, st + r0 * kCols, kCols, m_new);
           }
-          softmax_panel(nk, st, w.m + p * kCols, w.l + p * kCols, w.corr + p * kCols);
+          softmax_panel(nk, st, m_new, w.m + p * kCols, w.l + p * kCols, w.corr + p * kCols);
           for (int64_t r0 = 0; r0 < Dv; r0 += kRows) {
             fetch_slice();
             const int64_t rows = std::min(kRows, Dv - r0);
             const float* vt = w.vp + (r0 / kRows) * (nk * kRows + kPad);
             float* ot = w.ot + r0 * ldot + p * kCols;
             if (k0 == 0)
-              tile_rows<false>(rows, nk, vt, st, ot, ldot, nullptr);
+              tile_rows<Epilogue::kStore>(rows, nk, vt, st, ot, ldot, nullptr);
             else
-              tile_rows<true>(rows, nk, vt, st, ot, ldot, w.corr + p * kCols);
+              tile_rows<Epilogue::kRescale>(rows, nk, vt, st, ot, ldot, w.corr + p * kCols);
           }
         }
       }
