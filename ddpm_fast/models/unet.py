@@ -229,10 +229,11 @@ class AttnBlock(nn.Module):
         o = o.transpose(1, 2).reshape(B, H * W, C)  # merging the heads is a view of the kernel's output
         if torch.is_grad_enabled() or self.backend == "torch":
             return x + self.to_out[0](o).transpose(1, 2).reshape(B, C, H, W)
-        # inference: x + o W_out^T in one GEMM accumulating onto the residual (beta = 1), then the bias in place
+        # inference: (x + b_out) in one pass, then o W_out^T accumulated onto it in place by one GEMM (beta = 1)
         x_rows = x.permute(0, 2, 3, 1).reshape(B * H * W, C)  # a view when x is channels_last
-        out = torch.addmm(x_rows, o.reshape(B * H * W, C), self.to_out[0].weight.t())
-        return out.add_(self.to_out[0].bias).view(B, H, W, C).permute(0, 3, 1, 2)
+        out = torch.add(x_rows, self.to_out[0].bias)
+        out.addmm_(o.reshape(B * H * W, C), self.to_out[0].weight.t())
+        return out.view(B, H, W, C).permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):
