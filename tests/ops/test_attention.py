@@ -39,6 +39,34 @@ def test_fused_cpu_matches_reference(B, H, N, M, D, Dv, with_residual):
 
 
 @needs_cpu
+@pytest.mark.parametrize(
+    "B, H, N, M, D, Dv",
+    [
+        (2, 1, 76, 90, 256, 256),  # the U-Net's one head of 256; a last query block of 12 (panel halves)
+        (2, 4, 64, 64, 64, 64),  # four heads of 64
+        (1, 2, 9, 513, 7, 13),  # two key blocks, the second of one key; head dims not multiples of 8 or 6
+        (3, 1, 8, 6, 1, 1),  # one-wide everything
+    ],
+)
+def test_fused_cpu_tile_shapes(B, H, N, M, D, Dv):
+    q, k, v = _qkv(B, H, N, M, D, Dv, seed=1)
+    res = torch.randn(B, H, N, Dv)
+    out = df.ops.attention(q, k, v, residual=res, backend="cpu")
+    assert_fp32_close(f"attention {(B, H, N, M, D, Dv)}", out, ref.attention(q, k, v, residual=res), atol=2e-5)
+
+
+@needs_cpu
+def test_fused_cpu_propagates_nan():
+    q, k, v = _qkv(1, 1, 20, 30, 16)
+    k[0, 0, 3, 5] = float("nan")  # every query's scores meet a NaN key
+    v[0, 0, 7, 2] = float("nan")
+    out = df.ops.attention(q, k, v, backend="cpu")
+    expected = ref.attention(q, k, v)
+    assert torch.isnan(expected).all()
+    assert torch.isnan(out).all()
+
+
+@needs_cpu
 def test_fused_cpu_reads_the_unet_layout_in_place():
     x = torch.randn(2, 64, 3 * 32)
     q, k, v = (x[..., i * 32 : (i + 1) * 32].view(2, 64, 2, 16).transpose(1, 2) for i in range(3))
