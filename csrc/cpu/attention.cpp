@@ -306,11 +306,13 @@ void attention_tiles(const AttentionArgs& a) {
         RowFetcher next_v{v_next, a.v_strides[2], prefetch ? M : 0, Dv, calls};
         RowFetcher res{r, a.res_strides[2], last_block && r ? nq : 0, Dv, calls};
         RowFetcher next_q{q_next, a.q_strides[2], last_block ? nq_next : 0, D, calls};
+        RowFetcher out_rows{o, a.out_strides[2], last_block ? nq : 0, Dv, calls};  // to be written: no RFO stall
         auto fetch_slice = [&] {
           next_k.step<_MM_HINT_T1>();
           next_v.step<_MM_HINT_T1>();
           res.step<_MM_HINT_T0>();
           next_q.step<_MM_HINT_T0>();
+          out_rows.step<_MM_HINT_T0>();
         };
         for (int64_t p = 0; p < panels; ++p) {
           float* st = w.st + p * nk * kCols;
