@@ -32,14 +32,42 @@ constexpr int64_t kQueryBlock = 64;  // queries per task: four panels
 constexpr int64_t kKeyBlock = 512;   // keys per online-softmax step: S^T (512 x 64) stays in L2
 constexpr int64_t kPad = 8;          // floats after each packed tile: room for pack_v's 8-float stores
 
-// What a tile does with its sums: store them (and fold their column maxima into col[0..16): the scores), or add
-// them to C rescaled per column by col[0..16) (O^T after the first key block), or just store them.
-enum class Epilogue { kStoreMax, kRescale, kStore };
+// What a tile does with its sums: exponentiate them as the softmax's P^T (the scores), or add them to C rescaled
+// per column by col[0..16) (O^T after the first key block), or just store them.
+enum class Epilogue { kSoftmax, kRescale, kStore };
+
+// The scores are exponentiated as their tile is stored, against a per-query reference ref instead of the final
+// maximum: P^T = 2^(S^T - ref). ref stays within kSlack of the running maximum from below (so P <= 2^kSlack,
+// no overflow; some P >= 1, no underflow of all of them) and is raised, with the rows already stored and their
+// sum rescaled, only when a tile's maximum passes ref + kSlack: at the first tile, and seldom after.
+constexpr float kSlack = 8.f;
+
+// 2^max(z, -126): exp2_in_range's domain, where 2^-126 is nothing next to the reference's 1. max_ps returns its
+// second operand when either is NaN, so a NaN score passes on to the output.
+inline __m256 exp2_softmax(__m256 z) { return exp2_in_range(_mm256_max_ps(_mm256_set1_ps(-126.f), z)); }
+
+// Raises ref[0..16) to max(ref, tile maxima t) and rescales the panel's `done` rows stored before this tile
+// (from `first`, 16 floats each) and their column sums sum[0..16) by 2^(old ref - new ref).
+void raise_reference(__m256 t0, __m256 t1, float* ref, float* sum, float* first, int64_t done) {
+  const __m256 old0 = _mm256_loadu_ps(ref), old1 = _mm256_loadu_ps(ref + 8);
+  const __m256 new0 = _mm256_max_ps(t0, old0), new1 = _mm256_max_ps(t1, old1);
+  const __m256 f0 = exp2_softmax(_mm256_sub_ps(old0, new0)), f1 = exp2_softmax(_mm256_sub_ps(old1, new1));
+  for (int64_t i = 0; i < done; ++i) {
+    float* row = first + i * kCols;
+    _mm256_storeu_ps(row, _mm256_mul_ps(_mm256_loadu_ps(row), f0));
+    _mm256_storeu_ps(row + 8, _mm256_mul_ps(_mm256_loadu_ps(row + 8), f1));
+  }
+  _mm256_storeu_ps(sum, _mm256_mul_ps(_mm256_loadu_ps(sum), f0));
+  _mm256_storeu_ps(sum + 8, _mm256_mul_ps(_mm256_loadu_ps(sum + 8), f1));
+  _mm256_storeu_ps(ref, new0);
+  _mm256_storeu_ps(ref + 8, new1);
+}
 
 // C (R x 16, row r at c + r * ldc) from acc = sum_k a[k][r] b[k][0..16) as the epilogue says, with a packed as
-// (K, kRows) and b as (K, kCols). Twelve accumulators, two loads and R broadcasts per k.
+// (K, kRows) and b as (K, kCols). Twelve accumulators, two loads and R broadcasts per k. kSoftmax: col holds
+// ref[0..16) then sum[0..16), and the panel's `done` earlier rows are at c - done * ldc.
 template <int R, Epilogue E>
-inline void tile(int64_t K, const float* a, const float* b, float* c, int64_t ldc, float* col) {
+inline void tile(int64_t K, const float* a, const float* b, float* c, int64_t ldc, float* col, int64_t done) {
   __m256 c0[R], c1[R];  // the accumulators: every loop over r is unrolled, so they stay in registers
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
@@ -52,6 +80,30 @@ inline void tile(int64_t K, const float* a, const float* b, float* c, int64_t ld
       c1[r] = _mm256_fmadd_ps(x, b1, c1[r]);
     }
   }
+  if constexpr (E == Epilogue::kSoftmax) {
+    __m256 t0 = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), t1 = t0;
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {  // a NaN score is skipped here (max_ps returns its second operand)
+      t0 = _mm256_max_ps(c0[r], t0);
+      t1 = _mm256_max_ps(c1[r], t1);
+    }
+    const __m256 slack = _mm256_set1_ps(kSlack);
+    const __m256 over0 = _mm256_cmp_ps(t0, _mm256_add_ps(_mm256_loadu_ps(col), slack), _CMP_GT_OQ);
+    const __m256 over1 = _mm256_cmp_ps(t1, _mm256_add_ps(_mm256_loadu_ps(col + 8), slack), _CMP_GT_OQ);
+    if (__builtin_expect(_mm256_movemask_ps(_mm256_or_ps(over0, over1)) != 0, 0))
+      raise_reference(t0, t1, col, col + kCols, c - done * ldc, done);
+    const __m256 ref0 = _mm256_loadu_ps(col), ref1 = _mm256_loadu_ps(col + 8);
+    __m256 s0 = _mm256_loadu_ps(col + kCols), s1 = _mm256_loadu_ps(col + kCols + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      c0[r] = exp2_softmax(_mm256_sub_ps(c0[r], ref0));
+      c1[r] = exp2_softmax(_mm256_sub_ps(c1[r], ref1));
+      s0 = _mm256_add_ps(s0, c0[r]);
+      s1 = _mm256_add_ps(s1, c1[r]);
+    }
+    _mm256_storeu_ps(col + kCols, s0);
+    _mm256_storeu_ps(col + kCols + 8, s1);
+  }
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
     float* cr = c + r * ldc;
@@ -62,27 +114,18 @@ inline void tile(int64_t K, const float* a, const float* b, float* c, int64_t ld
     _mm256_storeu_ps(cr, c0[r]);
     _mm256_storeu_ps(cr + 8, c1[r]);
   }
-  if constexpr (E == Epilogue::kStoreMax) {  // max_ps returns its second operand when either is NaN: a NaN score is skipped here
-    __m256 m0 = _mm256_loadu_ps(col), m1 = _mm256_loadu_ps(col + 8);
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      m0 = _mm256_max_ps(c0[r], m0);
-      m1 = _mm256_max_ps(c1[r], m1);
-    }
-    _mm256_storeu_ps(col, m0);
-    _mm256_storeu_ps(col + 8, m1);
-  }
 }
 
 template <Epilogue E>
-inline void tile_rows(int64_t rows, int64_t K, const float* a, const float* b, float* c, int64_t ldc, float* col) {
+inline void tile_rows(int64_t rows, int64_t K, const float* a, const float* b, float* c, int64_t ldc, float* col,
+                      int64_t done = 0) {
   switch (rows) {
-    case 6: return tile<6, E>(K, a, b, c, ldc, col);
-    case 5: return tile<5, E>(K, a, b, c, ldc, col);
-    case 4: return tile<4, E>(K, a, b, c, ldc, col);
-    case 3: return tile<3, E>(K, a, b, c, ldc, col);
-    case 2: return tile<2, E>(K, a, b, c, ldc, col);
-    default: return tile<1, E>(K, a, b, c, ldc, col);
+    case 6: return tile<6, E>(K, a, b, c, ldc, col, done);
+    case 5: return tile<5, E>(K, a, b, c, ldc, col, done);
+    case 4: return tile<4, E>(K, a, b, c, ldc, col, done);
+    case 3: return tile<3, E>(K, a, b, c, ldc, col, done);
+    case 2: return tile<2, E>(K, a, b, c, ldc, col, done);
+    default: return tile<1, E>(K, a, b, c, ldc, col, done);
   }
 }
 
@@ -164,33 +207,15 @@ void pack_v(int64_t nk, int64_t Dv, const float* v, int64_t ldv, float* vp) {
   }
 }
 
-// Softmax over the keys of one 16-query panel of S^T (nk x 16, in the exp2 domain), online across key blocks:
-// given the running maxima m and this block's m' = max(m, column maxima) (kept by the S^T tiles),
-// P^T = 2^(S^T - m') in place, l = l * corr + colsum P^T, corr = 2^(m - m') for rescaling O^T; m = m'.
-void softmax_panel(int64_t nk, float* st, const float* m_new, float* m, float* l, float* corr) {
-  const __m256 m0 = _mm256_loadu_ps(m_new), m1 = _mm256_loadu_ps(m_new + 8);
-  // exp2_in_range's domain; 2^-126 is nothing next to the max's 1. max_ps returns its second operand when either
-  // is NaN: the tiles' maxima skip a NaN score, the clamp here passes it on, so a NaN reaches the output.
-  const __m256 lo = _mm256_set1_ps(-126.f);
-  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
-  for (int64_t t = 0; t < nk; ++t) {
-    float* row = st + t * kCols;
-    const __m256 e0 = exp2_in_range(_mm256_max_ps(lo, _mm256_sub_ps(_mm256_loadu_ps(row), m0)));
-    const __m256 e1 = exp2_in_range(_mm256_max_ps(lo, _mm256_sub_ps(_mm256_loadu_ps(row + 8), m1)));
-    _mm256_storeu_ps(row, e0);
-    _mm256_storeu_ps(row + 8, e1);
-    s0 = _mm256_add_ps(s0, e0);
-    s1 = _mm256_add_ps(s1, e1);
+// The end of one 16-query panel's key block, online across blocks: given the block's reference ref and the
+// column sums of its P^T, corr = 2^(m - ref) rescales the earlier blocks' l and O^T; l = l * corr + sum, m = ref.
+void finish_panel(const float* ref_sum, float* m, float* l, float* corr) {
+  for (int h = 0; h < kCols; h += 8) {  // on the first block m = -inf: corr = 2^-126 multiplies l = 0
+    const __m256 ref = _mm256_loadu_ps(ref_sum + h), c = exp2_softmax(_mm256_sub_ps(_mm256_loadu_ps(m + h), ref));
+    _mm256_storeu_ps(l + h, _mm256_fmadd_ps(_mm256_loadu_ps(l + h), c, _mm256_loadu_ps(ref_sum + kCols + h)));
+    _mm256_storeu_ps(m + h, ref);
+    _mm256_storeu_ps(corr + h, c);
   }
-  // on the first block m = -inf: corr = 2^-126 multiplies l = 0 (O^T is then stored, not rescaled)
-  const __m256 c0 = exp2_in_range(_mm256_max_ps(lo, _mm256_sub_ps(_mm256_loadu_ps(m), m0)));
-  const __m256 c1 = exp2_in_range(_mm256_max_ps(lo, _mm256_sub_ps(_mm256_loadu_ps(m + 8), m1)));
-  _mm256_storeu_ps(m, m0);
-  _mm256_storeu_ps(m + 8, m1);
-  _mm256_storeu_ps(l, _mm256_fmadd_ps(_mm256_loadu_ps(l), c0, s0));
-  _mm256_storeu_ps(l + 8, _mm256_fmadd_ps(_mm256_loadu_ps(l + 8), c1, s1));
-  _mm256_storeu_ps(corr, c0);
-  _mm256_storeu_ps(corr + 8, c1);
 }
 
 // out[i][c] = O^T[c][i] / l[i] (+ residual[i][c]) for i < nq, c < Dv: 8x8 transposes, scalar edges.
@@ -316,14 +341,15 @@ void attention_tiles(const AttentionArgs& a) {
         };
         for (int64_t p = 0; p < panels; ++p) {
           float* st = w.st + p * nk * kCols;
-          alignas(32) float m_new[kCols];
-          std::copy(w.m + p * kCols, w.m + (p + 1) * kCols, m_new);
+          alignas(32) float ref_sum[2 * kCols];  // the panel's reference maxima, then its column sums of P^T
+          std::copy(w.m + p * kCols, w.m + (p + 1) * kCols, ref_sum);
+          std::fill(ref_sum + kCols, ref_sum + 2 * kCols, 0.f);
           for (int64_t r0 = 0; r0 < nk; r0 += kRows) {
             fetch_slice();
-            tile_rows<Epilogue::kStoreMax>(std::min(kRows, nk - r0), D, w.kp + (r0 / kRows) * (D * kRows + kPad),
-                             w.qp + p * D * kCols, st + r0 * kCols, kCols, m_new);
+            tile_rows<Epilogue::kSoftmax>(std::min(kRows, nk - r0), D, w.kp + (r0 / kRows) * (D * kRows + kPad),
+                                          w.qp + p * D * kCols, st + r0 * kCols, kCols, ref_sum, r0);
           }
-          softmax_panel(nk, st, m_new, w.m + p * kCols, w.l + p * kCols, w.corr + p * kCols);
+          finish_panel(ref_sum, w.m + p * kCols, w.l + p * kCols, w.corr + p * kCols);
           for (int64_t r0 = 0; r0 < Dv; r0 += kRows) {
             fetch_slice();
             const int64_t rows = std::min(kRows, Dv - r0);
