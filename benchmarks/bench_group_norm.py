@@ -1,9 +1,15 @@
 """Fused GroupNorm+SiLU vs F.group_norm + F.silu (eager PyTorch), NCHW and channels_last, with GB/s next to the
 copy bandwidth of the same tensor measured in the same rounds.
 
-    python benchmarks/bench_group_norm.py [--quick] [--json benchmarks/results/group_norm_cpu.json]
+    python benchmarks/bench_group_norm.py [--quick] [--steady-malloc] [--json benchmarks/results/group_norm_cpu.json]
 
 Targets (CPU U-Net issue): >= 1.5x in NCHW and >= 2x in channels_last, fp32, at the U-Net's shapes.
+
+Eager torch allocates its intermediates and its result afresh on every call; above glibc's mmap threshold
+those come from mmap and page-fault on first touch, which makes its time bimodal here (about 1 ms or 5-6 ms at
+8x128x32x32, depending on the threshold's history). --steady-malloc reruns the script with glibc's mmap and trim
+thresholds raised (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), so freed blocks are reused and torch is
+always in its fast mode: the fair comparison. The fused kernel writes into a preallocated out= either way.
 """
 
 from __future__ import annotations
@@ -59,10 +65,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json")
+    p.add_argument("--steady-malloc", action="store_true", help="glibc reuses freed blocks (torch's fast mode)")
     args = p.parse_args()
+    if args.steady_malloc and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**31 - 1), MALLOC_TRIM_THRESHOLD_=str(2**31 - 1))
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)  # glibc reads them at start-up only
+    steady = "MALLOC_MMAP_THRESHOLD_" in os.environ
     repeats = 3 if args.quick else 7
     info = machine()
     print(f"# {info['device']}, {info['cpu_threads']} threads, {df.backends()['cpu']}")
+    print(f"# malloc: {'steady (freed blocks reused: torch in its fast mode)' if steady else 'glibc defaults'}")
     print("# GB/s = (read + write of x) / time; '% copy' against torch's copy_ of the same tensor in the same rounds\n")
     hdr = f"{'shape':>16} {'layout':>13} {'dtype':>8} {'add':>4} {'torch ms':>9} {'fused ms':>9} {'fused GB/s':>10} {'% copy':>7} {'speedup':>8} {'max err':>8}"
     print(hdr)
@@ -95,7 +107,8 @@ def main():
             )
         )
     if args.json:
-        write_json(args.json, {"machine": info, "rows": rows, "command": "python benchmarks/bench_group_norm.py"})
+        command = "python benchmarks/bench_group_norm.py" + (" --steady-malloc" if steady else "")
+        write_json(args.json, {"machine": info, "malloc_steady": steady, "rows": rows, "command": command})
 
 
 if __name__ == "__main__":
