@@ -5,7 +5,8 @@ U-Net's 16x16 attention (batch 8, 256 channels; 1 head of 256 and 4 heads of 64)
     python benchmarks/bench_attention.py [--rounds 7] [--json benchmarks/results/attention_cpu.json]
 
 GFLOP/s counts 4 * B * H * N^2 * D for attention; 'sgemm' is torch.mm of 1024^3 in the same rounds (the
-machine's matrix-multiply ceiling); 'sgemm attention tiles' is the same MKL on exactly the products a blocked
+machine's matrix-multiply ceiling), into a preallocated out= like the fused kernel (a sampler's usage: a fresh
+2-4 MB result page-faults here; SDPA has no out= and allocates); 'sgemm attention tiles' is the same MKL on exactly the products a blocked
 (flash-style) attention makes, 128 queries x 256 keys x D, batched over all tiles: the ceiling of that algorithm
 on this machine. Targets (CPU U-Net issue): >= 90% of sgemm GFLOP/s; >= 1.2x diffusers' block.
 """
@@ -32,16 +33,16 @@ def main():
     args = p.parse_args()
     info = machine()
     B, C, S = 8, 256, 16
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a, b, c = torch.randn(1024, 1024), torch.randn(1024, 1024), torch.empty(1024, 1024)
     print(f"# {info['device']}, {info['cpu_threads']} threads, {df.backends()['cpu']}; B={B}, C={C}, {S}x{S} tokens")
     rows = []
     for heads in (1, 4):
-        rows += bench_heads(heads, B, C, S, a, b, args.rounds)
+        rows += bench_heads(heads, B, C, S, a, b, c, args.rounds)
     if args.json:
         write_json(args.json, {"machine": info, "rows": rows, "command": "python benchmarks/bench_attention.py"})
 
 
-def bench_heads(heads, B, C, S, a, b, rounds):
+def bench_heads(heads, B, C, S, a, b, c, rounds):
     from diffusers.models.attention_processor import Attention
 
     N = S * S
@@ -66,19 +67,21 @@ def bench_heads(heads, B, C, S, a, b, rounds):
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(B, C, S, S)
     x_cl = x.contiguous(memory_format=torch.channels_last)
+    out = torch.empty(B, N, heads, d).transpose(1, 2)  # the layout the kernel writes: merging heads is a view
     # the blocked algorithm's own ceiling: MKL on exactly its tiles (128 queries x 256 keys x d), all of them
     tiles = B * heads * (N // 128)
     tq, tk = torch.randn(tiles, 128, d), torch.randn(tiles, d, N)
     tp, tv = torch.randn(tiles, 128, N), torch.randn(tiles, N, d)
+    ts, to = torch.empty(tiles, 128, N), torch.empty(tiles, 128, d)
     with torch.inference_mode():
         err_op = (df.ops.attention(q, k, v, backend="cpu") - F.scaled_dot_product_attention(q, k, v)).abs().max()
         err_block = (ours(x_cl) - theirs(x)).abs().max()
         res = interleaved_medians(
             {
-                "sgemm 1024^3": lambda: torch.mm(a, b),
-                "sgemm attention tiles": lambda: (torch.bmm(tq, tk), torch.bmm(tp, tv)),
+                "sgemm 1024^3": lambda: torch.mm(a, b, out=c),
+                "sgemm attention tiles": lambda: (torch.bmm(tq, tk, out=ts), torch.bmm(tp, tv, out=to)),
                 "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
-                "fused": lambda: df.ops.attention(q, k, v, backend="cpu"),
+                "fused": lambda: df.ops.attention(q, k, v, backend="cpu", out=out),
                 "diffusers block": lambda: theirs(x),
                 "ddpm_fast block": lambda: ours(x_cl),
             },

@@ -105,3 +105,26 @@ def test_from_diffusers_rejects_other_architectures(tmp_path):
         df.UNet.from_diffusers(tmp_path)
     with pytest.raises(TypeError, match="source"):
         df.UNet.from_diffusers(3)
+
+
+@pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
+def test_multi_head_block_reuses_its_heads_buffer_safely():
+    # inference keeps the heads' output in one buffer per shape: a later call must not change an earlier result,
+    # and switching between inference_mode and no_grad must not write into an inference tensor outside it
+    torch.manual_seed(0)
+    blk = df.models.unet.AttnBlock(64, df.UNetConfig(attention_head_dim=16, eps=1e-6)).eval()
+    blk.backend = "cpu"
+    x1, x2 = (torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    with torch.no_grad():
+        blk.backend = "torch"  # the plain PyTorch path
+        expected = [blk(x1), blk(x2)]
+        blk.backend = "cpu"
+    with torch.inference_mode():
+        y1 = blk(x1)
+        y1_copy = y1.clone()
+        y2 = blk(x2)
+    with torch.no_grad():
+        y3 = blk(x1)
+    torch.testing.assert_close(y1, y1_copy, atol=0, rtol=0)
+    for got, want in ((y1, expected[0]), (y2, expected[1]), (y3, expected[0])):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)

@@ -225,10 +225,21 @@ class AttnBlock(nn.Module):
         def heads_view(t):  # (B, HW, C) -> (B, heads, HW, d), a strided view the attention kernel reads in place
             return t.view(B, H * W, heads, d).transpose(1, 2)
 
-        o = ops.attention(heads_view(q), heads_view(k), heads_view(v), backend=self.backend)
-        o = o.transpose(1, 2).reshape(B, H * W, C)  # merging the heads is a view of the kernel's output
         if torch.is_grad_enabled() or self.backend == "torch":
+            o = ops.attention(heads_view(q), heads_view(k), heads_view(v), backend=self.backend)
+            o = o.transpose(1, 2).reshape(B, H * W, C)  # merging the heads is a view of the kernel's output
             return x + self.to_out[0](o).transpose(1, 2).reshape(B, C, H, W)
+        # inference: the heads' output is an intermediate, consumed below: one buffer per shape, reused (a fresh
+        # 2 MB tensor page-faults on every call here); laid out (B, HW, heads, d) so merging the heads is a view
+        buf = getattr(self, "_attn_out", None)
+        if (
+            buf is None
+            or (buf.shape, buf.dtype, buf.device) != ((B, H * W, C), q.dtype, q.device)
+            or buf.is_inference() != torch.is_inference_mode_enabled()  # inference tensors: written there only
+        ):
+            buf = self._attn_out = q.new_empty(B, H * W, C)
+        ops.attention(heads_view(q), heads_view(k), heads_view(v), backend=self.backend, out=heads_view(buf))
+        o = buf
         # inference: (x + b_out) in one pass, then o W_out^T accumulated onto it in place by one GEMM (beta = 1)
         x_rows = x.permute(0, 2, 3, 1).reshape(B * H * W, C)  # a view when x is channels_last
         out = torch.add(x_rows, self.to_out[0].bias)
