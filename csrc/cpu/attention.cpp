@@ -8,11 +8,13 @@
 // streams contiguous memory. The block is computed transposed, S^T = K Q^T and O^T = V^T P^T, which puts the
 // queries along the vector lanes: the softmax over keys is then a column operation (no horizontal reductions),
 // P^T is already the packed operand of the second product, and the rescaling by e^{m - m'} is per lane.
-// Scores live in the exp2 domain (scale * log2(e) is folded into the packed queries). K and V are packed once
-// per (batch, head) and reused by every query block of it; the next head's rows are prefetched meanwhile.
-// Measured at the U-Net's 16x16 attention (benchmarks/bench_attention.py) against MKL on the same tiles, which
-// loses to it through per-call packing and the L1 set conflicts of rows 3C floats apart.
-// Portable build: the same algorithm with the BLAS sgemm torch links (MKL on x86) for the products.
+// Scores live in the exp2 domain (scale * log2(e) is folded into the packed queries) and are exponentiated as
+// their tile is stored (kSoftmax below). K and V are packed once per (batch, head) and reused by every query
+// block of it; the next head's rows are prefetched meanwhile. Why not MKL for the products (the portable build
+// below does that): per call it repacks operands this kernel packs once per head, and the rows of the U-Net's
+// (B, HW, 3C) projections, 3C floats apart, alias to a few L1 sets when read in place. At the U-Net's 16x16
+// attention this kernel beats MKL on the same products without the softmax (benchmarks/bench_attention.py).
+// Portable build: the same flash-style algorithm with the BLAS sgemm torch links (MKL on x86) for the products.
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -325,7 +327,7 @@ void attention_tiles(const AttentionArgs& a) {
         // O^T * corr + V^T P^T after the first key block). The panel's scores stay in L1 through all three; the
         // packed K and V tiles stream from L2, 24 bytes per step. Meanwhile the next head's rows, the residual
         // rows and the next block's queries are fetched, a slice before each tile, not in bursts.
-        const int64_t calls = panels * (k_tiles + v_tiles);
+        const int64_t calls = panels * ((nk + kRows - 1) / kRows + v_tiles);  // tile calls in this key block
         const bool last_block = k0 + KB >= M;
         RowFetcher next_k{k_next, a.k_strides[2], prefetch ? M : 0, D, calls};
         RowFetcher next_v{v_next, a.v_strides[2], prefetch ? M : 0, Dv, calls};
