@@ -27,7 +27,7 @@ def time_per_call(fn, min_time: float = 0.05, max_iters: int = 1000) -> float:
 
 
 def interleaved_medians(providers: dict, repeats: int = 7, min_time: float = 0.05) -> dict[str, dict]:
-    """Time every provider once per round, round after round; report median and quartiles per provider."""
+    """Time every provider once per round, round after round; report median, quartiles and the fastest round."""
     samples = {name: [] for name in providers}
     for fn in providers.values():  # warm-up: first-touch page faults, lazy init
         fn()
@@ -37,7 +37,13 @@ def interleaved_medians(providers: dict, repeats: int = 7, min_time: float = 0.0
     out = {}
     for name, xs in samples.items():
         q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-        out[name] = {"median_s": statistics.median(xs), "q1_s": q[0], "q3_s": q[2], "repeats": len(xs)}
+        out[name] = {
+            "median_s": statistics.median(xs),
+            "q1_s": q[0],
+            "q3_s": q[2],
+            "min_s": min(xs),
+            "repeats": len(xs),
+        }
     return out
 
 
