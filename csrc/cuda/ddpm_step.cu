@@ -111,12 +111,7 @@ cudaError_t launch(const StepParams& p, cudaStream_t s) {
 }  // namespace
 
 cudaError_t ddpm_step(const StepParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::kFloat: return launch<float>(p, stream);
-    case DType::kHalf: return launch<__half>(p, stream);
-    case DType::kBFloat16: return launch<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return launch<decltype(t)>(p, stream); });
 }
 
 }  // namespace cuda

@@ -87,6 +87,17 @@ inline bool packable(const Layout& g, int elem_size, std::initializer_list<const
   return true;
 }
 
+// The launchers' dtype switch: f(T{}) with T the element type d names (float, __half or __nv_bfloat16).
+template <class F>
+cudaError_t dispatch_dtype(DType d, F&& f) {
+  switch (d) {
+    case DType::kFloat: return f(float{});
+    case DType::kHalf: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 inline int blocks_for(int64_t total, int threads) {
   const int64_t b = (total + threads - 1) / threads;
   return static_cast<int>(b < 65535 * 8 ? (b > 0 ? b : 1) : 65535 * 8);  // grid-stride beyond this

@@ -201,12 +201,7 @@ size_t group_norm_workspace_floats(const GroupNormParams& p) {
 }
 
 cudaError_t group_norm_silu(const GroupNormParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::kFloat: return launch<float>(p, stream);
-    case DType::kHalf: return launch<__half>(p, stream);
-    case DType::kBFloat16: return launch<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return launch<decltype(t)>(p, stream); });
 }
 
 }  // namespace cuda

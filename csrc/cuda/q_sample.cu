@@ -102,21 +102,11 @@ cudaError_t launch_n(const NormalParams& p, cudaStream_t s) {
 }  // namespace
 
 cudaError_t q_sample(const QSampleParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::kFloat: return launch_q<float>(p, stream);
-    case DType::kHalf: return launch_q<__half>(p, stream);
-    case DType::kBFloat16: return launch_q<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return launch_q<decltype(t)>(p, stream); });
 }
 
 cudaError_t keyed_normal(const NormalParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::kFloat: return launch_n<float>(p, stream);
-    case DType::kHalf: return launch_n<__half>(p, stream);
-    case DType::kBFloat16: return launch_n<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return launch_n<decltype(t)>(p, stream); });
 }
 
 }  // namespace cuda
