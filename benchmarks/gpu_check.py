@@ -57,6 +57,12 @@ def medians(providers: dict, rounds: int, iters: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def bandwidth_row(op, shape, provider, ms, moved_bytes, copy_gbs, **extra) -> dict:
+    """A memory-bound op's row: GB/s from the bytes it moves, and that as a share of the copy's GB/s."""
+    gbs = moved_bytes / ms / 1e6
+    return dict(op=op, shape=shape, **extra, provider=provider, ms=ms, gbs=gbs, pct_copy=100 * gbs / copy_gbs)
+
+
 def op_rows(rounds: int) -> list[dict]:
     rows = []
     cuda = df.backends()["cuda"] == "available"  # the CUDA kernels' rows, next to Triton's
@@ -102,16 +108,7 @@ def op_rows(rounds: int) -> list[dict]:
         copy_gbs = 2 * nbytes / res["copy"] / 1e6
         for k, ms in res.items():
             moved = {"copy": 2, "triton keyed": 3, "cuda keyed": 3}.get(k, 4) * nbytes
-            rows.append(
-                dict(
-                    op="ddpm_step",
-                    shape=shape,
-                    provider=k,
-                    ms=ms,
-                    gbs=moved / ms / 1e6,
-                    pct_copy=100 * moved / ms / 1e6 / copy_gbs,
-                )
-            )
+            rows.append(bandwidth_row("ddpm_step", shape, k, ms, moved, copy_gbs))
         sa = s.sqrt_alphas_cumprod.to(dev).float()[t].view(-1, 1, 1, 1)
         sb = s.sqrt_one_minus_alphas_cumprod.to(dev).float()[t].view(-1, 1, 1, 1)
         res = medians(
@@ -127,16 +124,7 @@ def op_rows(rounds: int) -> list[dict]:
         )
         for k, ms in res.items():
             moved = {"copy": 2}.get(k, 3) * nbytes  # keyed: x0 read, x_t and eps written
-            rows.append(
-                dict(
-                    op="q_sample",
-                    shape=shape,
-                    provider=k,
-                    ms=ms,
-                    gbs=moved / ms / 1e6,
-                    pct_copy=100 * moved / ms / 1e6 / copy_gbs,
-                )
-            )
+            rows.append(bandwidth_row("q_sample", shape, k, ms, moved, copy_gbs))
     gn_shapes = [((8, 128, 32, 32), False), ((8, 128, 32, 32), True), ((64, 256, 32, 32), True)]
     for shape, cl in [((2, 64, 4, 4), False), ((2, 64, 4, 4), True)] if SMOKE else gn_shapes:
         x = torch.randn(shape, device=dev)
@@ -156,18 +144,7 @@ def op_rows(rounds: int) -> list[dict]:
         )
         copy_gbs = 2 * x.numel() * 4 / res["copy"] / 1e6
         for k, ms in res.items():
-            gbs = 2 * x.numel() * 4 / ms / 1e6
-            rows.append(
-                dict(
-                    op="group_norm_silu",
-                    shape=shape,
-                    channels_last=cl,
-                    provider=k,
-                    ms=ms,
-                    gbs=gbs,
-                    pct_copy=100 * gbs / copy_gbs,
-                )
-            )
+            rows.append(bandwidth_row("group_norm_silu", shape, k, ms, 2 * x.numel() * 4, copy_gbs, channels_last=cl))
     attn = [(8, 1, torch.float32), (256, 1, torch.bfloat16), (256, 4, torch.bfloat16)]
     for B, heads, dtype in [(2, 1, torch.float32), (2, 4, torch.float32)] if SMOKE else attn:
         C, N = (64, 16) if SMOKE else (256, 256)
