@@ -5,11 +5,12 @@
 // projections need no transpose or copy.
 //
 // AVX2 build: the products run in this file's own 6x16 register tiles, on operands packed so that every tile
-// streams contiguous memory. The block is computed transposed, S^T = K Q^T and O^T = V^T P^T, which puts the
-// queries along the vector lanes: the softmax over keys is then a column operation (no horizontal reductions),
-// P^T is already the packed operand of the second product, and the rescaling by e^{m - m'} is per lane.
+// streams contiguous memory. The scores are computed transposed, S^T = K Q^T, which puts the queries along the
+// vector lanes: the softmax over keys is then a column operation (no horizontal reductions) and the stored P^T
+// is read in place, 6 queries broadcast at a time, by the second product O = P V, whose rows are queries again:
+// the last key block's tiles scale by 1 / l, add the residual and write the output rows directly (no transpose).
 // Scores live in the exp2 domain (scale * log2(e) is folded into the packed queries) and are exponentiated as
-// their tile is stored (kSoftmax below). K and V are packed once per (batch, head) and reused by every query
+// their tile is stored (score_tile below). K and V are packed once per (batch, head) and reused by every query
 // block of it; the next head's rows are prefetched meanwhile. Why not MKL for the products (the portable build
 // below does that): per call it repacks operands this kernel packs once per head, and the rows of the U-Net's
 // (B, HW, 3C) projections, 3C floats apart, alias to a few L1 sets when read in place. At the U-Net's 16x16
@@ -28,15 +29,11 @@ namespace {
 
 #if defined(CPU_CAPABILITY_AVX2)
 
-constexpr int64_t kRows = 6;         // tile rows: the broadcast operand (keys of S^T, value columns of O^T)
-constexpr int64_t kCols = 16;        // tile columns: one panel of 16 queries, two vectors
+constexpr int64_t kRows = 6;         // tile rows: the broadcast operand (keys of S^T, queries of O)
+constexpr int64_t kCols = 16;        // tile columns, two vectors: a panel of 16 queries (S^T), 16 channels (O)
 constexpr int64_t kQueryBlock = 64;  // queries per task: four panels
 constexpr int64_t kKeyBlock = 512;   // keys per online-softmax step: S^T (512 x 64) stays in L2
-constexpr int64_t kPad = 8;          // floats after each packed tile: room for pack_v's 8-float stores
-
-// What a tile does with its sums: exponentiate them as the softmax's P^T (the scores), or add them to C rescaled
-// per column by col[0..16) (O^T after the first key block), or just store them.
-enum class Epilogue { kSoftmax, kRescale, kStore };
+constexpr int64_t kPad = 8;          // floats after each packed tile: room for pack_k's 8-float stores
 
 // The scores are exponentiated as their tile is stored, against a per-query reference ref instead of the final
 // maximum: P^T = 2^(S^T - ref). ref stays within kSlack of the running maximum from below (so P <= 2^kSlack,
@@ -65,15 +62,13 @@ void raise_reference(__m256 t0, __m256 t1, float* ref, float* sum, float* first,
   _mm256_storeu_ps(ref + 8, new1);
 }
 
-// C (R x 16, row r at c + r * ldc) from acc = sum_k a[k][r] b[k][0..16) as the epilogue says, with a packed as
-// (K, kRows) and b as (K, kCols). Twelve accumulators, two loads and R broadcasts per k. kSoftmax: col holds
-// ref[0..16) then sum[0..16), and the panel's `done` earlier rows are at c - done * ldc.
-template <int R, Epilogue E>
-inline void tile(int64_t K, const float* a, const float* b, float* c, int64_t ldc, float* col, int64_t done) {
-  __m256 c0[R], c1[R];  // the accumulators: every loop over r is unrolled, so they stay in registers
+// acc[r] (two vectors: c0[r], c1[r]) = sum_k a[k * LDA + r] * b[k][0..16) for r < R: the tiles' common core, R
+// broadcasts and two loads per k, 2R accumulators (every loop over r is unrolled, so they stay in registers).
+template <int R, int LDA>
+inline void accumulate(int64_t K, const float* a, const float* b, __m256 (&c0)[R], __m256 (&c1)[R]) {
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k, a += kRows, b += kCols) {
+  for (int64_t k = 0; k < K; ++k, a += LDA, b += kCols) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
@@ -82,52 +77,135 @@ inline void tile(int64_t K, const float* a, const float* b, float* c, int64_t ld
       c1[r] = _mm256_fmadd_ps(x, b1, c1[r]);
     }
   }
-  if constexpr (E == Epilogue::kSoftmax) {
-    __m256 t0 = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), t1 = t0;
+}
+
+// The tiles are kept out of line (score_tile, value_tile): inlined into the block loop, GCC spilled three of the
+// twelve accumulators to the stack (measured: 51 instead of 77 GFLOP/s at four heads).
+
+// R rows of one panel's P^T (row r at c + r * kCols): the scores K Q^T of R keys (packed K tile a, (D, kRows)) for
+// the panel's 16 queries (packed Q^T b, (D, kCols)), exponentiated against the reference. col holds ref[0..16)
+// then sum[0..16); the panel's `done` earlier rows are at c - done * kCols.
+template <int R>
+__attribute__((noinline)) void score_tile(int64_t D, const float* a, const float* b, float* c, float* col,
+                                          int64_t done) {
+  __m256 c0[R], c1[R];
+  accumulate<R, kRows>(D, a, b, c0, c1);
+  __m256 t0 = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), t1 = t0;
 #pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {  // a NaN score is skipped here (max_ps returns its second operand)
-      t0 = _mm256_max_ps(c0[r], t0);
-      t1 = _mm256_max_ps(c1[r], t1);
-    }
-    const __m256 slack = _mm256_set1_ps(kSlack);
-    const __m256 over0 = _mm256_cmp_ps(t0, _mm256_add_ps(_mm256_loadu_ps(col), slack), _CMP_GT_OQ);
-    const __m256 over1 = _mm256_cmp_ps(t1, _mm256_add_ps(_mm256_loadu_ps(col + 8), slack), _CMP_GT_OQ);
-    if (__builtin_expect(_mm256_movemask_ps(_mm256_or_ps(over0, over1)) != 0, 0))
-      raise_reference(t0, t1, col, col + kCols, c - done * ldc, done);
-    const __m256 ref0 = _mm256_loadu_ps(col), ref1 = _mm256_loadu_ps(col + 8);
-    __m256 s0 = _mm256_loadu_ps(col + kCols), s1 = _mm256_loadu_ps(col + kCols + 8);
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      c0[r] = exp2_softmax(_mm256_sub_ps(c0[r], ref0));
-      c1[r] = exp2_softmax(_mm256_sub_ps(c1[r], ref1));
-      s0 = _mm256_add_ps(s0, c0[r]);
-      s1 = _mm256_add_ps(s1, c1[r]);
-    }
-    _mm256_storeu_ps(col + kCols, s0);
-    _mm256_storeu_ps(col + kCols + 8, s1);
+  for (int r = 0; r < R; ++r) {  // a NaN score is skipped here (max_ps returns its second operand)
+    t0 = _mm256_max_ps(c0[r], t0);
+    t1 = _mm256_max_ps(c1[r], t1);
   }
+  const __m256 slack = _mm256_set1_ps(kSlack);
+  const __m256 over0 = _mm256_cmp_ps(t0, _mm256_add_ps(_mm256_loadu_ps(col), slack), _CMP_GT_OQ);
+  const __m256 over1 = _mm256_cmp_ps(t1, _mm256_add_ps(_mm256_loadu_ps(col + 8), slack), _CMP_GT_OQ);
+  if (__builtin_expect(_mm256_movemask_ps(_mm256_or_ps(over0, over1)) != 0, 0))
+    raise_reference(t0, t1, col, col + kCols, c - done * kCols, done);
+  const __m256 ref0 = _mm256_loadu_ps(col), ref1 = _mm256_loadu_ps(col + 8);
+  __m256 s0 = _mm256_loadu_ps(col + kCols), s1 = _mm256_loadu_ps(col + kCols + 8);
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
-    float* cr = c + r * ldc;
-    if constexpr (E == Epilogue::kRescale) {
-      c0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(cr), _mm256_loadu_ps(col), c0[r]);
-      c1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(cr + 8), _mm256_loadu_ps(col + 8), c1[r]);
-    }
-    _mm256_storeu_ps(cr, c0[r]);
-    _mm256_storeu_ps(cr + 8, c1[r]);
+    c0[r] = exp2_softmax(_mm256_sub_ps(c0[r], ref0));
+    c1[r] = exp2_softmax(_mm256_sub_ps(c1[r], ref1));
+    s0 = _mm256_add_ps(s0, c0[r]);
+    s1 = _mm256_add_ps(s1, c1[r]);
+  }
+  _mm256_storeu_ps(col + kCols, s0);
+  _mm256_storeu_ps(col + kCols + 8, s1);
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(c + r * kCols, c0[r]);
+    _mm256_storeu_ps(c + r * kCols + 8, c1[r]);
   }
 }
 
-template <Epilogue E>
-inline void tile_rows(int64_t rows, int64_t K, const float* a, const float* b, float* c, int64_t ldc, float* col,
-                      int64_t done = 0) {
+// Where a value tile's sums go. Rows are queries, the 16 columns value channels of which `width` are real.
+//   kStore:   acc                                     into the block's accumulator rows (first key block of several)
+//   kRescale: acc + prev * corr[r]                    into the same rows (middle key blocks)
+//   kOutput:  (acc [+ prev * corr[r]]) * inv_l[r] [+ res]  into the output (last key block)
+enum class Sink { kStore, kRescale, kOutput };
+struct ValueRows {
+  float* prev;        // the block's accumulator rows (several key blocks only)
+  int64_t ld_prev;
+  bool earlier;       // prev holds earlier key blocks' sums, to be rescaled and added
+  const float* corr;  // per-query factors of the earlier blocks' sums
+  const float* inv_l;
+  const float* res;   // residual rows, or nullptr
+  int64_t ld_res;
+  float* out;
+  int64_t ld_out;
+  int width;
+};
+
+inline __m256 lane_mask(int n) {  // lanes < n set
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
+// out (16 floats, `width` of them real) = y, plus the residual row if any; partial rows by masked loads/stores.
+inline void store_row(float* out, const float* res, __m256 y0, __m256 y1, int width) {
+  if (width == kCols) {
+    if (res) {
+      y0 = _mm256_add_ps(y0, _mm256_loadu_ps(res));
+      y1 = _mm256_add_ps(y1, _mm256_loadu_ps(res + 8));
+    }
+    _mm256_storeu_ps(out, y0);
+    _mm256_storeu_ps(out + 8, y1);
+    return;
+  }
+  const __m256i m0 = _mm256_castps_si256(lane_mask(width)), m1 = _mm256_castps_si256(lane_mask(width - 8));
+  if (res) {
+    y0 = _mm256_add_ps(y0, _mm256_maskload_ps(res, m0));
+    y1 = _mm256_add_ps(y1, _mm256_maskload_ps(res + 8, m1));
+  }
+  _mm256_maskstore_ps(out, m0, y0);
+  _mm256_maskstore_ps(out + 8, m1, y1);
+}
+
+// R query rows of O = P V for 16 value channels: a is the panel's P^T from query r on ((nk, kCols): query r's
+// probabilities at a[k * kCols + r]), b one packed V tile ((nk, kCols)).
+template <int R, Sink S>
+__attribute__((noinline)) void value_tile(int64_t nk, const float* a, const float* b, const ValueRows& o) {
+  __m256 c0[R], c1[R];
+  accumulate<R, kCols>(nk, a, b, c0, c1);
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    float* prev = o.prev ? o.prev + r * o.ld_prev : nullptr;
+    if (S == Sink::kRescale || (S == Sink::kOutput && o.earlier)) {
+      const __m256 f = _mm256_broadcast_ss(o.corr + r);
+      c0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(prev), f, c0[r]);
+      c1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(prev + 8), f, c1[r]);
+    }
+    if constexpr (S == Sink::kOutput) {
+      const __m256 inv = _mm256_broadcast_ss(o.inv_l + r);
+      store_row(o.out + r * o.ld_out, o.res ? o.res + r * o.ld_res : nullptr, _mm256_mul_ps(c0[r], inv),
+                _mm256_mul_ps(c1[r], inv), o.width);
+    } else {
+      _mm256_storeu_ps(prev, c0[r]);
+      _mm256_storeu_ps(prev + 8, c1[r]);
+    }
+  }
+}
+
+inline void score_rows(int64_t rows, int64_t D, const float* a, const float* b, float* c, float* col, int64_t done) {
   switch (rows) {
-    case 6: return tile<6, E>(K, a, b, c, ldc, col, done);
-    case 5: return tile<5, E>(K, a, b, c, ldc, col, done);
-    case 4: return tile<4, E>(K, a, b, c, ldc, col, done);
-    case 3: return tile<3, E>(K, a, b, c, ldc, col, done);
-    case 2: return tile<2, E>(K, a, b, c, ldc, col, done);
-    default: return tile<1, E>(K, a, b, c, ldc, col, done);
+    case 6: return score_tile<6>(D, a, b, c, col, done);
+    case 5: return score_tile<5>(D, a, b, c, col, done);
+    case 4: return score_tile<4>(D, a, b, c, col, done);
+    case 3: return score_tile<3>(D, a, b, c, col, done);
+    case 2: return score_tile<2>(D, a, b, c, col, done);
+    default: return score_tile<1>(D, a, b, c, col, done);
+  }
+}
+
+template <Sink S>
+inline void value_rows(int64_t rows, int64_t nk, const float* a, const float* b, const ValueRows& o) {
+  switch (rows) {
+    case 6: return value_tile<6, S>(nk, a, b, o);
+    case 5: return value_tile<5, S>(nk, a, b, o);
+    case 4: return value_tile<4, S>(nk, a, b, o);
+    case 3: return value_tile<3, S>(nk, a, b, o);
+    case 2: return value_tile<2, S>(nk, a, b, o);
+    default: return value_tile<1, S>(nk, a, b, o);
   }
 }
 
@@ -194,52 +272,33 @@ void pack_k(int64_t nk, int64_t D, const float* k, int64_t ldk, float* kp) {
   }
 }
 
-// V rows (nk x Dv) in tiles of 6 columns: vp[tile][k][0..6), tile stride nk * 6 + kPad. Row by row, so each
-// row of V is read once, in order.
+// V rows (nk x Dv) in tiles of 16 columns: vp[tile][k][0..16), tile stride nk * 16, columns past Dv zeros. Row by
+// row, so each row of V is read once, in order.
 void pack_v(int64_t nk, int64_t Dv, const float* v, int64_t ldv, float* vp) {
-  const int64_t tiles = (Dv + kRows - 1) / kRows, stride = nk * kRows + kPad;
-  const int64_t wide = Dv >= 8 ? (Dv - 8) / kRows + 1 : 0;  // tiles whose 8-float load stays inside the row
+  const int64_t tiles = (Dv + kCols - 1) / kCols, stride = nk * kCols, whole = Dv / kCols;
   for (int64_t k = 0; k < nk; ++k) {
     const float* row = v + k * ldv;
-    float* dst = vp + k * kRows;
-    int64_t t = 0;
-    for (; t < wide; ++t) _mm256_storeu_ps(dst + t * stride, _mm256_loadu_ps(row + t * kRows));
-    for (; t < tiles; ++t)
-      for (int64_t j = 0; j < kRows; ++j) dst[t * stride + j] = t * kRows + j < Dv ? row[t * kRows + j] : 0.f;
+    float* dst = vp + k * kCols;
+    for (int64_t t = 0; t < whole; ++t) {
+      _mm256_storeu_ps(dst + t * stride, _mm256_loadu_ps(row + t * kCols));
+      _mm256_storeu_ps(dst + t * stride + 8, _mm256_loadu_ps(row + t * kCols + 8));
+    }
+    for (int64_t t = whole; t < tiles; ++t)
+      for (int64_t j = 0; j < kCols; ++j) dst[t * stride + j] = t * kCols + j < Dv ? row[t * kCols + j] : 0.f;
   }
 }
 
 // The end of one 16-query panel's key block, online across blocks: given the block's reference ref and the
-// column sums of its P^T, corr = 2^(m - ref) rescales the earlier blocks' l and O^T; l = l * corr + sum, m = ref.
-void finish_panel(const float* ref_sum, float* m, float* l, float* corr) {
+// column sums of its P^T, corr = 2^(m - ref) rescales the earlier blocks' l and O; l = l * corr + sum, m = ref;
+// after the last block inv_l = 1 / l.
+void finish_panel(const float* ref_sum, float* m, float* l, float* corr, float* inv_l) {
   for (int h = 0; h < kCols; h += 8) {  // on the first block m = -inf: corr = 2^-126 multiplies l = 0
     const __m256 ref = _mm256_loadu_ps(ref_sum + h), c = exp2_softmax(_mm256_sub_ps(_mm256_loadu_ps(m + h), ref));
-    _mm256_storeu_ps(l + h, _mm256_fmadd_ps(_mm256_loadu_ps(l + h), c, _mm256_loadu_ps(ref_sum + kCols + h)));
+    const __m256 lh = _mm256_fmadd_ps(_mm256_loadu_ps(l + h), c, _mm256_loadu_ps(ref_sum + kCols + h));
+    _mm256_storeu_ps(l + h, lh);
     _mm256_storeu_ps(m + h, ref);
     _mm256_storeu_ps(corr + h, c);
-  }
-}
-
-// out[i][c] = O^T[c][i] / l[i] (+ residual[i][c]) for i < nq, c < Dv: 8x8 transposes, scalar edges.
-void store_output(int64_t nq, int64_t Dv, const float* ot, int64_t ldot, const float* l, const float* res,
-                  int64_t ldr, float* out, int64_t ldo) {
-  for (int64_t i0 = 0; i0 < nq; i0 += 8) {
-    int64_t c = 0;
-    if (i0 + 8 <= nq) {
-      const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_loadu_ps(l + i0));
-      for (; c + 8 <= Dv; c += 8) {
-        __m256 r[8];
-        for (int j = 0; j < 8; ++j) r[j] = _mm256_mul_ps(_mm256_loadu_ps(ot + (c + j) * ldot + i0), inv);
-        transpose8x8(r);
-        for (int j = 0; j < 8; ++j) {
-          if (res) r[j] = _mm256_add_ps(r[j], _mm256_loadu_ps(res + (i0 + j) * ldr + c));
-          _mm256_storeu_ps(out + (i0 + j) * ldo + c, r[j]);
-        }
-      }
-    }
-    for (int64_t i = i0; i < std::min(i0 + 8, nq); ++i)
-      for (int64_t cc = c; cc < Dv; ++cc)
-        out[i * ldo + cc] = ot[cc * ldot + i] / l[i] + (res ? res[i * ldr + cc] : 0.f);
+    if (inv_l) _mm256_storeu_ps(inv_l + h, _mm256_div_ps(_mm256_set1_ps(1.f), lh));
   }
 }
 
@@ -262,17 +321,17 @@ struct RowFetcher {
 // then whole cache lines (from malloc's 16-byte alignment, half of their two-vector loads would split lines).
 struct Scratch {
   std::vector<float> storage;
-  float *qp, *kp, *vp, *st, *ot, *m, *l, *corr;
+  float *qp, *kp, *vp, *st, *ot, *m, *l, *corr, *inv_l;
 
   void carve(int64_t qp_n, int64_t kp_n, int64_t vp_n, int64_t st_n, int64_t ot_n, int64_t rows_n) {
     constexpr int64_t kLine = 16;  // floats per cache line
     auto up = [](int64_t n) { return (n + kLine - 1) / kLine * kLine; };
-    const int64_t total = up(qp_n) + up(kp_n) + up(vp_n) + up(st_n) + up(ot_n) + 3 * up(rows_n) + kLine;
+    const int64_t total = up(qp_n) + up(kp_n) + up(vp_n) + up(st_n) + up(ot_n) + 4 * up(rows_n) + kLine;
     if (static_cast<int64_t>(storage.size()) < total) storage.resize(total);
     float* p = storage.data();
     p += (kLine - reinterpret_cast<uintptr_t>(p) / sizeof(float) % kLine) % kLine;
     for (auto [dst, n] : {std::pair{&qp, qp_n}, {&kp, kp_n}, {&vp, vp_n}, {&st, st_n}, {&ot, ot_n}, {&m, rows_n},
-                          {&l, rows_n}, {&corr, rows_n}}) {
+                          {&l, rows_n}, {&corr, rows_n}, {&inv_l, rows_n}}) {
       *dst = p;
       p += up(n);
     }
@@ -282,18 +341,18 @@ struct Scratch {
 void attention_tiles(const AttentionArgs& a) {
   const int64_t B = a.batch, H = a.heads, N = a.q_len, M = a.kv_len, D = a.head_dim, Dv = a.v_dim;
   const int64_t blocks = (N + kQueryBlock - 1) / kQueryBlock, KB = std::min(kKeyBlock, M);
-  const int64_t k_tiles = (KB + kRows - 1) / kRows, v_tiles = (Dv + kRows - 1) / kRows;
+  const int64_t k_tiles = (KB + kRows - 1) / kRows, v_tiles = (Dv + kCols - 1) / kCols, ldot = v_tiles * kCols;
   const bool one_key_block = M <= kKeyBlock;  // then K and V are packed once per (batch, head)
   const float s = a.scale * 1.4426950408889634f;  // scores in the exp2 domain
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
     thread_local Scratch w;  // reused across calls: no page faults on the hot path
-    w.carve(kQueryBlock * D, k_tiles * (D * kRows + kPad), v_tiles * (KB * kRows + kPad), KB * kQueryBlock,
-            Dv * kQueryBlock, kQueryBlock);
+    w.carve(kQueryBlock * D, k_tiles * (D * kRows + kPad), v_tiles * KB * kCols, KB * kQueryBlock,
+            one_key_block ? 0 : kQueryBlock * ldot, kQueryBlock);
     int64_t packed = -1;  // the (batch, head) whose K and V are in w.kp / w.vp
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / blocks, b = bh / H, h = bh % H;
       const int64_t q0 = (item % blocks) * kQueryBlock, nq = std::min(kQueryBlock, N - q0);
-      const int64_t panels = (nq + kCols - 1) / kCols, ldot = panels * kCols;
+      const int64_t panels = (nq + kCols - 1) / kCols;
       const float* q = a.q + b * a.q_strides[0] + h * a.q_strides[1] + q0 * a.q_strides[2];
       const float* k = a.k + b * a.k_strides[0] + h * a.k_strides[1];
       const float* v = a.v + b * a.v_strides[0] + h * a.v_strides[1];
@@ -323,12 +382,14 @@ void attention_tiles(const AttentionArgs& a) {
           pack_v(nk, Dv, v + k0 * a.v_strides[2], a.v_strides[2], w.vp);
           packed = bh;
         }
-        // Panel by panel (16 queries): S^T (nk x 16) = K Q^T, its softmax, O^T (Dv x 16) = V^T P^T (or
-        // O^T * corr + V^T P^T after the first key block). The panel's scores stay in L1 through all three; the
-        // packed K and V tiles stream from L2, 24 bytes per step. Meanwhile the next head's rows, the residual
-        // rows and the next block's queries are fetched, a slice before each tile, not in bursts.
-        const int64_t calls = panels * ((nk + kRows - 1) / kRows + v_tiles);  // tile calls in this key block
-        const bool last_block = k0 + KB >= M;
+        // Panel by panel (16 queries): P^T (nk x 16) = 2^(K Q^T - ref), then O (16 x Dv) = P V, 6 queries by 16
+        // value channels per tile, added to the earlier key blocks' O rescaled, and on the last key block divided
+        // by l and written out (+ residual). The panel's P^T stays in L1 through both products; the packed K and V
+        // tiles stream from L2. Meanwhile the next head's rows, the residual rows and the next block's queries
+        // are fetched, a slice before each tile, not in bursts.
+        const int64_t row_tiles = (kCols + kRows - 1) / kRows;  // value tiles per panel and V tile, at most
+        const int64_t calls = panels * ((nk + kRows - 1) / kRows + v_tiles * row_tiles);
+        const bool first_block = k0 == 0, last_block = k0 + KB >= M;
         RowFetcher next_k{k_next, a.k_strides[2], prefetch ? M : 0, D, calls};
         RowFetcher next_v{v_next, a.v_strides[2], prefetch ? M : 0, Dv, calls};
         RowFetcher res{r, a.res_strides[2], last_block && r ? nq : 0, Dv, calls};
@@ -342,29 +403,42 @@ void attention_tiles(const AttentionArgs& a) {
           out_rows.step<_MM_HINT_T0>();
         };
         for (int64_t p = 0; p < panels; ++p) {
+          const int64_t pq0 = p * kCols, pq = std::min(kCols, nq - pq0);  // the panel's queries in the block
           float* st = w.st + p * nk * kCols;
           alignas(32) float ref_sum[2 * kCols];  // the panel's reference maxima, then its column sums of P^T
-          std::copy(w.m + p * kCols, w.m + (p + 1) * kCols, ref_sum);
+          std::copy(w.m + pq0, w.m + pq0 + kCols, ref_sum);
           std::fill(ref_sum + kCols, ref_sum + 2 * kCols, 0.f);
           for (int64_t r0 = 0; r0 < nk; r0 += kRows) {
             fetch_slice();
-            tile_rows<Epilogue::kSoftmax>(std::min(kRows, nk - r0), D, w.kp + (r0 / kRows) * (D * kRows + kPad),
-                                          w.qp + p * D * kCols, st + r0 * kCols, kCols, ref_sum, r0);
+            score_rows(std::min(kRows, nk - r0), D, w.kp + (r0 / kRows) * (D * kRows + kPad), w.qp + p * D * kCols,
+                       st + r0 * kCols, ref_sum, r0);
           }
-          finish_panel(ref_sum, w.m + p * kCols, w.l + p * kCols, w.corr + p * kCols);
-          for (int64_t r0 = 0; r0 < Dv; r0 += kRows) {
-            fetch_slice();
-            const int64_t rows = std::min(kRows, Dv - r0);
-            const float* vt = w.vp + (r0 / kRows) * (nk * kRows + kPad);
-            float* ot = w.ot + r0 * ldot + p * kCols;
-            if (k0 == 0)
-              tile_rows<Epilogue::kStore>(rows, nk, vt, st, ot, ldot, nullptr);
-            else
-              tile_rows<Epilogue::kRescale>(rows, nk, vt, st, ot, ldot, w.corr + p * kCols);
+          finish_panel(ref_sum, w.m + pq0, w.l + pq0, w.corr + pq0, last_block ? w.inv_l + pq0 : nullptr);
+          for (int64_t t = 0; t < v_tiles; ++t) {
+            const float* vt = w.vp + t * nk * kCols;
+            for (int64_t r0 = 0; r0 < pq; r0 += kRows) {
+              fetch_slice();
+              const int64_t i = pq0 + r0, rows = std::min(kRows, pq - r0);  // queries i .. i + rows of the block
+              const ValueRows rows_out{one_key_block ? nullptr : w.ot + i * ldot + t * kCols,
+                                 ldot,
+                                 !first_block,
+                                 w.corr + i,
+                                 w.inv_l + i,
+                                 r ? r + i * a.res_strides[2] + t * kCols : nullptr,
+                                 a.res_strides[2],
+                                 o + i * a.out_strides[2] + t * kCols,
+                                 a.out_strides[2],
+                                 static_cast<int>(std::min(kCols, Dv - t * kCols))};
+              if (last_block)
+                value_rows<Sink::kOutput>(rows, nk, st + r0, vt, rows_out);
+              else if (first_block)
+                value_rows<Sink::kStore>(rows, nk, st + r0, vt, rows_out);
+              else
+                value_rows<Sink::kRescale>(rows, nk, st + r0, vt, rows_out);
+            }
           }
         }
       }
-      store_output(nq, Dv, w.ot, ldot, w.l, r, a.res_strides[2], o, a.out_strides[2]);
     }
   });
 }
