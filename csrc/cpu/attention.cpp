@@ -338,6 +338,13 @@ struct Scratch {
   }
 };
 
+// This thread's scratch, reused across calls (no page faults on the hot path). Fetched once per task through an
+// opaque call: a thread_local named inside the loop cost a __tls_get_addr call (PIC) after every tile call.
+__attribute__((noinline)) Scratch& thread_scratch() {
+  thread_local Scratch w;
+  return w;
+}
+
 void attention_tiles(const AttentionArgs& a) {
   const int64_t B = a.batch, H = a.heads, N = a.q_len, M = a.kv_len, D = a.head_dim, Dv = a.v_dim;
   const int64_t blocks = (N + kQueryBlock - 1) / kQueryBlock, KB = std::min(kKeyBlock, M);
@@ -345,7 +352,7 @@ void attention_tiles(const AttentionArgs& a) {
   const bool one_key_block = M <= kKeyBlock;  // then K and V are packed once per (batch, head)
   const float s = a.scale * 1.4426950408889634f;  // scores in the exp2 domain
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
-    thread_local Scratch w;  // reused across calls: no page faults on the hot path
+    Scratch& w = thread_scratch();
     w.carve(kQueryBlock * D, k_tiles * (D * kRows + kPad), v_tiles * KB * kCols, KB * kQueryBlock,
             one_key_block ? 0 : kQueryBlock * ldot, kQueryBlock);
     int64_t packed = -1;  // the (batch, head) whose K and V are in w.kp / w.vp
