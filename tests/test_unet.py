@@ -108,11 +108,13 @@ def test_from_diffusers_rejects_other_architectures(tmp_path):
 
 
 @pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
-def test_multi_head_block_reuses_its_heads_buffer_safely():
-    # inference keeps the heads' output in one buffer per shape: a later call must not change an earlier result,
-    # and switching between inference_mode and no_grad must not write into an inference tensor outside it
+@pytest.mark.parametrize("head_dim", [16, 64])  # four heads; one head (output projection folded into v)
+def test_attention_block_reuses_its_buffers_safely(head_dim):
+    # inference keeps the projections and the heads' output in one buffer each per shape: a later call must not
+    # change an earlier result, and switching between inference_mode and no_grad must not write into an
+    # inference tensor outside it
     torch.manual_seed(0)
-    blk = df.models.unet.AttnBlock(64, df.UNetConfig(attention_head_dim=16, eps=1e-6)).eval()
+    blk = df.models.unet.AttnBlock(64, df.UNetConfig(attention_head_dim=head_dim, eps=1e-6)).eval()
     blk.backend = "cpu"
     x1, x2 = (torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last) for _ in range(2))
     with torch.no_grad():

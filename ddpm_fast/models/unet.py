@@ -148,9 +148,9 @@ class GroupNormAct(nn.GroupNorm):
         self.silu = silu
         self.backend = None
 
-    def forward(self, x, add=None):
+    def forward(self, x, add=None, out=None):
         return ops.group_norm_silu(
-            x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu, add=add, backend=self.backend
+            x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu, add=add, backend=self.backend, out=out
         )
 
 
@@ -208,42 +208,65 @@ class AttnBlock(nn.Module):
             self._proj = (key, w, b)
         return self._proj[1], self._proj[2]
 
+    def _buffer(self, name: str, like: torch.Tensor, shape: tuple | None = None) -> torch.Tensor:
+        """A per-shape intermediate reused across inference calls (a fresh 2-6 MB tensor page-faults on every call
+        here): shaped and laid out like `like` (or contiguous of `shape`), reallocated when that changes or when
+        switching in or out of inference_mode (inference tensors can only be written there)."""
+        buf = getattr(self, name, None)
+        want = like.shape if shape is None else torch.Size(shape)
+        if (
+            buf is None
+            or (buf.shape, buf.dtype, buf.device) != (want, like.dtype, like.device)
+            or (shape is None and buf.stride() != like.stride())
+            or buf.is_inference() != torch.is_inference_mode_enabled()
+        ):
+            buf = torch.empty_like(like) if shape is None else like.new_empty(shape)
+            setattr(self, name, buf)
+        return buf
+
+    def _project(self, h: torch.Tensor, fold_out: bool) -> torch.Tensor:
+        """q, k, v (B, HW, 3C) = h W^T + b by one GEMM into a reused buffer (inference)."""
+        w, b = self._projection_weights(fold_out)
+        B, N, C = h.shape
+        qkv = self._buffer("_qkv", h, (B, N, 3 * C))
+        torch.addmm(b, h.reshape(B * N, C), w.t(), out=qkv.view(B * N, 3 * C))
+        return qkv
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, HW, C) -> (B, heads, HW, d): a strided view the attention kernel reads in place."""
+        B, N, C = t.shape
+        return t.view(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)
+
     def forward(self, x):
-        B, C, H, W = x.shape
-        heads, d = self.num_heads, C // self.num_heads
-        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C): a free view when x is channels_last
         if torch.is_grad_enabled() or self.backend == "torch":
-            q, k, v = (proj(h) for proj in (self.to_q, self.to_k, self.to_v))
-        elif heads == 1:  # inference, one head: one GEMM, attention with the residual in its epilogue, done
-            q, k, v = F.linear(h, *self._projection_weights(fold_out=True)).split(C, dim=-1)
+            return self._forward_modules(x)
+        return self._forward_inference(x)
+
+    def _forward_modules(self, x):
+        """Training and backend 'torch': the plain modules (differentiable), the attention through ops."""
+        B, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C): a free view when x is channels_last
+        q, k, v = (self._heads(proj(h)) for proj in (self.to_q, self.to_k, self.to_v))
+        o = ops.attention(q, k, v, backend=self.backend)
+        o = o.transpose(1, 2).reshape(B, H * W, C)  # merging the heads is a view of the kernel's output
+        return x + self.to_out[0](o).transpose(1, 2).reshape(B, C, H, W)
+
+    def _forward_inference(self, x):
+        """Inference: one GEMM for the three projections; every intermediate in a reused buffer."""
+        B, C, H, W = x.shape
+        h = self.group_norm(x, out=self._buffer("_normed", x)).flatten(2).transpose(1, 2)
+        if self.num_heads == 1:  # attention with the output projection folded in and the residual in its epilogue
+            q, k, v = self._project(h, fold_out=True).split(C, dim=-1)
             res = x.permute(0, 2, 3, 1).reshape(B, 1, H * W, C)  # a view when x is channels_last
             o = ops.attention(q[:, None], k[:, None], v[:, None], residual=res, backend=self.backend)
             return o.transpose(2, 3).reshape(B, C, H, W)  # (B, HW, C) memory: channels_last, no copy
-        else:  # inference: one GEMM for the three projections
-            q, k, v = F.linear(h, *self._projection_weights(fold_out=False)).split(C, dim=-1)
-
-        def heads_view(t):  # (B, HW, C) -> (B, heads, HW, d), a strided view the attention kernel reads in place
-            return t.view(B, H * W, heads, d).transpose(1, 2)
-
-        if torch.is_grad_enabled() or self.backend == "torch":
-            o = ops.attention(heads_view(q), heads_view(k), heads_view(v), backend=self.backend)
-            o = o.transpose(1, 2).reshape(B, H * W, C)  # merging the heads is a view of the kernel's output
-            return x + self.to_out[0](o).transpose(1, 2).reshape(B, C, H, W)
-        # inference: the heads' output is an intermediate, consumed below: one buffer per shape, reused (a fresh
-        # 2 MB tensor page-faults on every call here); laid out (B, HW, heads, d) so merging the heads is a view
-        buf = getattr(self, "_attn_out", None)
-        if (
-            buf is None
-            or (buf.shape, buf.dtype, buf.device) != ((B, H * W, C), q.dtype, q.device)
-            or buf.is_inference() != torch.is_inference_mode_enabled()  # inference tensors: written there only
-        ):
-            buf = self._attn_out = q.new_empty(B, H * W, C)
-        ops.attention(heads_view(q), heads_view(k), heads_view(v), backend=self.backend, out=heads_view(buf))
-        o = buf
-        # inference: (x + b_out) in one pass, then o W_out^T accumulated onto it in place by one GEMM (beta = 1)
+        q, k, v = (self._heads(t) for t in self._project(h, fold_out=False).split(C, dim=-1))
+        o = self._buffer("_attn_out", x, (B, H * W, C))  # (B, HW, heads, d): merging the heads is a view
+        ops.attention(q, k, v, backend=self.backend, out=self._heads(o))
+        # (x + b_out) in one pass, then o W_out^T accumulated onto it in place by one GEMM (beta = 1)
         x_rows = x.permute(0, 2, 3, 1).reshape(B * H * W, C)  # a view when x is channels_last
         out = torch.add(x_rows, self.to_out[0].bias)
-        out.addmm_(o.reshape(B * H * W, C), self.to_out[0].weight.t())
+        out.addmm_(o.view(B * H * W, C), self.to_out[0].weight.t())
         return out.view(B, H, W, C).permute(0, 3, 1, 2)
 
 
