@@ -130,3 +130,44 @@ def test_attention_block_reuses_its_buffers_safely(head_dim):
     torch.testing.assert_close(y1, y1_copy, atol=0, rtol=0)
     for got, want in ((y1, expected[0]), (y2, expected[1]), (y3, expected[0])):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    x3 = torch.randn(3, 64, 4, 4)  # another shape and layout: new buffers
+    with torch.no_grad():
+        blk.backend = "torch"
+        want3 = blk(x3)
+        blk.backend = "cpu"
+        torch.testing.assert_close(blk(x3), want3, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
+def test_attention_block_buffers_are_per_thread():
+    # two threads running the same block at once each get their own intermediates (a server may share a model)
+    import threading
+
+    torch.manual_seed(0)
+    blk = df.models.unet.AttnBlock(64, df.UNetConfig(attention_head_dim=16, eps=1e-6)).eval()
+    xs = [torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    with torch.no_grad():
+        blk.backend = "torch"
+        expected = [blk(x) for x in xs]
+        blk.backend = "cpu"
+    errors = []
+
+    def run(i):
+        with torch.inference_mode():
+            for _ in range(30):
+                errors.append((blk(xs[i]) - expected[i]).abs().max().item())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(f"max error over {len(errors)} concurrent calls: {max(errors):.1e}")
+    assert len(errors) == 60 and max(errors) < 2e-5
+
+
+def test_unet_attention_blocks_share_one_scratch():
+    m = df.UNet(df.UNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16, 8), sample_size=16))
+    assert sum(isinstance(a, df.models.unet.AttnBlock) for a in m.modules()) > 2
+    scratches = {id(a.scratch) for a in m.modules() if isinstance(a, df.models.unet.AttnBlock)}
+    assert len(scratches) == 1

@@ -9,6 +9,7 @@ google/ddpm-cifar10-32 configuration.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -172,6 +173,33 @@ class ResBlock(nn.Module):
         return self.conv2(self.dropout(h), residual=skip)  # the residual add fused into the conv where it can be
 
 
+class Scratch:
+    """Intermediates reused across inference calls: a fresh multi-MB tensor page-faults on every call on the CPU.
+
+    One tensor per (thread, name), shaped and laid out like the `like` tensor (or contiguous of `shape`) and
+    reallocated when that changes or when switching in or out of inference_mode (inference tensors can only be
+    written there). A tensor from ``get`` is valid until the next ``get`` of its name on the same thread, so a
+    module may only use it for values that are dead when its forward returns; then modules that run one after
+    another can share one Scratch (a UNet's attention blocks do), and threads never share a tensor.
+    """
+
+    def __init__(self):
+        self._tensors = {}
+
+    def get(self, name: str, like: torch.Tensor, shape: tuple | None = None) -> torch.Tensor:
+        key = (threading.get_ident(), name)
+        buf = self._tensors.get(key)
+        want = like.shape if shape is None else torch.Size(shape)
+        if (
+            buf is None
+            or (buf.shape, buf.dtype, buf.device) != (want, like.dtype, like.device)
+            or (shape is None and buf.stride() != like.stride())
+            or buf.is_inference() != torch.is_inference_mode_enabled()
+        ):
+            buf = self._tensors[key] = torch.empty_like(like) if shape is None else like.new_empty(shape)
+        return buf
+
+
 class AttnBlock(nn.Module):
     """Self-attention over the H*W positions, residual added after the output projection."""
 
@@ -187,6 +215,7 @@ class AttnBlock(nn.Module):
         self.to_v = nn.Linear(ch, ch)
         self.to_out = nn.ModuleList([nn.Linear(ch, ch)])  # diffusers' name: to_out.0
         self.backend = None
+        self.scratch = Scratch()  # a UNet gives all its attention blocks one
 
     def _projection_weights(self, fold_out: bool):
         """to_q, to_k, to_v stacked into one (3C, C) projection, cached until a weight changes.
@@ -208,27 +237,11 @@ class AttnBlock(nn.Module):
             self._proj = (key, w, b)
         return self._proj[1], self._proj[2]
 
-    def _buffer(self, name: str, like: torch.Tensor, shape: tuple | None = None) -> torch.Tensor:
-        """A per-shape intermediate reused across inference calls (a fresh 2-6 MB tensor page-faults on every call
-        here): shaped and laid out like `like` (or contiguous of `shape`), reallocated when that changes or when
-        switching in or out of inference_mode (inference tensors can only be written there)."""
-        buf = getattr(self, name, None)
-        want = like.shape if shape is None else torch.Size(shape)
-        if (
-            buf is None
-            or (buf.shape, buf.dtype, buf.device) != (want, like.dtype, like.device)
-            or (shape is None and buf.stride() != like.stride())
-            or buf.is_inference() != torch.is_inference_mode_enabled()
-        ):
-            buf = torch.empty_like(like) if shape is None else like.new_empty(shape)
-            setattr(self, name, buf)
-        return buf
-
     def _project(self, h: torch.Tensor, fold_out: bool) -> torch.Tensor:
         """q, k, v (B, HW, 3C) = h W^T + b by one GEMM into a reused buffer (inference)."""
         w, b = self._projection_weights(fold_out)
         B, N, C = h.shape
-        qkv = self._buffer("_qkv", h, (B, N, 3 * C))
+        qkv = self.scratch.get("qkv", h, (B, N, 3 * C))
         torch.addmm(b, h.reshape(B * N, C), w.t(), out=qkv.view(B * N, 3 * C))
         return qkv
 
@@ -254,14 +267,14 @@ class AttnBlock(nn.Module):
     def _forward_inference(self, x):
         """Inference: one GEMM for the three projections; every intermediate in a reused buffer."""
         B, C, H, W = x.shape
-        h = self.group_norm(x, out=self._buffer("_normed", x)).flatten(2).transpose(1, 2)
+        h = self.group_norm(x, out=self.scratch.get("normed", x)).flatten(2).transpose(1, 2)
         if self.num_heads == 1:  # attention with the output projection folded in and the residual in its epilogue
             q, k, v = self._project(h, fold_out=True).split(C, dim=-1)
             res = x.permute(0, 2, 3, 1).reshape(B, 1, H * W, C)  # a view when x is channels_last
             o = ops.attention(q[:, None], k[:, None], v[:, None], residual=res, backend=self.backend)
             return o.transpose(2, 3).reshape(B, C, H, W)  # (B, HW, C) memory: channels_last, no copy
         q, k, v = (self._heads(t) for t in self._project(h, fold_out=False).split(C, dim=-1))
-        o = self._buffer("_attn_out", x, (B, H * W, C))  # (B, HW, heads, d): merging the heads is a view
+        o = self.scratch.get("heads", x, (B, H * W, C))  # (B, HW, heads, d): merging the heads is a view
         ops.attention(q, k, v, backend=self.backend, out=self._heads(o))
         # (x + b_out) in one pass, then o W_out^T accumulated onto it in place by one GEMM (beta = 1)
         x_rows = x.permute(0, 2, 3, 1).reshape(B * H * W, C)  # a view when x is channels_last
@@ -355,6 +368,10 @@ class UNet(nn.Module):
             if i:
                 res *= 2
 
+        scratch = Scratch()  # the attention blocks run one after another: one set of intermediates for all
+        for m in self.modules():
+            if isinstance(m, AttnBlock):
+                m.scratch = scratch
         self.conv_norm_out = GroupNormAct(cfg.num_groups, cin, cfg.eps, silu=True)
         self.conv_out = Conv2d(cin, cfg.out_channels, 3, padding=1)
         self.backend = None
