@@ -1,0 +1,102 @@
+"""One core's ceiling for the CPU attention kernel: the FMA peak, register tiles of the kernel's shapes, MKL's
+sgemm and the fused attention itself, all on one thread, best of several rounds (this machine's neighbours slow
+some rounds by up to 2x; the best round is the closest to what the core can do).
+
+    python benchmarks/bench_tiles.py [--json benchmarks/results/tiles_cpu.json]
+
+The tile rows come from benchmarks/tile_shapes.cpp (compiled here with g++ -O3 -mavx2 -mfma): 6x16 is the
+attention kernel's tile; K = 64 is a score tile at four heads of 64, K = 256 a value tile over 256 keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine, write_json  # noqa: E402
+
+import ddpm_fast as df  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tile_rates() -> dict:
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise SystemExit(f"bench_tiles: no C++ compiler ({cxx}); set CXX")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "tile_shapes")
+        subprocess.run([cxx, "-O3", "-mavx2", "-mfma", os.path.join(HERE, "tile_shapes.cpp"), "-o", exe], check=True)
+        return json.loads(subprocess.run([exe], check=True, capture_output=True, text=True).stdout)
+
+
+def best_gflops(fn, flops: float, rounds: int = 15, calls: int = 4) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+    return flops / best / 1e9
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    info = machine()
+    rates = tile_rates()
+    peak = rates["fma_peak"]
+    rows = [
+        (name, rates[key])
+        for name, key in (
+            ("FMA peak (registers only)", "fma_peak"),
+            ("tile 6x16, K = 64", "6x16_k64"),
+            ("tile 4x24, K = 64", "4x24_k64"),
+            ("tile 4x16, K = 64", "4x16_k64"),
+            ("tile 6x16, K = 256", "6x16_k256"),
+            ("tile 4x24, K = 256", "4x24_k256"),
+            ("tile 4x16, K = 256", "4x16_k256"),
+        )
+    ]
+    a, b, c = torch.randn(1024, 1024), torch.randn(1024, 1024), torch.empty(1024, 1024)
+    rows.append(("MKL sgemm 1024^3", best_gflops(lambda: torch.mm(a, b, out=c), 2 * 1024**3)))
+    B, C, N = 8, 256, 256
+    qkv = torch.randn(B, N, 3 * C)
+    with torch.inference_mode():
+        for heads in (1, 4):
+            d = C // heads
+            q, k, v = (qkv[..., i * C : (i + 1) * C].view(B, N, heads, d).transpose(1, 2) for i in range(3))
+            out = torch.empty(B, N, heads, d).transpose(1, 2)
+            fn = lambda: df.ops.attention(q, k, v, backend="cpu", out=out)  # noqa: E731
+            rows.append((f"fused attention, {heads} head(s) of {d}", best_gflops(fn, 4 * B * N * N * C)))
+    mkl = rows[-3][1]
+    print(f"# {info['device']}, one thread, best of 15 rounds")
+    print(f"{'':34} {'GFLOP/s':>8} {'% FMA peak':>11} {'% MKL':>7}")
+    for name, gf in rows:
+        print(f"{name:34} {gf:8.1f} {100 * gf / peak:10.0f}% {100 * gf / mkl:6.0f}%")
+    if args.json:
+        write_json(
+            args.json,
+            {
+                "machine": info,
+                "rows": [
+                    {"name": n, "gflops": g, "pct_fma_peak": 100 * g / peak, "pct_mkl": 100 * g / mkl} for n, g in rows
+                ],
+                "command": "python benchmarks/bench_tiles.py",
+            },
+        )
+
+
+if __name__ == "__main__":
+    main()
