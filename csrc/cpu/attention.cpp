@@ -18,6 +18,7 @@
 // Portable build: the same flash-style algorithm with the BLAS sgemm torch links (MKL on x86) for the products.
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "elementwise.h"
@@ -186,27 +187,26 @@ __attribute__((noinline)) void value_tile(int64_t nk, const float* a, const floa
   }
 }
 
-inline void score_rows(int64_t rows, int64_t D, const float* a, const float* b, float* c, float* col, int64_t done) {
+// f(std::integral_constant<int, R>) for R = rows (1..kRows): a tile of the rows left at an edge.
+template <typename F>
+inline void with_rows(int64_t rows, F&& f) {
   switch (rows) {
-    case 6: return score_tile<6>(D, a, b, c, col, done);
-    case 5: return score_tile<5>(D, a, b, c, col, done);
-    case 4: return score_tile<4>(D, a, b, c, col, done);
-    case 3: return score_tile<3>(D, a, b, c, col, done);
-    case 2: return score_tile<2>(D, a, b, c, col, done);
-    default: return score_tile<1>(D, a, b, c, col, done);
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    default: return f(std::integral_constant<int, 1>{});
   }
+}
+
+inline void score_rows(int64_t rows, int64_t D, const float* a, const float* b, float* c, float* col, int64_t done) {
+  with_rows(rows, [&](auto R) { score_tile<decltype(R)::value>(D, a, b, c, col, done); });
 }
 
 template <Sink S>
 inline void value_rows(int64_t rows, int64_t nk, const float* a, const float* b, const ValueRows& o) {
-  switch (rows) {
-    case 6: return value_tile<6, S>(nk, a, b, o);
-    case 5: return value_tile<5, S>(nk, a, b, o);
-    case 4: return value_tile<4, S>(nk, a, b, o);
-    case 3: return value_tile<3, S>(nk, a, b, o);
-    case 2: return value_tile<2, S>(nk, a, b, o);
-    default: return value_tile<1, S>(nk, a, b, o);
-  }
+  with_rows(rows, [&](auto R) { value_tile<decltype(R)::value, S>(nk, a, b, o); });
 }
 
 inline void transpose8x8(__m256 r[8]) {
