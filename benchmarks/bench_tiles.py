@@ -1,6 +1,6 @@
 """One core's ceiling for the CPU attention kernel: the FMA peak, register tiles of the kernel's shapes, MKL's
-sgemm and the fused attention itself, all on one thread, best of several rounds (this machine's neighbours slow
-some rounds by up to 2x; the best round is the closest to what the core can do).
+sgemm and the fused attention itself, all on one thread, the fastest of 15 rounds (this machine's neighbours slow
+some rounds by up to 2x; the fastest round is the closest to what the core can do).
 
     python benchmarks/bench_tiles.py [--json benchmarks/results/tiles_cpu.json]
 
@@ -17,12 +17,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, write_json  # noqa: E402
+from common import interleaved_medians, machine, write_json  # noqa: E402
 
 import ddpm_fast as df  # noqa: E402
 
@@ -37,16 +36,6 @@ def tile_rates() -> dict:
         exe = os.path.join(tmp, "tile_shapes")
         subprocess.run([cxx, "-O3", "-mavx2", "-mfma", os.path.join(HERE, "tile_shapes.cpp"), "-o", exe], check=True)
         return json.loads(subprocess.run([exe], check=True, capture_output=True, text=True).stdout)
-
-
-def best_gflops(fn, flops: float, rounds: int = 15, calls: int = 4) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-    return flops / best / 1e9
 
 
 def main():
@@ -70,18 +59,21 @@ def main():
         )
     ]
     a, b, c = torch.randn(1024, 1024), torch.randn(1024, 1024), torch.empty(1024, 1024)
-    rows.append(("MKL sgemm 1024^3", best_gflops(lambda: torch.mm(a, b, out=c), 2 * 1024**3)))
+    providers, flops = {"MKL sgemm 1024^3": lambda: torch.mm(a, b, out=c)}, {"MKL sgemm 1024^3": 2 * 1024**3}
     B, C, N = 8, 256, 256
     qkv = torch.randn(B, N, 3 * C)
+    for heads in (1, 4):
+        d = C // heads
+        q, k, v = (qkv[..., i * C : (i + 1) * C].view(B, N, heads, d).transpose(1, 2) for i in range(3))
+        out = torch.empty(B, N, heads, d).transpose(1, 2)
+        name = f"fused attention, {heads} head(s) of {d}"
+        providers[name] = lambda q=q, k=k, v=v, out=out: df.ops.attention(q, k, v, backend="cpu", out=out)
+        flops[name] = 4 * B * N * N * C
     with torch.inference_mode():
-        for heads in (1, 4):
-            d = C // heads
-            q, k, v = (qkv[..., i * C : (i + 1) * C].view(B, N, heads, d).transpose(1, 2) for i in range(3))
-            out = torch.empty(B, N, heads, d).transpose(1, 2)
-            fn = lambda: df.ops.attention(q, k, v, backend="cpu", out=out)  # noqa: E731
-            rows.append((f"fused attention, {heads} head(s) of {d}", best_gflops(fn, 4 * B * N * N * C)))
-    mkl = rows[-3][1]
-    print(f"# {info['device']}, one thread, best of 15 rounds")
+        res = interleaved_medians(providers, repeats=15, min_time=0.02)
+    rows += [(name, flops[name] / r["min_s"] / 1e9) for name, r in res.items()]
+    mkl = dict(rows)["MKL sgemm 1024^3"]
+    print(f"# {info['device']}, one thread, fastest of 15 rounds")
     print(f"{'':34} {'GFLOP/s':>8} {'% FMA peak':>11} {'% MKL':>7}")
     for name, gf in rows:
         print(f"{name:34} {gf:8.1f} {100 * gf / peak:10.0f}% {100 * gf / mkl:6.0f}%")
