@@ -87,6 +87,26 @@ def test_fused_cpu_large_logits_are_stable():
 
 
 @needs_cpu
+@pytest.mark.parametrize("M", [300, 1100])  # one key block, and three (the reference carried across blocks)
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_fused_cpu_scores_ramping_over_the_keys(M, direction):
+    # Scores that climb (or fall) steadily along the keys, by ~100 over them: a later tile keeps passing the
+    # kernel's reference by more than its slack, so the reference is raised, and the rows and sums stored before
+    # rescaled, again and again (falling: never raised, the early keys dominate and the late ones underflow).
+    g = torch.Generator().manual_seed(3)
+    D = 16
+    q = torch.randn(2, 2, 37, D, generator=g)
+    u = q.mean(dim=2, keepdim=True)
+    ramp = direction * torch.linspace(0, 100, M).view(1, 1, M, 1) / u.square().sum(-1, keepdim=True) * D**0.5
+    k = ramp * u + 0.5 * torch.randn(2, 2, M, D, generator=g)
+    v = torch.randn(2, 2, M, D, generator=g)
+    out = df.ops.attention(q, k, v, backend="cpu")
+    expected = ref.attention(q.double(), k.double(), v.double()).float()
+    assert torch.isfinite(out).all()
+    assert_fp32_close(f"ramping scores, M={M}, direction {direction:+}", out, expected, atol=1e-4)
+
+
+@needs_cpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_cpu_low_precision(dtype):
     q, k, v = _qkv(2, 2, 33, 40, 16, dtype=dtype)
