@@ -9,8 +9,10 @@ machine's matrix-multiply ceiling), into a preallocated out= like the fused kern
 2-4 MB result page-faults here; SDPA has no out= and allocates); 'sgemm attention tiles' is the same MKL on exactly the products a blocked
 (flash-style) attention makes, 128 queries x 256 keys x D, batched over all tiles: the ceiling of that algorithm
 on this machine. Targets (CPU U-Net issue): >= 90% of sgemm GFLOP/s; >= 1.2x diffusers' block.
-'% sgemm' compares medians of the rounds; 'fastest %' the fastest round of each (this shared machine's neighbours
-slow some rounds by up to 2x, not every provider alike).
+'% sgemm' compares medians of the rounds; 'paired %' the median over rounds of the ratio within each round (the
+providers of a round run back to back, so a neighbour's load that slows the whole round cancels); 'fastest %'
+the fastest round of each (this shared machine's neighbours slow some rounds by up to 2x, not every provider
+alike).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_medians, machine, write_json  # noqa: E402
+from common import interleaved_medians, machine, paired_ratio, write_json  # noqa: E402
 
 import ddpm_fast as df  # noqa: E402
 
@@ -99,15 +101,20 @@ def bench_heads(heads, B, C, S, a, b, c, rounds):
     sgemm = flops["sgemm 1024^3"] / res["sgemm 1024^3"]["median_s"] / 1e9
     sgemm_fastest = flops["sgemm 1024^3"] / res["sgemm 1024^3"]["min_s"] / 1e9
     print(f"\n## {heads} head(s) of {d}: op max err vs SDPA {err_op:.1e}, block max err vs diffusers {err_block:.1e}")
-    print(f"{'provider':21} {'ms':>8} {'GFLOP/s':>8} {'% sgemm':>8} {'fastest %':>9} {'speedup':>8}")
+    print(f"{'provider':21} {'ms':>8} {'GFLOP/s':>8} {'% sgemm':>8} {'paired %':>8} {'fastest %':>9} {'speedup':>8}")
     for name, r in res.items():
         gf = flops[name] / r["median_s"] / 1e9 if name in flops else None
+        paired = (
+            100 * flops[name] / flops["sgemm 1024^3"] / paired_ratio(res, name, "sgemm 1024^3")
+            if name in flops
+            else None
+        )
         fastest = 100 * flops[name] / r["min_s"] / 1e9 / sgemm_fastest if name in flops else None
         vs = {"fused": "sdpa", "ddpm_fast block": "diffusers block"}.get(name)
         speed = res[vs]["median_s"] / r["median_s"] if vs else None
         print(
             f"{name:21} {r['median_s'] * 1e3:8.3f} {'' if gf is None else f'{gf:8.1f}':>8} "
-            f"{'' if gf is None else f'{100 * gf / sgemm:7.0f}%':>8} "
+            f"{'' if gf is None else f'{100 * gf / sgemm:7.0f}%':>8} {'' if paired is None else f'{paired:7.0f}%':>8} "
             f"{'' if fastest is None else f'{fastest:8.0f}%':>9} {'' if speed is None else f'{speed:7.2f}x':>8}"
         )
         rows.append(
@@ -116,6 +123,7 @@ def bench_heads(heads, B, C, S, a, b, c, rounds):
                 provider=name,
                 gflops=gf,
                 pct_sgemm=None if gf is None else 100 * gf / sgemm,
+                pct_sgemm_paired=paired,
                 pct_sgemm_fastest_rounds=fastest,
                 speedup=speed,
                 **r,

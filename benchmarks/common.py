@@ -27,7 +27,8 @@ def time_per_call(fn, min_time: float = 0.05, max_iters: int = 1000) -> float:
 
 
 def interleaved_medians(providers: dict, repeats: int = 7, min_time: float = 0.05) -> dict[str, dict]:
-    """Time every provider once per round, round after round; report median, quartiles and the fastest round."""
+    """Time every provider once per round, round after round; report median, quartiles, the fastest round and
+    every round's time (paired_ratio compares two providers round by round)."""
     samples = {name: [] for name in providers}
     for fn in providers.values():  # warm-up: first-touch page faults, lazy init
         fn()
@@ -43,8 +44,15 @@ def interleaved_medians(providers: dict, repeats: int = 7, min_time: float = 0.0
             "q3_s": q[2],
             "min_s": min(xs),
             "repeats": len(xs),
+            "rounds_s": xs,  # per round, in order: for ratios paired round by round
         }
     return out
+
+
+def paired_ratio(res: dict, num: str, den: str) -> float:
+    """Median over rounds of time(num) / time(den), each pair timed in the same round: a neighbour's load on this
+    shared machine that slows a whole round cancels out, which a ratio of the two medians does not do."""
+    return statistics.median(a / b for a, b in zip(res[num]["rounds_s"], res[den]["rounds_s"]))
 
 
 def machine() -> dict:
