@@ -63,13 +63,12 @@ void raise_reference(__m256 t0, __m256 t1, float* ref, float* sum, float* first,
   _mm256_storeu_ps(ref + 8, new1);
 }
 
-// acc[r] (two vectors: c0[r], c1[r]) = init + sum_k a[k * LDA + r] * b[k][0..16) for r < R: the tiles' common
-// core, R broadcasts and two loads per k, 2R accumulators (every loop over r is unrolled, so they stay in registers).
+// acc[r] (two vectors: c0[r], c1[r]) = sum_k a[k * LDA + r] * b[k][0..16) for r < R: the tiles' common core, R
+// broadcasts and two loads per k, 2R accumulators (every loop over r is unrolled, so they stay in registers).
 template <int R, int LDA>
-inline void accumulate(int64_t K, const float* a, const float* b, __m256 (&c0)[R], __m256 (&c1)[R],
-                       __m256 init0 = _mm256_setzero_ps(), __m256 init1 = _mm256_setzero_ps()) {
+inline void accumulate(int64_t K, const float* a, const float* b, __m256 (&c0)[R], __m256 (&c1)[R]) {
 #pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) c0[r] = init0, c1[r] = init1;
+  for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k, a += LDA, b += kCols) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
 #pragma GCC unroll 6
@@ -86,18 +85,12 @@ inline void accumulate(int64_t K, const float* a, const float* b, __m256 (&c0)[R
 
 // R rows of one panel's P^T (row r at c + r * kCols): the scores K Q^T of R keys (packed K tile a, (D, kRows)) for
 // the panel's 16 queries (packed Q^T b, (D, kCols)), exponentiated against the reference. col holds ref[0..16)
-// then sum[0..16); the panel's `done` earlier rows are at c - done * kCols. The accumulators start at -ref, so they
-// end at the exponent z = S^T - ref: one subtraction per 8 scores fewer in the epilogue, which out-of-order
-// execution overlaps poorly with the products (measured on one panel at D = 64: 84 instead of 82 GFLOP/s). The
-// panel's first tile on the first key block has no reference yet (ref = -inf): `absolute` starts it at 0 and sets
-// ref to its maximum.
+// then sum[0..16); the panel's `done` earlier rows are at c - done * kCols.
 template <int R>
 __attribute__((noinline)) void score_tile(int64_t D, const float* a, const float* b, float* c, float* col,
-                                          int64_t done, bool absolute) {
-  const __m256 zero = _mm256_setzero_ps();
-  const __m256 base0 = absolute ? zero : _mm256_loadu_ps(col), base1 = absolute ? zero : _mm256_loadu_ps(col + 8);
-  __m256 c0[R], c1[R];  // z = S^T - base
-  accumulate<R, kRows>(D, a, b, c0, c1, _mm256_sub_ps(zero, base0), _mm256_sub_ps(zero, base1));
+                                          int64_t done) {
+  __m256 c0[R], c1[R];
+  accumulate<R, kRows>(D, a, b, c0, c1);
   __m256 t0 = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), t1 = t0;
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {  // a NaN score is skipped here (max_ps returns its second operand)
@@ -105,21 +98,16 @@ __attribute__((noinline)) void score_tile(int64_t D, const float* a, const float
     t1 = _mm256_max_ps(c1[r], t1);
   }
   const __m256 slack = _mm256_set1_ps(kSlack);
-  const __m256 over = _mm256_or_ps(_mm256_cmp_ps(t0, slack, _CMP_GT_OQ), _mm256_cmp_ps(t1, slack, _CMP_GT_OQ));
-  if (__builtin_expect(absolute || _mm256_movemask_ps(over) != 0, 0)) {
-    raise_reference(_mm256_add_ps(t0, base0), _mm256_add_ps(t1, base1), col, col + kCols, c - done * kCols, done);
-    const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(col), base0), d1 = _mm256_sub_ps(_mm256_loadu_ps(col + 8), base1);
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {  // now against the raised reference
-      c0[r] = _mm256_sub_ps(c0[r], d0);
-      c1[r] = _mm256_sub_ps(c1[r], d1);
-    }
-  }
+  const __m256 over0 = _mm256_cmp_ps(t0, _mm256_add_ps(_mm256_loadu_ps(col), slack), _CMP_GT_OQ);
+  const __m256 over1 = _mm256_cmp_ps(t1, _mm256_add_ps(_mm256_loadu_ps(col + 8), slack), _CMP_GT_OQ);
+  if (__builtin_expect(_mm256_movemask_ps(_mm256_or_ps(over0, over1)) != 0, 0))
+    raise_reference(t0, t1, col, col + kCols, c - done * kCols, done);
+  const __m256 ref0 = _mm256_loadu_ps(col), ref1 = _mm256_loadu_ps(col + 8);
   __m256 s0 = _mm256_loadu_ps(col + kCols), s1 = _mm256_loadu_ps(col + kCols + 8);
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
-    c0[r] = exp2_softmax(c0[r]);
-    c1[r] = exp2_softmax(c1[r]);
+    c0[r] = exp2_softmax(_mm256_sub_ps(c0[r], ref0));
+    c1[r] = exp2_softmax(_mm256_sub_ps(c1[r], ref1));
     s0 = _mm256_add_ps(s0, c0[r]);
     s1 = _mm256_add_ps(s1, c1[r]);
   }
@@ -212,9 +200,8 @@ inline void with_rows(int64_t rows, F&& f) {
   }
 }
 
-inline void score_rows(int64_t rows, int64_t D, const float* a, const float* b, float* c, float* col, int64_t done,
-                       bool absolute) {
-  with_rows(rows, [&](auto R) { score_tile<decltype(R)::value>(D, a, b, c, col, done, absolute); });
+inline void score_rows(int64_t rows, int64_t D, const float* a, const float* b, float* c, float* col, int64_t done) {
+  with_rows(rows, [&](auto R) { score_tile<decltype(R)::value>(D, a, b, c, col, done); });
 }
 
 template <Sink S>
@@ -431,7 +418,7 @@ void attention_tiles(const AttentionArgs& a) {
           for (int64_t r0 = 0; r0 < nk; r0 += kRows) {
             fetch_slice();
             score_rows(std::min(kRows, nk - r0), D, w.kp + (r0 / kRows) * (D * kRows + kPad), w.qp + p * D * kCols,
-                       st + r0 * kCols, ref_sum, r0, first_block && r0 == 0);
+                       st + r0 * kCols, ref_sum, r0);
           }
           finish_panel(ref_sum, w.m + pq0, w.l + pq0, w.corr + pq0, last_block ? w.inv_l + pq0 : nullptr);
           for (int64_t t = 0; t < v_tiles; ++t) {
