@@ -5,7 +5,9 @@ some rounds by up to 2x; the fastest round is the closest to what the core can d
     python benchmarks/bench_tiles.py [--json benchmarks/results/tiles_cpu.json]
 
 The tile rows come from benchmarks/tile_shapes.cpp (compiled here with g++ -O3 -mavx2 -mfma): 6x16 is the
-attention kernel's tile; K = 64 is a score tile at four heads of 64, K = 256 a value tile over 256 keys.
+attention kernel's tile; K = 64 is a score tile at four heads of 64, K = 256 a value tile over 256 keys. The
+panel rows are one 16-query panel's score tiles at four heads (42 tiles of 6 keys, K from L2), products only and
+with the kernel's epilogue (reference check, exponentials, column sums); GFLOP/s counts the products in both.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def main():
             ("tile 6x16, K = 256", "6x16_k256"),
             ("tile 4x24, K = 256", "4x24_k256"),
             ("tile 4x16, K = 256", "4x16_k256"),
+            ("panel score tiles, products only", "panel_products"),
+            ("panel score tiles + exponentials", "panel_exp"),
         )
     ]
     a, b, c = torch.randn(1024, 1024), torch.randn(1024, 1024), torch.empty(1024, 1024)

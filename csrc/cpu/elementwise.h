@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../common/philox.h"
+#include "exp2.h"
 #include "kernels.h"
 
 namespace ddpm_fast {
@@ -18,24 +19,6 @@ namespace cpu {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = 2 * Vec::size();  // elements per vector iteration: one 16-bit vector, two fp32
-
-#if defined(CPU_CAPABILITY_AVX2)
-// 2^z for z in [-126, 126] (the caller clamps; out of range the exponent bits wrap): 2^n 2^f with n = round(z),
-// |f| <= 1/2, 2^f by a degree-5 polynomial (a weighted Chebyshev fit of 2^f on [-1/2, 1/2], relative error
-// 2.2e-7 evaluated in fp32) and 2^n added into the exponent bits. Eleven vector operations, none of the range
-// checks of at::vec's exp.
-inline __m256 exp2_in_range(__m256 z) {
-  const __m256 n = _mm256_round_ps(z, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(z, n);
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(0.00132669706f), f, _mm256_set1_ps(0.00967545994f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.0555074252f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.240221217f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.693146944f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.00000012f));
-  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
-  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
-}
-#endif
 
 template <typename T>
 inline void load2(const T* p, Vec& lo, Vec& hi) {
