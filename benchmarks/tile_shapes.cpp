@@ -46,7 +46,11 @@ double fma_peak() {
   return n * 12.0 * 16 / seconds_since(t0) / 1e9;
 }
 
-template <int R, int V, int K>
+alignas(64) float REF[32];  // the panel's reference maxima, then its column sums (Exp tiles)
+
+// Exp: the attention kernel's score-tile epilogue on the sums before they are stored (R x 16 tiles only): tile
+// maximum checked against the reference, 2^(s - ref) by the kernel's exp2_in_range, column sums.
+template <int R, int V, int K, bool Exp = false>
 __attribute__((noinline)) void tile(const float* a, const float* b, float* c) {
   __m256 acc[R][V];
   for (int r = 0; r < R; ++r)
@@ -62,6 +66,27 @@ __attribute__((noinline)) void tile(const float* a, const float* b, float* c) {
       for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(x, bv[v], acc[r][v]);
     }
   }
+  if constexpr (Exp) {
+    static_assert(V == 2, "the score epilogue is for 16-query panels");
+    __m256 t0 = acc[0][0], t1 = acc[0][1];
+#pragma GCC unroll 6
+    for (int r = 1; r < R; ++r) t0 = _mm256_max_ps(acc[r][0], t0), t1 = _mm256_max_ps(acc[r][1], t1);
+    const __m256 ref0 = _mm256_load_ps(REF), ref1 = _mm256_load_ps(REF + 8), slack = _mm256_set1_ps(8.f);
+    const __m256 over = _mm256_or_ps(_mm256_cmp_ps(t0, _mm256_add_ps(ref0, slack), _CMP_GT_OQ),
+                                     _mm256_cmp_ps(t1, _mm256_add_ps(ref1, slack), _CMP_GT_OQ));
+    if (__builtin_expect(_mm256_movemask_ps(over) != 0, 0)) REF[16] += 1.f;  // never here (scores near 0)
+    __m256 s0 = _mm256_load_ps(REF + 16), s1 = _mm256_load_ps(REF + 24);
+    const __m256 lo = _mm256_set1_ps(-126.f);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = ddpm_fast::cpu::exp2_in_range(_mm256_max_ps(lo, _mm256_sub_ps(acc[r][0], ref0)));
+      acc[r][1] = ddpm_fast::cpu::exp2_in_range(_mm256_max_ps(lo, _mm256_sub_ps(acc[r][1], ref1)));
+      s0 = _mm256_add_ps(s0, acc[r][0]);
+      s1 = _mm256_add_ps(s1, acc[r][1]);
+    }
+    _mm256_store_ps(REF + 16, s0);
+    _mm256_store_ps(REF + 24, s1);
+  }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) _mm256_store_ps(c + (r * V + v) * 8, acc[r][v]);
 }
@@ -74,51 +99,14 @@ double tile_rate() {
   return 2.0 * R * 8 * V * K * calls / seconds_since(t0) / 1e9;
 }
 
-alignas(64) float KP[42 * 64 * 6], QP[64 * 16], PT[42 * 6 * 16], REF[32];
-
-template <bool Exp>
-__attribute__((noinline)) void score_tile(const float* a, const float* b, float* c) {
-  __m256 c0[6], c1[6];
-  for (int r = 0; r < 6; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
-  for (int k = 0; k < 64; ++k, a += 6, b += 16) {
-    const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-#pragma GCC unroll 6
-    for (int r = 0; r < 6; ++r) {
-      const __m256 x = _mm256_broadcast_ss(a + r);
-      c0[r] = _mm256_fmadd_ps(x, b0, c0[r]);
-      c1[r] = _mm256_fmadd_ps(x, b1, c1[r]);
-    }
-  }
-  if (Exp) {
-    __m256 t0 = c0[0], t1 = c1[0];
-#pragma GCC unroll 6
-    for (int r = 1; r < 6; ++r) t0 = _mm256_max_ps(c0[r], t0), t1 = _mm256_max_ps(c1[r], t1);
-    const __m256 ref0 = _mm256_load_ps(REF), ref1 = _mm256_load_ps(REF + 8), slack = _mm256_set1_ps(8.f);
-    const __m256 over = _mm256_or_ps(_mm256_cmp_ps(t0, _mm256_add_ps(ref0, slack), _CMP_GT_OQ),
-                                     _mm256_cmp_ps(t1, _mm256_add_ps(ref1, slack), _CMP_GT_OQ));
-    if (__builtin_expect(_mm256_movemask_ps(over) != 0, 0)) REF[16] += 1.f;  // never here (scores near 0)
-    __m256 s0 = _mm256_load_ps(REF + 16), s1 = _mm256_load_ps(REF + 24);
-    const __m256 lo = _mm256_set1_ps(-126.f);
-#pragma GCC unroll 6
-    for (int r = 0; r < 6; ++r) {
-      c0[r] = ddpm_fast::cpu::exp2_in_range(_mm256_max_ps(lo, _mm256_sub_ps(c0[r], ref0)));
-      c1[r] = ddpm_fast::cpu::exp2_in_range(_mm256_max_ps(lo, _mm256_sub_ps(c1[r], ref1)));
-      s0 = _mm256_add_ps(s0, c0[r]);
-      s1 = _mm256_add_ps(s1, c1[r]);
-    }
-    _mm256_store_ps(REF + 16, s0);
-    _mm256_store_ps(REF + 24, s1);
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < 6; ++r) _mm256_store_ps(c + r * 16, c0[r]), _mm256_store_ps(c + r * 16 + 8, c1[r]);
-}
+alignas(64) float KP[42 * 64 * 6], QP[64 * 16], PT[42 * 6 * 16];
 
 template <bool Exp>
 double panel_rate() {
   const long panels = 4000;
   const auto t0 = std::chrono::steady_clock::now();
   for (long i = 0; i < panels; ++i)
-    for (int t = 0; t < 42; ++t) score_tile<Exp>(KP + t * 64 * 6, QP, PT + t * 6 * 16);
+    for (int t = 0; t < 42; ++t) tile<6, 2, 64, Exp>(KP + t * 64 * 6, QP, PT + t * 6 * 16);
   return 2.0 * 42 * 6 * 16 * 64 * panels / seconds_since(t0) / 1e9;
 }
 
