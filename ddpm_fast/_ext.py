@@ -1,8 +1,9 @@
 """The one place the compiled extensions are imported.
 
-Two builds of the same CPU kernels exist (setup.py): ``_C_avx2`` for CPUs with AVX2/FMA/F16C and ``_C`` for
-any other. The choice follows torch's own reading of the CPU (``torch.backends.cpu.get_cpu_capability()``);
-``DDPM_FAST_CPU_CAPABILITY=default`` forces the portable build.
+Three builds of the same CPU kernels exist (setup.py): ``_C_avx512`` for CPUs with AVX-512 (F/BW/DQ/VL),
+``_C_avx2`` for CPUs with AVX2/FMA/F16C and ``_C`` for any other. The choice follows torch's own reading of the
+CPU (``torch.backends.cpu.get_cpu_capability()``), the widest build first; ``DDPM_FAST_CPU_CAPABILITY`` set to
+``default``, ``avx2`` or ``avx512`` asks for that build (falling back to narrower ones the CPU can run).
 """
 
 from __future__ import annotations
@@ -16,12 +17,25 @@ _module = None
 _error = "not loaded yet"
 
 
+_BUILDS = ["_C_avx512", "_C_avx2", "_C"]  # widest first
+
+
 def _candidates() -> list[str]:
+    cap = torch.backends.cpu.get_cpu_capability().upper()  # what this CPU runs
+    if cap.startswith("AVX512") or cap == "AMX":
+        runnable = _BUILDS
+    elif cap == "AVX2":
+        runnable = _BUILDS[1:]
+    else:
+        runnable = _BUILDS[2:]
     forced = os.environ.get("DDPM_FAST_CPU_CAPABILITY", "").lower()
-    if forced == "default":
-        return ["_C"]
-    cap = torch.backends.cpu.get_cpu_capability().upper()
-    return ["_C_avx2", "_C"] if cap in ("AVX2", "AVX512", "AVX512_BF16", "AVX512_VNNI", "AMX") else ["_C"]
+    if forced:
+        wanted = {"default": "_C", "avx2": "_C_avx2", "avx512": "_C_avx512"}.get(forced)
+        if wanted is None:
+            raise ValueError(f"DDPM_FAST_CPU_CAPABILITY must be default, avx2 or avx512, got {forced!r}")
+        narrower = _BUILDS[_BUILDS.index(wanted) :]
+        return [b for b in runnable if b in narrower]
+    return runnable
 
 
 def _load():

@@ -75,26 +75,72 @@ def test_import_without_extension_explains(monkeypatch):
     assert df.ops.ddpm_step(torch.zeros(1, 3), torch.zeros(1, 3), 1, S, torch.zeros(1, 3)).shape == (1, 3)
 
 
-@needs_cpu
-def test_portable_build_gives_the_same_results():
-    """The non-AVX2 build (what a CPU without AVX2 loads) runs and matches the reference too."""
-    import subprocess
-    import sys
+def _runnable_builds() -> list[str]:
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    if cap.startswith("AVX512") or cap == "AMX":
+        return ["default", "avx2", "avx512"]
+    return ["default", "avx2"] if cap == "AVX2" else ["default"]
 
-    code = """
-import torch, ddpm_fast as df
+
+_BUILD_CHECK = """
+import sys, torch, ddpm_fast as df
 from ddpm_fast import _ext
-assert _ext.cpu_capability() == "default", _ext.cpu_capability()
+assert _ext.cpu_capability() == sys.argv[1], _ext.cpu_capability()
+torch.manual_seed(0)
 s = df.NoiseSchedule.linear()
 x, m = torch.randn(3, 3, 9, 9), torch.randn(3, 3, 9, 9)
 for dtype in (torch.float32, torch.bfloat16):
     a = df.ops.ddpm_step(x.to(dtype), m.to(dtype), 500, s, seed=1, clip_sample=True, backend="cpu").float()
     b = df.reference.ddpm_step(x, m, torch.full((3,), 500), s, seed=1, clip_sample=True)
     err = (a - b).abs().max().item()
-    print(dtype, err)
+    print("ddpm_step", dtype, err)
     assert err < (2e-5 if dtype == torch.float32 else 3e-2), err
+h, w, bias, add = torch.randn(2, 96, 7, 5), torch.randn(96), torch.randn(96), torch.randn(2, 96)
+for layout in (torch.contiguous_format, torch.channels_last):
+    got = df.ops.group_norm_silu(h.contiguous(memory_format=layout), 32, w, bias, add=add, backend="cpu")
+    ref = df.reference.group_norm_silu(h, 32, w, bias, add=add)
+    err = (got - ref).abs().max().item()
+    print("group_norm_silu", layout, err)
+    assert err < 2e-5, err
+for heads, n, d in ((1, 37, 40), (4, 70, 64), (2, 600, 24)):  # partial tiles and panels; two key blocks
+    q, k, v, r = (torch.randn(2, heads, n, d) for _ in range(4))
+    got = df.ops.attention(q, k, v, residual=r, backend="cpu")
+    ref = df.reference.attention(q, k, v, residual=r)
+    err = (got - ref).abs().max().item()
+    print("attention", heads, n, d, err)
+    assert err < 2e-5, err
+torch.save(df.ops.keyed_normal((2, 3, 7, 9), seed=5), sys.argv[2])
 """
-    env = {**__import__("os").environ, "DDPM_FAST_CPU_CAPABILITY": "default"}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+@needs_cpu
+@pytest.mark.parametrize("build", ["default", "avx2", "avx512"])
+def test_every_build_matches_the_reference(build, tmp_path):
+    """Each ISA build the CPU can run (the one loaded here and the narrower ones other CPUs load) matches the
+    reference, and draws the same keyed noise as the loaded build."""
+    import os
+    import subprocess
+    import sys
+
+    if build not in _runnable_builds():
+        pytest.skip(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) cannot run the {build} build")
+    noise = tmp_path / "noise.pt"
+    env = {**os.environ, "DDPM_FAST_CPU_CAPABILITY": build}
+    r = subprocess.run(
+        [sys.executable, "-c", _BUILD_CHECK, build, str(noise)], env=env, capture_output=True, text=True, timeout=300
+    )
     print(r.stdout, r.stderr[-2000:])
     assert r.returncode == 0
+    err = (torch.load(noise) - df.ops.keyed_normal((2, 3, 7, 9), seed=5)).abs().max().item()
+    print("keyed_normal vs the loaded build", err)
+    assert err < 1e-5, err
+
+
+def test_capability_override_is_checked(monkeypatch):
+    from ddpm_fast import _ext
+
+    monkeypatch.setenv("DDPM_FAST_CPU_CAPABILITY", "sse9")
+    with pytest.raises(ValueError, match="DDPM_FAST_CPU_CAPABILITY"):
+        _ext._candidates()
+    monkeypatch.setenv("DDPM_FAST_CPU_CAPABILITY", "avx2")
+    assert _ext._candidates()[-1] == "_C" and "_C_avx512" not in _ext._candidates()

@@ -28,10 +28,56 @@ namespace ddpm_fast {
 namespace cpu {
 namespace {
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 
-constexpr int64_t kRows = 6;         // tile rows: the broadcast operand (keys of S^T, queries of O)
-constexpr int64_t kCols = 16;        // tile columns, two vectors: a panel of 16 queries (S^T), 16 channels (O)
+// The native vector of the build: 8 floats (AVX2) or 16 (AVX-512); the tiles are written once over it.
+#if defined(CPU_CAPABILITY_AVX512)
+using fvec = __m512;
+constexpr int64_t kVec = 16;
+inline fvec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, fvec v) { _mm512_storeu_ps(p, v); }
+inline fvec vset1(float x) { return _mm512_set1_ps(x); }
+inline fvec vbroadcast(const float* p) { return _mm512_set1_ps(*p); }  // folds into the FMA as {1to16}
+inline fvec vfmadd(fvec a, fvec b, fvec c) { return _mm512_fmadd_ps(a, b, c); }
+inline fvec vadd(fvec a, fvec b) { return _mm512_add_ps(a, b); }
+inline fvec vsub(fvec a, fvec b) { return _mm512_sub_ps(a, b); }
+inline fvec vmul(fvec a, fvec b) { return _mm512_mul_ps(a, b); }
+inline fvec vmax(fvec a, fvec b) { return _mm512_max_ps(a, b); }  // the second operand when either is NaN
+inline fvec vdiv(fvec a, fvec b) { return _mm512_div_ps(a, b); }
+inline bool any_greater(fvec a, fvec b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) != 0; }
+inline __mmask16 lanes_below(int64_t n) { return n <= 0 ? 0 : n >= kVec ? 0xffff : (1u << n) - 1; }
+inline fvec vload_n(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(lanes_below(n), p); }  // lanes < n
+inline void vstore_n(float* p, fvec v, int64_t n) { _mm512_mask_storeu_ps(p, lanes_below(n), v); }
+#else
+using fvec = __m256;
+constexpr int64_t kVec = 8;
+inline fvec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, fvec v) { _mm256_storeu_ps(p, v); }
+inline fvec vset1(float x) { return _mm256_set1_ps(x); }
+inline fvec vbroadcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline fvec vfmadd(fvec a, fvec b, fvec c) { return _mm256_fmadd_ps(a, b, c); }
+inline fvec vadd(fvec a, fvec b) { return _mm256_add_ps(a, b); }
+inline fvec vsub(fvec a, fvec b) { return _mm256_sub_ps(a, b); }
+inline fvec vmul(fvec a, fvec b) { return _mm256_mul_ps(a, b); }
+inline fvec vmax(fvec a, fvec b) { return _mm256_max_ps(a, b); }  // the second operand when either is NaN
+inline fvec vdiv(fvec a, fvec b) { return _mm256_div_ps(a, b); }
+inline bool any_greater(fvec a, fvec b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ)) != 0; }
+inline __m256i lanes_below(int64_t n) {  // lanes < n set
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(n, kVec)))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline fvec vload_n(const float* p, int64_t n) { return _mm256_maskload_ps(p, lanes_below(n)); }
+inline void vstore_n(float* p, fvec v, int64_t n) { _mm256_maskstore_ps(p, lanes_below(n), v); }
+#endif
+
+// Tile rows: the broadcast operand (keys of S^T, queries of O). AVX2: 6 rows x 2 vectors, 12 of the 16 registers
+// accumulate. AVX-512: 8 x 2, 16 of 32, and a 32-query panel splits into whole tiles (6 rows left a 2-row tile).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kRows = 8;
+#else
+constexpr int64_t kRows = 6;
+#endif
+constexpr int64_t kCols = 2 * kVec;  // tile columns, two vectors: a panel of kCols queries (S^T) or channels (O)
 constexpr int64_t kQueryBlock = 64;  // queries per task: four panels
 constexpr int64_t kKeyBlock = 512;   // keys per online-softmax step: S^T (512 x 64) stays in L2
 constexpr int64_t kPad = 8;          // floats after each packed tile: room for pack_k's 8-float stores
@@ -44,38 +90,38 @@ constexpr float kSlack = 8.f;
 
 // 2^max(z, -126): exp2_in_range's domain, where 2^-126 is nothing next to the reference's 1. max_ps returns its
 // second operand when either is NaN, so a NaN score passes on to the output.
-inline __m256 exp2_softmax(__m256 z) { return exp2_in_range(_mm256_max_ps(_mm256_set1_ps(-126.f), z)); }
+inline fvec exp2_softmax(fvec z) { return exp2_in_range(vmax(vset1(-126.f), z)); }
 
-// Raises ref[0..16) to max(ref, tile maxima t) and rescales the panel's `done` rows stored before this tile
-// (from `first`, 16 floats each) and their column sums sum[0..16) by 2^(old ref - new ref).
-void raise_reference(__m256 t0, __m256 t1, float* ref, float* sum, float* first, int64_t done) {
-  const __m256 old0 = _mm256_loadu_ps(ref), old1 = _mm256_loadu_ps(ref + 8);
-  const __m256 new0 = _mm256_max_ps(t0, old0), new1 = _mm256_max_ps(t1, old1);
-  const __m256 f0 = exp2_softmax(_mm256_sub_ps(old0, new0)), f1 = exp2_softmax(_mm256_sub_ps(old1, new1));
+// Raises ref[0..kCols) to max(ref, tile maxima t) and rescales the panel's `done` rows stored before this tile
+// (from `first`, kCols floats each) and their column sums sum[0..kCols) by 2^(old ref - new ref).
+void raise_reference(fvec t0, fvec t1, float* ref, float* sum, float* first, int64_t done) {
+  const fvec old0 = vload(ref), old1 = vload(ref + kVec);
+  const fvec new0 = vmax(t0, old0), new1 = vmax(t1, old1);
+  const fvec f0 = exp2_softmax(vsub(old0, new0)), f1 = exp2_softmax(vsub(old1, new1));
   for (int64_t i = 0; i < done; ++i) {
     float* row = first + i * kCols;
-    _mm256_storeu_ps(row, _mm256_mul_ps(_mm256_loadu_ps(row), f0));
-    _mm256_storeu_ps(row + 8, _mm256_mul_ps(_mm256_loadu_ps(row + 8), f1));
+    vstore(row, vmul(vload(row), f0));
+    vstore(row + kVec, vmul(vload(row + kVec), f1));
   }
-  _mm256_storeu_ps(sum, _mm256_mul_ps(_mm256_loadu_ps(sum), f0));
-  _mm256_storeu_ps(sum + 8, _mm256_mul_ps(_mm256_loadu_ps(sum + 8), f1));
-  _mm256_storeu_ps(ref, new0);
-  _mm256_storeu_ps(ref + 8, new1);
+  vstore(sum, vmul(vload(sum), f0));
+  vstore(sum + kVec, vmul(vload(sum + kVec), f1));
+  vstore(ref, new0);
+  vstore(ref + kVec, new1);
 }
 
-// acc[r] (two vectors: c0[r], c1[r]) = sum_k a[k * LDA + r] * b[k][0..16) for r < R: the tiles' common core, R
-// broadcasts and two loads per k, 2R accumulators (every loop over r is unrolled, so they stay in registers).
+// acc[r] (two vectors: c0[r], c1[r]) = sum_k a[k * LDA + r] * b[k][0..kCols) for r < R: the tiles' common core,
+// R broadcasts and two loads per k, 2R accumulators (every loop over r is unrolled, so they stay in registers).
 template <int R, int LDA>
-inline void accumulate(int64_t K, const float* a, const float* b, __m256 (&c0)[R], __m256 (&c1)[R]) {
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
+inline void accumulate(int64_t K, const float* a, const float* b, fvec (&c0)[R], fvec (&c1)[R]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) c0[r] = c1[r] = vset1(0.f);
   for (int64_t k = 0; k < K; ++k, a += LDA, b += kCols) {
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-#pragma GCC unroll 6
+    const fvec b0 = vload(b), b1 = vload(b + kVec);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m256 x = _mm256_broadcast_ss(a + r);
-      c0[r] = _mm256_fmadd_ps(x, b0, c0[r]);
-      c1[r] = _mm256_fmadd_ps(x, b1, c1[r]);
+      const fvec x = vbroadcast(a + r);
+      c0[r] = vfmadd(x, b0, c0[r]);
+      c1[r] = vfmadd(x, b1, c1[r]);
     }
   }
 }
@@ -84,43 +130,42 @@ inline void accumulate(int64_t K, const float* a, const float* b, __m256 (&c0)[R
 // twelve accumulators to the stack (measured: 51 instead of 77 GFLOP/s at four heads).
 
 // R rows of one panel's P^T (row r at c + r * kCols): the scores K Q^T of R keys (packed K tile a, (D, kRows)) for
-// the panel's 16 queries (packed Q^T b, (D, kCols)), exponentiated against the reference. col holds ref[0..16)
-// then sum[0..16); the panel's `done` earlier rows are at c - done * kCols.
+// the panel's kCols queries (packed Q^T b, (D, kCols)), exponentiated against the reference. col holds
+// ref[0..kCols) then sum[0..kCols); the panel's `done` earlier rows are at c - done * kCols.
 template <int R>
 __attribute__((noinline)) void score_tile(int64_t D, const float* a, const float* b, float* c, float* col,
                                           int64_t done) {
-  __m256 c0[R], c1[R];
+  fvec c0[R], c1[R];
   accumulate<R, kRows>(D, a, b, c0, c1);
-  __m256 t0 = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), t1 = t0;
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) {  // a NaN score is skipped here (max_ps returns its second operand)
-    t0 = _mm256_max_ps(c0[r], t0);
-    t1 = _mm256_max_ps(c1[r], t1);
+  fvec t0 = vset1(-std::numeric_limits<float>::infinity()), t1 = t0;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {  // a NaN score is skipped here (max returns its second operand)
+    t0 = vmax(c0[r], t0);
+    t1 = vmax(c1[r], t1);
   }
-  const __m256 slack = _mm256_set1_ps(kSlack);
-  const __m256 over0 = _mm256_cmp_ps(t0, _mm256_add_ps(_mm256_loadu_ps(col), slack), _CMP_GT_OQ);
-  const __m256 over1 = _mm256_cmp_ps(t1, _mm256_add_ps(_mm256_loadu_ps(col + 8), slack), _CMP_GT_OQ);
-  if (__builtin_expect(_mm256_movemask_ps(_mm256_or_ps(over0, over1)) != 0, 0))
+  const fvec slack = vset1(kSlack);
+  if (__builtin_expect(any_greater(t0, vadd(vload(col), slack)) || any_greater(t1, vadd(vload(col + kVec), slack)),
+                       0))
     raise_reference(t0, t1, col, col + kCols, c - done * kCols, done);
-  const __m256 ref0 = _mm256_loadu_ps(col), ref1 = _mm256_loadu_ps(col + 8);
-  __m256 s0 = _mm256_loadu_ps(col + kCols), s1 = _mm256_loadu_ps(col + kCols + 8);
-#pragma GCC unroll 6
+  const fvec ref0 = vload(col), ref1 = vload(col + kVec);
+  fvec s0 = vload(col + kCols), s1 = vload(col + kCols + kVec);
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    c0[r] = exp2_softmax(_mm256_sub_ps(c0[r], ref0));
-    c1[r] = exp2_softmax(_mm256_sub_ps(c1[r], ref1));
-    s0 = _mm256_add_ps(s0, c0[r]);
-    s1 = _mm256_add_ps(s1, c1[r]);
+    c0[r] = exp2_softmax(vsub(c0[r], ref0));
+    c1[r] = exp2_softmax(vsub(c1[r], ref1));
+    s0 = vadd(s0, c0[r]);
+    s1 = vadd(s1, c1[r]);
   }
-  _mm256_storeu_ps(col + kCols, s0);
-  _mm256_storeu_ps(col + kCols + 8, s1);
-#pragma GCC unroll 6
+  vstore(col + kCols, s0);
+  vstore(col + kCols + kVec, s1);
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(c + r * kCols, c0[r]);
-    _mm256_storeu_ps(c + r * kCols + 8, c1[r]);
+    vstore(c + r * kCols, c0[r]);
+    vstore(c + r * kCols + kVec, c1[r]);
   }
 }
 
-// Where a value tile's sums go. Rows are queries, the 16 columns value channels of which `width` are real.
+// Where a value tile's sums go. Rows are queries, the kCols columns value channels of which `width` are real.
 //   kStore:   acc                                     into the block's accumulator rows (first key block of several)
 //   kRescale: acc + prev * corr[r]                    into the same rows (middle key blocks)
 //   kOutput:  (acc [+ prev * corr[r]]) * inv_l[r] [+ res]  into the output (last key block)
@@ -138,51 +183,46 @@ struct ValueRows {
   int width;
 };
 
-inline __m256 lane_mask(int n) {  // lanes < n set
-  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-}
-
-// out (16 floats, `width` of them real) = y, plus the residual row if any; partial rows by masked loads/stores.
-inline void store_row(float* out, const float* res, __m256 y0, __m256 y1, int width) {
+// out (kCols floats, `width` of them real) = y, plus the residual row if any; partial rows by masked loads/stores.
+inline void store_row(float* out, const float* res, fvec y0, fvec y1, int width) {
   if (width == kCols) {
     if (res) {
-      y0 = _mm256_add_ps(y0, _mm256_loadu_ps(res));
-      y1 = _mm256_add_ps(y1, _mm256_loadu_ps(res + 8));
+      y0 = vadd(y0, vload(res));
+      y1 = vadd(y1, vload(res + kVec));
     }
-    _mm256_storeu_ps(out, y0);
-    _mm256_storeu_ps(out + 8, y1);
+    vstore(out, y0);
+    vstore(out + kVec, y1);
     return;
   }
-  const __m256i m0 = _mm256_castps_si256(lane_mask(width)), m1 = _mm256_castps_si256(lane_mask(width - 8));
   if (res) {
-    y0 = _mm256_add_ps(y0, _mm256_maskload_ps(res, m0));
-    y1 = _mm256_add_ps(y1, _mm256_maskload_ps(res + 8, m1));
+    y0 = vadd(y0, vload_n(res, width));
+    y1 = vadd(y1, vload_n(res + kVec, width - kVec));
   }
-  _mm256_maskstore_ps(out, m0, y0);
-  _mm256_maskstore_ps(out + 8, m1, y1);
+  vstore_n(out, y0, width);
+  vstore_n(out + kVec, y1, width - kVec);
 }
 
-// R query rows of O = P V for 16 value channels: a is the panel's P^T from query r on ((nk, kCols): query r's
+// R query rows of O = P V for kCols value channels: a is the panel's P^T from query r on ((nk, kCols): query r's
 // probabilities at a[k * kCols + r]), b one packed V tile ((nk, kCols)).
 template <int R, Sink S>
 __attribute__((noinline)) void value_tile(int64_t nk, const float* a, const float* b, const ValueRows& o) {
-  __m256 c0[R], c1[R];
+  fvec c0[R], c1[R];
   accumulate<R, kCols>(nk, a, b, c0, c1);
-#pragma GCC unroll 6
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     float* prev = o.prev ? o.prev + r * o.ld_prev : nullptr;
     if (S == Sink::kRescale || (S == Sink::kOutput && o.earlier)) {
-      const __m256 f = _mm256_broadcast_ss(o.corr + r);
-      c0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(prev), f, c0[r]);
-      c1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(prev + 8), f, c1[r]);
+      const fvec f = vbroadcast(o.corr + r);
+      c0[r] = vfmadd(vload(prev), f, c0[r]);
+      c1[r] = vfmadd(vload(prev + kVec), f, c1[r]);
     }
     if constexpr (S == Sink::kOutput) {
-      const __m256 inv = _mm256_broadcast_ss(o.inv_l + r);
-      store_row(o.out + r * o.ld_out, o.res ? o.res + r * o.ld_res : nullptr, _mm256_mul_ps(c0[r], inv),
-                _mm256_mul_ps(c1[r], inv), o.width);
+      const fvec inv = vbroadcast(o.inv_l + r);
+      store_row(o.out + r * o.ld_out, o.res ? o.res + r * o.ld_res : nullptr, vmul(c0[r], inv), vmul(c1[r], inv),
+                o.width);
     } else {
-      _mm256_storeu_ps(prev, c0[r]);
-      _mm256_storeu_ps(prev + 8, c1[r]);
+      vstore(prev, c0[r]);
+      vstore(prev + kVec, c1[r]);
     }
   }
 }
@@ -191,6 +231,8 @@ __attribute__((noinline)) void value_tile(int64_t nk, const float* a, const floa
 template <typename F>
 inline void with_rows(int64_t rows, F&& f) {
   switch (rows) {
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 7: return f(std::integral_constant<int, 7>{});
     case 6: return f(std::integral_constant<int, 6>{});
     case 5: return f(std::integral_constant<int, 5>{});
     case 4: return f(std::integral_constant<int, 4>{});
@@ -228,10 +270,10 @@ inline void transpose8x8(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-// Q^T in panels of 16 queries, times s: qp[panel][d][0..16); queries past nq are zeros.
+// Q^T in panels of kCols queries, times s: qp[panel][d][0..kCols); queries past nq are zeros.
 void pack_q(int64_t nq, int64_t D, const float* q, int64_t ldq, float s, float* qp) {
   const __m256 vs = _mm256_set1_ps(s);
-  for (int64_t i0 = 0; i0 < nq; i0 += 8) {  // eight queries: half a panel
+  for (int64_t i0 = 0; i0 < nq; i0 += 8) {  // eight queries of a panel
     float* dst = qp + (i0 / kCols) * D * kCols + i0 % kCols;
     int64_t d = 0;
     if (i0 + 8 <= nq) {
@@ -245,14 +287,15 @@ void pack_q(int64_t nq, int64_t D, const float* q, int64_t ldq, float s, float* 
     for (; d < D; ++d)
       for (int64_t j = 0; j < 8; ++j) dst[d * kCols + j] = i0 + j < nq ? q[(i0 + j) * ldq + d] * s : 0.f;
   }
-  if (nq % kCols && nq % kCols <= 8) {  // the upper half of the last panel
-    float* dst = qp + (nq / kCols) * D * kCols + 8;
+  for (int64_t i0 = (nq + 7) / 8 * 8; i0 % kCols; i0 += 8) {  // the last panel's eights past the queries
+    float* dst = qp + (i0 / kCols) * D * kCols + i0 % kCols;
     for (int64_t d = 0; d < D; ++d) _mm256_storeu_ps(dst + d * kCols, _mm256_setzero_ps());
   }
 }
 
-// K rows (nk x D) in tiles of 6 keys: kp[tile][d][0..6), tile stride D * 6 + kPad.
+// K rows (nk x D) in tiles of kRows keys: kp[tile][d][0..kRows), tile stride D * kRows + kPad.
 void pack_k(int64_t nk, int64_t D, const float* k, int64_t ldk, float* kp) {
+  static_assert(kRows <= 8);
   for (int64_t r0 = 0; r0 < nk; r0 += kRows) {
     float* dst = kp + (r0 / kRows) * (D * kRows + kPad);
     const int64_t rows = std::min(kRows, nk - r0);
@@ -260,10 +303,9 @@ void pack_k(int64_t nk, int64_t D, const float* k, int64_t ldk, float* kp) {
     if (rows == kRows) {
       for (; d + 8 <= D; d += 8) {
         __m256 r[8];
-        for (int j = 0; j < 6; ++j) r[j] = _mm256_loadu_ps(k + (r0 + j) * ldk + d);
-        r[6] = r[7] = _mm256_setzero_ps();
+        for (int j = 0; j < 8; ++j) r[j] = j < kRows ? _mm256_loadu_ps(k + (r0 + j) * ldk + d) : _mm256_setzero_ps();
         transpose8x8(r);
-        // 8-float stores of 6-float rows: each overlaps the next row, written after it; the last one the pad
+        // 8-float stores of kRows-float rows: each overlaps the next row, written after it; the last one the pad
         for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (d + j) * kRows, r[j]);
       }
     }
@@ -272,33 +314,33 @@ void pack_k(int64_t nk, int64_t D, const float* k, int64_t ldk, float* kp) {
   }
 }
 
-// V rows (nk x Dv) in tiles of 16 columns: vp[tile][k][0..16), tile stride nk * 16, columns past Dv zeros. Row by
-// row, so each row of V is read once, in order.
+// V rows (nk x Dv) in tiles of kCols columns: vp[tile][k][0..kCols), tile stride nk * kCols, columns past Dv zeros.
+// Row by row, so each row of V is read once, in order.
 void pack_v(int64_t nk, int64_t Dv, const float* v, int64_t ldv, float* vp) {
   const int64_t tiles = (Dv + kCols - 1) / kCols, stride = nk * kCols, whole = Dv / kCols;
   for (int64_t k = 0; k < nk; ++k) {
     const float* row = v + k * ldv;
     float* dst = vp + k * kCols;
     for (int64_t t = 0; t < whole; ++t) {
-      _mm256_storeu_ps(dst + t * stride, _mm256_loadu_ps(row + t * kCols));
-      _mm256_storeu_ps(dst + t * stride + 8, _mm256_loadu_ps(row + t * kCols + 8));
+      vstore(dst + t * stride, vload(row + t * kCols));
+      vstore(dst + t * stride + kVec, vload(row + t * kCols + kVec));
     }
     for (int64_t t = whole; t < tiles; ++t)
       for (int64_t j = 0; j < kCols; ++j) dst[t * stride + j] = t * kCols + j < Dv ? row[t * kCols + j] : 0.f;
   }
 }
 
-// The end of one 16-query panel's key block, online across blocks: given the block's reference ref and the
+// The end of one panel's key block, online across blocks: given the block's reference ref and the
 // column sums of its P^T, corr = 2^(m - ref) rescales the earlier blocks' l and O; l = l * corr + sum, m = ref;
 // after the last block inv_l = 1 / l.
 void finish_panel(const float* ref_sum, float* m, float* l, float* corr, float* inv_l) {
-  for (int h = 0; h < kCols; h += 8) {  // on the first block m = -inf: corr = 2^-126 multiplies l = 0
-    const __m256 ref = _mm256_loadu_ps(ref_sum + h), c = exp2_softmax(_mm256_sub_ps(_mm256_loadu_ps(m + h), ref));
-    const __m256 lh = _mm256_fmadd_ps(_mm256_loadu_ps(l + h), c, _mm256_loadu_ps(ref_sum + kCols + h));
-    _mm256_storeu_ps(l + h, lh);
-    _mm256_storeu_ps(m + h, ref);
-    _mm256_storeu_ps(corr + h, c);
-    if (inv_l) _mm256_storeu_ps(inv_l + h, _mm256_div_ps(_mm256_set1_ps(1.f), lh));
+  for (int h = 0; h < kCols; h += kVec) {  // on the first block m = -inf: corr = 2^-126 multiplies l = 0
+    const fvec ref = vload(ref_sum + h), c = exp2_softmax(vsub(vload(m + h), ref));
+    const fvec lh = vfmadd(vload(l + h), c, vload(ref_sum + kCols + h));
+    vstore(l + h, lh);
+    vstore(m + h, ref);
+    vstore(corr + h, c);
+    if (inv_l) vstore(inv_l + h, vdiv(vset1(1.f), lh));
   }
 }
 
@@ -317,8 +359,8 @@ struct RowFetcher {
   }
 };
 
-// One thread's working buffers, carved from one allocation at 64-byte boundaries: the tiles' 16-float rows are
-// then whole cache lines (from malloc's 16-byte alignment, half of their two-vector loads would split lines).
+// One thread's working buffers, carved from one allocation at 64-byte boundaries: the tiles' rows are then whole
+// cache lines (from malloc's 16-byte alignment, half of their vector loads would split lines).
 struct Scratch {
   std::vector<float> storage;
   float *qp, *kp, *vp, *st, *ot, *m, *l, *corr, *inv_l;
@@ -389,9 +431,9 @@ void attention_tiles(const AttentionArgs& a) {
           pack_v(nk, Dv, v + k0 * a.v_strides[2], a.v_strides[2], w.vp);
           packed = bh;
         }
-        // Panel by panel (16 queries): P^T (nk x 16) = 2^(K Q^T - ref), then O (16 x Dv) = P V, 6 queries by 16
-        // value channels per tile, added to the earlier key blocks' O rescaled, and on the last key block divided
-        // by l and written out (+ residual). The panel's P^T stays in L1 through both products; the packed K and V
+        // Panel by panel (kCols queries): P^T (nk x kCols) = 2^(K Q^T - ref), then O (kCols x Dv) = P V, 6 queries
+        // by kCols value channels per tile, added to the earlier key blocks' O rescaled, and on the last key block
+        // divided by l and written out (+ residual). The panel's P^T stays in L1 through both products; the packed K and V
         // tiles stream from L2. Meanwhile the next head's rows, the residual rows and the next block's queries
         // are fetched, a slice before each tile, not in bursts.
         const int64_t row_tiles = (kCols + kRows - 1) / kRows;  // value tiles per panel and V tile, at most
@@ -412,7 +454,7 @@ void attention_tiles(const AttentionArgs& a) {
         for (int64_t p = 0; p < panels; ++p) {
           const int64_t pq0 = p * kCols, pq = std::min(kCols, nq - pq0);  // the panel's queries in the block
           float* st = w.st + p * nk * kCols;
-          alignas(32) float ref_sum[2 * kCols];  // the panel's reference maxima, then its column sums of P^T
+          alignas(64) float ref_sum[2 * kCols];  // the panel's reference maxima, then its column sums of P^T
           std::copy(w.m + pq0, w.m + pq0 + kCols, ref_sum);
           std::fill(ref_sum + kCols, ref_sum + 2 * kCols, 0.f);
           for (int64_t r0 = 0; r0 < nk; r0 += kRows) {
@@ -540,7 +582,7 @@ void attention_blas(const AttentionArgs& a) {
 }  // namespace
 
 void attention(const AttentionArgs& a) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   attention_tiles(a);
 #else
   attention_blas(a);

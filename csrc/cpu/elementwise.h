@@ -41,10 +41,14 @@ inline void store2(T* p, const Vec& lo, const Vec& hi) {
   }
 }
 
-// Normals of counters c .. c+7 (elements 4c .. 4c+31 of sample g at step t), in element order.
-inline void philox_normal_block8(PhiloxKey key, uint32_t c, uint32_t g, uint32_t t, uint32_t stream, float* z) {
-  constexpr int L = 8;
-  alignas(32) uint32_t w[4][L];
+// Counters per block of keyed normals: eight, or one per lane of a wider vector (AVX-512: sixteen).
+constexpr int kNormalCounters = Vec::size() > 8 ? Vec::size() : 8;
+
+// Normals of counters c .. c+L-1 (elements 4c .. 4c+4L-1 of sample g at step t), L = kNormalCounters, in element
+// order. Each counter's four normals depend on the counter alone, not on L.
+inline void philox_normal_block(PhiloxKey key, uint32_t c, uint32_t g, uint32_t t, uint32_t stream, float* z) {
+  constexpr int L = kNormalCounters;
+  alignas(64) uint32_t w[4][L];
   for (int l = 0; l < L; ++l) {
     w[0][l] = c + l;
     w[1][l] = g;
@@ -67,10 +71,10 @@ inline void philox_normal_block8(PhiloxKey key, uint32_t c, uint32_t g, uint32_t
       w[3][l] = static_cast<uint32_t>(p0);
     }
   }
-  alignas(32) float u[4][L];
+  alignas(64) float u[4][L];
   for (int j = 0; j < 4; ++j)
     for (int l = 0; l < L; ++l) u[j][l] = uint_to_unit_float(w[j][l]);
-  alignas(32) float zz[4][L];
+  alignas(64) float zz[4][L];
   static_assert(L % Vec::size() == 0);
   for (int l = 0; l < L; l += Vec::size()) {
     for (int pair = 0; pair < 2; ++pair) {
@@ -88,10 +92,11 @@ inline void philox_normal_block8(PhiloxKey key, uint32_t c, uint32_t g, uint32_t
 inline void fill_normal(float* dst, PhiloxKey key, uint32_t g, uint32_t t, uint32_t stream, int64_t i0,
                         int64_t count) {
   const int64_t end = i0 + count;
-  alignas(32) float block[32];
-  for (int64_t c = i0 / 4; 4 * c < end; c += 8) {
-    philox_normal_block8(key, static_cast<uint32_t>(c), g, t, stream, block);
-    const int64_t lo = std::max(i0, 4 * c), hi = std::min(end, 4 * c + 32);
+  constexpr int64_t L = kNormalCounters;
+  alignas(64) float block[4 * L];
+  for (int64_t c = i0 / 4; 4 * c < end; c += L) {
+    philox_normal_block(key, static_cast<uint32_t>(c), g, t, stream, block);
+    const int64_t lo = std::max(i0, 4 * c), hi = std::min(end, 4 * c + 4 * L);
     std::copy(block + (lo - 4 * c), block + (hi - 4 * c), dst + (lo - i0));
   }
 }

@@ -60,7 +60,14 @@ WelfordState run_stats(const T* p, int64_t n) {
 // against about 26 with at::vec's exp_u20 and its range checks (the clamp makes them unnecessary). NaN propagates
 // through the final y * r.
 inline Vec silu(const Vec& y) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 z = _mm512_mul_ps(y, _mm512_set1_ps(-1.44269504f));
+  z = _mm512_max_ps(_mm512_min_ps(z, _mm512_set1_ps(126.f)), _mm512_set1_ps(-126.f));
+  const __m512 d = _mm512_add_ps(exp2_in_range(z), _mm512_set1_ps(1.f));
+  __m512 r = _mm512_rcp14_ps(d);
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+  return _mm512_mul_ps(y, r);
+#elif defined(CPU_CAPABILITY_AVX2)
   __m256 z = _mm256_mul_ps(y, _mm256_set1_ps(-1.44269504f));
   z = _mm256_max_ps(_mm256_min_ps(z, _mm256_set1_ps(126.f)), _mm256_set1_ps(-126.f));
   const __m256 d = _mm256_add_ps(exp2_in_range(z), _mm256_set1_ps(1.f));

@@ -27,7 +27,9 @@ void keyed_normal(const NormalArgs& a) {
 }
 
 const char* capability() {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  return "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
   return "avx2";
 #else
   return "default";
