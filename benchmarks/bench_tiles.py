@@ -4,8 +4,9 @@ some rounds by up to 2x; the fastest round is the closest to what the core can d
 
     python benchmarks/bench_tiles.py [--json benchmarks/results/tiles_cpu.json]
 
-The tile rows come from benchmarks/tile_shapes.cpp (compiled here with g++ -O3 -mavx2 -mfma): 6x16 is the
-attention kernel's tile; K = 64 is a score tile at four heads of 64, K = 256 a value tile over 256 keys. The
+The tile rows come from benchmarks/tile_shapes.cpp (compiled here with g++ -O3 -mavx2 -mfma, and -mavx512f on a
+CPU with AVX-512, which adds the 512-bit FMA peak: the ceiling of the avx512 build, against which '% FMA peak' is
+then computed; the tile and panel rows stay AVX2's): 6x16 is the AVX2 build's attention tile; K = 64 is a score tile at four heads of 64, K = 256 a value tile over 256 keys. The
 panel rows are one 16-query panel's score tiles at four heads (42 tiles of 6 keys, K from L2), products only and
 with the kernel's epilogue (reference check, exponentials, column sums); GFLOP/s counts the products in both.
 """
@@ -30,13 +31,19 @@ import ddpm_fast as df  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def avx512() -> bool:
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    return cap.startswith("AVX512") or cap == "AMX"
+
+
 def tile_rates() -> dict:
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         raise SystemExit(f"bench_tiles: no C++ compiler ({cxx}); set CXX")
     with tempfile.TemporaryDirectory() as tmp:
         exe = os.path.join(tmp, "tile_shapes")
-        subprocess.run([cxx, "-O3", "-mavx2", "-mfma", os.path.join(HERE, "tile_shapes.cpp"), "-o", exe], check=True)
+        isa = ["-mavx2", "-mfma"] + (["-mavx512f"] if avx512() else [])
+        subprocess.run([cxx, "-O3", *isa, os.path.join(HERE, "tile_shapes.cpp"), "-o", exe], check=True)
         return json.loads(subprocess.run([exe], check=True, capture_output=True, text=True).stdout)
 
 
@@ -47,8 +54,10 @@ def main():
     torch.set_num_threads(1)
     info = machine()
     rates = tile_rates()
-    peak = rates["fma_peak"]
-    rows = [
+    # the ceiling of the build ddpm_fast loads: 512-bit FMAs on an AVX-512 CPU (the avx512 build), else 256-bit
+    peak = rates["fma_peak512"] if avx512() else rates["fma_peak"]
+    rows = [("AVX-512 FMA peak (registers only)", rates["fma_peak512"])] if avx512() else []
+    rows += [
         (name, rates[key])
         for name, key in (
             ("FMA peak (registers only)", "fma_peak"),
