@@ -67,3 +67,18 @@ def diffusers_float64(scheduler_cls, **config):
     if hasattr(sched, "final_alpha_cumprod"):
         sched.final_alpha_cumprod = one
     return sched
+
+
+def median_ms(f, rounds: int = 5, reps: int = 3) -> float:
+    """Median over rounds of f's mean time in ms (after one warm-up call): for ratios taken side by side."""
+    import statistics
+    import time
+
+    f()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            f()
+        times.append((time.perf_counter() - t0) / reps)
+    return 1e3 * statistics.median(times)

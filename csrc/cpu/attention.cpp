@@ -88,9 +88,10 @@ constexpr int64_t kPad = 8;          // floats after each packed tile: room for 
 // sum rescaled, only when a tile's maximum passes ref + kSlack: at the first tile, and seldom after.
 constexpr float kSlack = 8.f;
 
-// 2^max(z, -126): exp2_in_range's domain, where 2^-126 is nothing next to the reference's 1. max_ps returns its
-// second operand when either is NaN, so a NaN score passes on to the output.
-inline fvec exp2_softmax(fvec z) { return exp2_in_range(vmax(vset1(-126.f), z)); }
+// 2^max(z, -125): within exp2_in_range's domain and above the denormals (which cost microcode assists), where
+// 2^-125 is nothing next to the reference's 1. max returns its second operand when either is NaN, so a NaN score
+// passes on to the output.
+inline fvec exp2_softmax(fvec z) { return exp2_in_range(vmax(vset1(-125.f), z)); }
 
 // Raises ref[0..kCols) to max(ref, tile maxima t) and rescales the panel's `done` rows stored before this tile
 // (from `first`, kCols floats each) and their column sums sum[0..kCols) by 2^(old ref - new ref).
@@ -334,7 +335,7 @@ void pack_v(int64_t nk, int64_t Dv, const float* v, int64_t ldv, float* vp) {
 // column sums of its P^T, corr = 2^(m - ref) rescales the earlier blocks' l and O; l = l * corr + sum, m = ref;
 // after the last block inv_l = 1 / l.
 void finish_panel(const float* ref_sum, float* m, float* l, float* corr, float* inv_l) {
-  for (int h = 0; h < kCols; h += kVec) {  // on the first block m = -inf: corr = 2^-126 multiplies l = 0
+  for (int h = 0; h < kCols; h += kVec) {  // on the first block m = -inf: corr = 2^-125 multiplies l = 0
     const fvec ref = vload(ref_sum + h), c = exp2_softmax(vsub(vload(m + h), ref));
     const fvec lh = vfmadd(vload(l + h), c, vload(ref_sum + kCols + h));
     vstore(l + h, lh);
@@ -393,7 +394,7 @@ void attention_tiles(const AttentionArgs& a) {
   const int64_t k_tiles = (KB + kRows - 1) / kRows, v_tiles = (Dv + kCols - 1) / kCols, ldot = v_tiles * kCols;
   const bool one_key_block = M <= kKeyBlock;  // then K and V are packed once per (batch, head)
   const float s = a.scale * 1.4426950408889634f;  // scores in the exp2 domain
-  at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_flushed(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
     Scratch& w = thread_scratch();
     w.carve(kQueryBlock * D, k_tiles * (D * kRows + kPad), v_tiles * KB * kCols, KB * kQueryBlock,
             one_key_block ? 0 : kQueryBlock * ldot, kQueryBlock);
@@ -529,7 +530,7 @@ void attention_blas(const AttentionArgs& a) {
   const int64_t B = a.batch, H = a.heads, N = a.q_len, M = a.kv_len, D = a.head_dim, Dv = a.v_dim;
   const int64_t blocks = (N + kQueryBlock - 1) / kQueryBlock;
   const int64_t KB = std::min(kKeyBlock, M);
-  at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_flushed(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(kQueryBlock * KB), acc(kQueryBlock * Dv), m(kQueryBlock), l(kQueryBlock);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / blocks, b = bh / H, h = bh % H;
