@@ -198,9 +198,11 @@ void group_norm_nchw(const GroupNormArgs& a) {
       const int64_t b = item / G, g = item % G;
       const int64_t base = (b * C + g * Cg) * HW;
       WelfordState st;
-      for (int64_t j = 0; j < Cg; ++j) {
-        const float add = a.add ? a.add[b * C + g * Cg + j] : 0.f;
-        st = welford_merge(st, welford_shift(run_stats(x + base + j * HW, HW), add));
+      if (!a.add) {
+        st = run_stats(x + base, Cg * HW);  // the group's channels are one contiguous run
+      } else {
+        for (int64_t j = 0; j < Cg; ++j)  // each channel's mean shifted by its add
+          st = welford_merge(st, welford_shift(run_stats(x + base + j * HW, HW), a.add[b * C + g * Cg + j]));
       }
       group_affine(a, b, g, st, scale.data(), shift.data());
       for (int64_t j = 0; j < Cg; ++j)  // the group was just read: this pass hits the cache
