@@ -40,6 +40,17 @@ inline __m512 exp2_in_range(__m512 z) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.99999994f));
   return _mm512_scalef_ps(p, z);
 }
+
+// 2^z as above with a degree-4 fit on [0, 1): relative error 2.7e-6 in fp32, one FMA fewer. Enough for SiLU,
+// y / (1 + 2^z): an error e in 2^z moves it by at most |y| s (1 - s) e <= 0.45 e (s = sigmoid(y)), 1.2e-6.
+inline __m512 exp2_coarse(__m512 z) {
+  const __m512 f = _mm512_reduce_ps(z, _MM_FROUND_TO_NEG_INF);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.0135341650f), f, _mm512_set1_ps(0.0520114675f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.241442755f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693003833f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.00000262f));
+  return _mm512_scalef_ps(p, z);
+}
 #endif
 
 }  // namespace cpu

