@@ -4,11 +4,12 @@
 // with fp32 accumulators, reading q, k and v in place through their row strides: the U-Net's (B, HW, C)
 // projections need no transpose or copy.
 //
-// AVX2 build: the products run in this file's own 6x16 register tiles, on operands packed so that every tile
-// streams contiguous memory. The scores are computed transposed, S^T = K Q^T, which puts the queries along the
-// vector lanes: the softmax over keys is then a column operation (no horizontal reductions) and the stored P^T
-// is read in place, 6 queries broadcast at a time, by the second product O = P V, whose rows are queries again:
-// the last key block's tiles scale by 1 / l, add the residual and write the output rows directly (no transpose).
+// AVX2 and AVX-512 builds: the products run in this file's own register tiles (6x16 and 8x32: kRows x two
+// vectors), on operands packed so that every tile streams contiguous memory. The scores are computed transposed,
+// S^T = K Q^T, which puts the queries along the vector lanes: the softmax over keys is then a column operation (no
+// horizontal reductions) and the stored P^T is read in place, kRows queries broadcast at a time, by the second
+// product O = P V, whose rows are queries again: the last key block's tiles scale by 1 / l, add the residual and
+// write the output rows directly (no transpose).
 // Scores live in the exp2 domain (scale * log2(e) is folded into the packed queries) and are exponentiated as
 // their tile is stored (score_tile below). K and V are packed once per (batch, head) and reused by every query
 // block of it; the next head's rows are prefetched meanwhile. Why not MKL for the products (the portable build
@@ -79,7 +80,7 @@ constexpr int64_t kRows = 8;
 constexpr int64_t kRows = 6;
 #endif
 constexpr int64_t kCols = 2 * kVec;  // tile columns, two vectors: a panel of kCols queries (S^T) or channels (O)
-constexpr int64_t kQueryBlock = 64;  // queries per task: four panels
+constexpr int64_t kQueryBlock = 64;  // queries per task: four panels (AVX2) or two (AVX-512)
 constexpr int64_t kKeyBlock = 512;   // keys per online-softmax step: S^T (512 x 64) stays in L2
 constexpr int64_t kPad = 8;          // floats after each packed tile: room for pack_k's 8-float stores
 
@@ -450,11 +451,11 @@ void attention_tiles(const AttentionArgs& a) {
           pack_v(nk, Dv, v + k0 * a.v_strides[2], a.v_strides[2], w.vp);
           packed = bh;
         }
-        // Panel by panel (kCols queries): P^T (nk x kCols) = 2^(K Q^T - ref), then O (kCols x Dv) = P V, 6 queries
-        // by kCols value channels per tile, added to the earlier key blocks' O rescaled, and on the last key block
-        // divided by l and written out (+ residual). The panel's P^T stays in L1 through both products; the packed K and V
-        // tiles stream from L2. Meanwhile the next head's rows, the residual rows and the next block's queries
-        // are fetched, a slice before each tile, not in bursts.
+        // Panel by panel (kCols queries): P^T (nk x kCols) = 2^(K Q^T - ref), then O (kCols x Dv) = P V, kRows
+        // queries by kCols value channels per tile, added to the earlier key blocks' O rescaled, and on the last key
+        // block divided by l and written out (+ residual). The panel's P^T stays in L1 through both products; the
+        // packed K and V tiles stream from L2. Meanwhile the next head's rows, the residual rows and the next block's
+        // queries are fetched, a slice before each tile, not in bursts.
         const int64_t row_tiles = (kCols + kRows - 1) / kRows;  // value tiles per panel and V tile, at most
         const int64_t calls = panels * ((nk + kRows - 1) / kRows + v_tiles * row_tiles);
         const bool first_block = k0 == 0, last_block = k0 + KB >= M;
