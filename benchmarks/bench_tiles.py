@@ -6,8 +6,8 @@ some rounds by up to 2x; the fastest round is the closest to what the core can d
 
 The tile rows come from benchmarks/tile_shapes.cpp (compiled here with g++ -O3 -mavx2 -mfma, and -mavx512f on a
 CPU with AVX-512, which adds the 512-bit FMA peak: the ceiling of the avx512 build, against which '% FMA peak' is
-then computed; the tile and panel rows stay AVX2's): 6x16 is the AVX2 build's attention tile; K = 64 is a score tile at four heads of 64, K = 256 a value tile over 256 keys. The
-panel rows are one 16-query panel's score tiles at four heads (42 tiles of 6 keys, K from L2), products only and
+then computed; the tile and panel rows stay AVX2's): 6x16 is the AVX2 build's attention tile; K = 64 is a score
+tile at four heads of 64, K = 256 a value tile over 256 keys. The panel rows are one 16-query panel's score tiles at four heads (42 tiles of 6 keys, K from L2), products only and
 with the kernel's epilogue (reference check, exponentials, column sums); GFLOP/s counts the products in both.
 """
 
@@ -27,13 +27,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved_medians, machine, write_json  # noqa: E402
 
 import ddpm_fast as df  # noqa: E402
+from ddpm_fast import _ext  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def avx512() -> bool:
-    cap = torch.backends.cpu.get_cpu_capability().upper()
-    return cap.startswith("AVX512") or cap == "AMX"
+    return "avx512" in _ext.runnable_builds()
 
 
 def tile_rates() -> dict:

@@ -17,25 +17,27 @@ _module = None
 _error = "not loaded yet"
 
 
-_BUILDS = ["_C_avx512", "_C_avx2", "_C"]  # widest first
+_BUILDS = {"avx512": "_C_avx512", "avx2": "_C_avx2", "default": "_C"}  # capability -> module, widest first
+
+
+def runnable_builds() -> list[str]:
+    """The capabilities of the builds this CPU can run, widest first, from torch's reading of the CPU."""
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    names = list(_BUILDS)
+    if cap.startswith("AVX512") or cap == "AMX":
+        return names
+    return names[1:] if cap == "AVX2" else names[2:]
 
 
 def _candidates() -> list[str]:
-    cap = torch.backends.cpu.get_cpu_capability().upper()  # what this CPU runs
-    if cap.startswith("AVX512") or cap == "AMX":
-        runnable = _BUILDS
-    elif cap == "AVX2":
-        runnable = _BUILDS[1:]
-    else:
-        runnable = _BUILDS[2:]
+    runnable = runnable_builds()
     forced = os.environ.get("DDPM_FAST_CPU_CAPABILITY", "").lower()
     if forced:
-        wanted = {"default": "_C", "avx2": "_C_avx2", "avx512": "_C_avx512"}.get(forced)
-        if wanted is None:
+        if forced not in _BUILDS:
             raise ValueError(f"DDPM_FAST_CPU_CAPABILITY must be default, avx2 or avx512, got {forced!r}")
-        narrower = _BUILDS[_BUILDS.index(wanted) :]
-        return [b for b in runnable if b in narrower]
-    return runnable
+        narrower = list(_BUILDS)[list(_BUILDS).index(forced) :]
+        runnable = [b for b in runnable if b in narrower]
+    return [_BUILDS[b] for b in runnable]
 
 
 def _load():

@@ -75,13 +75,6 @@ def test_import_without_extension_explains(monkeypatch):
     assert df.ops.ddpm_step(torch.zeros(1, 3), torch.zeros(1, 3), 1, S, torch.zeros(1, 3)).shape == (1, 3)
 
 
-def _runnable_builds() -> list[str]:
-    cap = torch.backends.cpu.get_cpu_capability().upper()
-    if cap.startswith("AVX512") or cap == "AMX":
-        return ["default", "avx2", "avx512"]
-    return ["default", "avx2"] if cap == "AVX2" else ["default"]
-
-
 _BUILD_CHECK = """
 import sys, torch, ddpm_fast as df
 from ddpm_fast import _ext
@@ -122,7 +115,9 @@ def test_every_build_matches_the_reference(build, tmp_path):
     import subprocess
     import sys
 
-    if build not in _runnable_builds():
+    from ddpm_fast import _ext
+
+    if build not in _ext.runnable_builds():
         pytest.skip(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) cannot run the {build} build")
     noise = tmp_path / "noise.pt"
     env = {**os.environ, "DDPM_FAST_CPU_CAPABILITY": build}
