@@ -304,6 +304,7 @@ TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ddpm_fast CPU kernels (ops registered under torch.ops.ddpm_fast)";
   m.def("capability", &ddpm_fast::cpu::capability, "instruction set the kernels were compiled for");
+  m.def("gemm_library", &ddpm_fast::cpu::gemm_library, "library of the Winograd products: onednn or blas");
   // The scalar HOST_DEVICE functions of csrc/common/philox.h that the CUDA kernels use, compiled for the host
   // so the CPU tests can check them (known-answer vectors, and equality with the reference noise).
   m.def("philox4x32_10", [](std::array<uint32_t, 4> counter, uint32_t k0, uint32_t k1) {

@@ -4,6 +4,9 @@ Three builds of the same CPU kernels exist (setup.py): ``_C_avx512`` for CPUs wi
 ``_C_avx2`` for CPUs with AVX2/FMA/F16C and ``_C`` for any other. The choice follows torch's own reading of the
 CPU (``torch.backends.cpu.get_cpu_capability()``), the widest build first; ``DDPM_FAST_CPU_CAPABILITY`` set to
 ``default``, ``avx2`` or ``avx512`` asks for that build (falling back to narrower ones the CPU can run).
+
+The Winograd convolution's matrix products run in oneDNN's brgemm micro-kernel, or in the BLAS torch links when
+``DDPM_FAST_GEMM=blas`` (csrc/cpu/gemm.h says why oneDNN is the default).
 """
 
 from __future__ import annotations
@@ -40,8 +43,15 @@ def _candidates() -> list[str]:
     return [_BUILDS[b] for b in runnable]
 
 
+def _check_gemm_variable():
+    value = os.environ.get("DDPM_FAST_GEMM")
+    if value is not None and value not in ("onednn", "blas"):
+        raise ValueError(f"DDPM_FAST_GEMM must be onednn or blas, got {value!r}")
+
+
 def _load():
     global _module, _error
+    _check_gemm_variable()
     errors = []
     for name in _candidates():
         try:
@@ -97,3 +107,8 @@ def cuda_unavailable_reason() -> str | None:
 
 def cpu_capability() -> str | None:
     return _module.capability() if _module is not None else None
+
+
+def gemm_library() -> str | None:
+    """'onednn' or 'blas': the library of the CPU Winograd convolution's matrix products."""
+    return _module.gemm_library() if _module is not None else None

@@ -116,6 +116,8 @@ void keyed_normal(const NormalArgs& args);
 
 // The instruction set these kernels were compiled for ("avx2" or "default").
 const char* capability();
+// The library of the Winograd products (gemm.h): "onednn" or "blas".
+const char* gemm_library();
 
 }  // namespace cpu
 }  // namespace ddpm_fast

@@ -6,7 +6,8 @@
 // Per 2x2 output tile and its 4x4 input patch d:  V = B^T d B,  U = G g G^T (the weights, transformed once),
 // M = sum_c U .* V,  Y = A^T M A. The sum over c of the 16 elementwise products is 16 matrix products
 // (tiles x C) @ (C x K), 2.25x fewer multiply-adds than the direct convolution. Tiles are processed in blocks
-// whose transformed inputs and products stay in cache; the products run in the BLAS sgemm torch links (MKL).
+// whose transformed inputs and products stay in cache; the products run in oneDNN's brgemm micro-kernel
+// or the BLAS (gemm.h: gemm_provider).
 // B^T and A^T hold only 0 and +-1, so the transforms are additions; the rounding stays within a few ulps of
 // the direct sum (tested against F.conv2d).
 #include <algorithm>
@@ -62,6 +63,8 @@ struct Scratch {
 };
 
 }  // namespace
+
+const char* gemm_library() { return gemm_provider() == GemmProvider::kOneDnn ? "onednn" : "blas"; }
 
 void winograd_weight_transform(const float* w, int64_t K, int64_t C, float* u) {
   // U[e][c][k] with e = 4 * i + j:  G g G^T,  G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
@@ -128,7 +131,7 @@ void winograd_conv3x3(const WinogradArgs& a) {
       }
       // 2. the 16 products M[e] (nt x K) = V[e] (nt x C) @ U[e] (C x K)
       for (int e = 0; e < 16; ++e)
-        gemm_rm(false, nt, K, C, 1.f, V + e * block * C, C, a.u + e * C * K, K, 0.f, M + e * block * K, K);
+        matmul_rm(nt, K, C, V + e * block * C, C, a.u + e * C * K, K, M + e * block * K, K);
       // 3. output transform, bias and residual: 2x2 outputs a tile, clipped at odd edges
       for (int64_t ti = 0; ti < nt; ++ti) {
         const int64_t tile = t0 + ti, n = tile / (TY * TX), ty = tile / TX % TY, tx = tile % TX;

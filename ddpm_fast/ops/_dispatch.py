@@ -56,7 +56,7 @@ def backends() -> dict[str, str]:
     for name in BACKENDS:
         why = _why_unavailable(name)
         if why is None and name == "cpu":
-            report[name] = f"available ({_ext.cpu_capability()} build)"
+            report[name] = f"available ({_ext.cpu_capability()} build, {_ext.gemm_library()} GEMMs)"
         else:
             report[name] = "available" if why is None else why
     return report

@@ -102,3 +102,45 @@ def test_non_contiguous_input_and_auto_dispatch_of_other_dtypes():
     assert torch.allclose(got, ref.conv3x3(x.double(), w.double(), b.double()))
     got = df.ops.conv3x3(x.bfloat16(), w.bfloat16(), b.bfloat16())
     assert got.dtype == torch.bfloat16
+
+
+_GEMM_CHECK = """
+import sys, torch, ddpm_fast as df
+from ddpm_fast import _ext, reference as ref
+assert _ext.gemm_library() == sys.argv[1], _ext.gemm_library()
+assert sys.argv[1] + " GEMMs" in df.backends()["cpu"], df.backends()["cpu"]
+g = torch.Generator().manual_seed(0)
+for N, C, K, H, W in ((2, 96, 40, 15, 15), (3, 128, 256, 9, 7), (1, 16, 16, 1, 1)):
+    x = torch.randn(N, C, H, W, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(K, C, 3, 3, generator=g) / (3 * C**0.5), torch.randn(K, generator=g)
+    out = df.ops.conv3x3(x, w, b, backend="cpu").double()
+    exact = ref.conv3x3(x.double(), w.double(), b.double())
+    err = (out - exact).abs().max().item()
+    print("conv3x3", (N, C, K, H, W), "max err vs float64", err)
+    assert err <= 2e-5 + 1e-5 * exact.abs().max().item(), err
+"""
+
+
+@needs_cpu
+@pytest.mark.parametrize("library", ["onednn", "blas"])
+def test_each_gemm_library_matches_the_reference(library):
+    """The Winograd products through oneDNN's brgemm (the default) and through the BLAS (DDPM_FAST_GEMM=blas),
+    each in a fresh process (the choice is fixed per process), on shapes with partial tile blocks and two threads."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DDPM_FAST_GEMM": library, "OMP_NUM_THREADS": "2"}
+    r = subprocess.run(
+        [sys.executable, "-c", _GEMM_CHECK, library], env=env, capture_output=True, text=True, timeout=300
+    )
+    print(r.stdout, r.stderr[-2000:])
+    assert r.returncode == 0
+
+
+def test_gemm_variable_is_checked(monkeypatch):
+    from ddpm_fast import _ext
+
+    monkeypatch.setenv("DDPM_FAST_GEMM", "mkl")
+    with pytest.raises(ValueError, match="DDPM_FAST_GEMM must be onednn or blas"):
+        _ext._check_gemm_variable()
