@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_medians, machine, write_json  # noqa: E402
+from common import interleaved_medians, machine, steady_malloc, write_json  # noqa: E402
 
 import ddpm_fast as df  # noqa: E402
 
@@ -67,10 +67,7 @@ def main():
     p.add_argument("--json")
     p.add_argument("--steady-malloc", action="store_true", help="glibc reuses freed blocks (torch's fast mode)")
     args = p.parse_args()
-    if args.steady_malloc and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**31 - 1), MALLOC_TRIM_THRESHOLD_=str(2**31 - 1))
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)  # glibc reads them at start-up only
-    steady = "MALLOC_MMAP_THRESHOLD_" in os.environ
+    steady = steady_malloc() if args.steady_malloc else "MALLOC_MMAP_THRESHOLD_" in os.environ
     repeats = 3 if args.quick else 7
     info = machine()
     print(f"# {info['device']}, {info['cpu_threads']} threads, {df.backends()['cpu']}")

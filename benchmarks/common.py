@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -53,6 +54,34 @@ def paired_ratio(res: dict, num: str, den: str) -> float:
     """Median over rounds of time(num) / time(den), each pair timed in the same round: a neighbour's load on this
     shared machine that slows a whole round cancels out, which a ratio of the two medians does not do."""
     return statistics.median(a / b for a, b in zip(res[num]["rounds_s"], res[den]["rounds_s"]))
+
+
+def steady_malloc() -> bool:
+    """Re-executes the script with glibc's mmap and trim thresholds raised (once; True after that), so that freed
+    blocks are reused: a provider that allocates its result on every call (torch's eager ops, SDPA, oneDNN's
+    linear) then runs in its fast mode instead of page-faulting a fresh multi-MB block each time."""
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**31 - 1), MALLOC_TRIM_THRESHOLD_=str(2**31 - 1))
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)  # glibc reads them at start-up only
+    return True
+
+
+def sgemm_providers(n: int = 1024) -> dict:
+    """The machine's fp32 n^3 matrix product by each library torch links, as benchmark providers: MKL's sgemm
+    (torch.mm, into a preallocated out=) and oneDNN's (its linear, which allocates its result: run it under
+    steady_malloc). MKL takes its AVX2 path on AMD CPUs while oneDNN JIT-compiles for the widest ISA, so on an
+    AVX-512 AMD CPU the two differ by about 2x; the ceiling is the faster one (best_sgemm)."""
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    bt = b.t().contiguous()  # linear computes a @ weight^T
+    providers = {f"MKL sgemm {n}^3": lambda: torch.mm(a, b, out=c)}
+    if torch.backends.mkldnn.is_available():
+        providers[f"oneDNN sgemm {n}^3"] = lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], "")
+    return providers
+
+
+def best_sgemm(res: dict) -> str:
+    """The name of the fastest (median) sgemm provider in interleaved_medians' result."""
+    return min((name for name in res if "sgemm" in name and name.endswith("^3")), key=lambda n: res[n]["median_s"])
 
 
 def machine() -> dict:
