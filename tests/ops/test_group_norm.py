@@ -62,6 +62,25 @@ def test_fused_cpu_low_precision(dtype, channels_last):
 
 
 @needs_cpu
+@pytest.mark.parametrize("aligned", [True, False])
+def test_fused_cpu_streamed_output(aligned):
+    """channels_last outputs of 16 MB and more are written with non-temporal stores (group_norm.cpp); an output
+    not aligned to the vector falls back to plain stores. 33 samples: the whole-sample split, odd per thread."""
+    x, w, b, add = _gn_inputs((33, 128, 32, 32), torch.float32)
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert x.numel() * 4 >= 16 << 20
+    buf = torch.empty(x.numel() + 1)
+    out = buf[: x.numel()] if aligned else buf[1:]
+    out = out.view(33, 32, 32, 128).permute(0, 3, 1, 2)  # channels_last strides over the buffer
+    got = df.ops.group_norm_silu(x, 32, w, b, add=add, backend="cpu", out=out)
+    assert got.data_ptr() == out.data_ptr()
+    expected = ref.group_norm_silu(x, 32, w, b, add=add)
+    assert_fp32_close(
+        f"group_norm_silu 33x128x32x32 channels_last streamed, aligned={aligned}", got, expected, atol=2e-5
+    )
+
+
+@needs_cpu
 def test_fused_statistics_survive_a_large_mean():
     """Welford merges: a large offset does not cancel the variance away (sum-of-squares would)."""
     x, w, b, _ = _gn_inputs((2, 32, 16, 16), torch.float32)
