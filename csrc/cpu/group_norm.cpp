@@ -21,40 +21,56 @@ namespace {
 
 constexpr int64_t kStatChunk = 2048;
 
-// Mean and M2 of p[0..n) (two passes over a chunk in L1), merged across chunks.
+// The shift of shifted sums: the mean of the first kShiftSamples elements. Sums of (x - k) and (x - k)^2 lose
+// about log10((k - mean)^2 / var) digits to cancellation; a single element as k lets an outlier there cost
+// several (first element at 60 std: 3.5e-4 and 2e-3 off float64, against torch's 2e-6); the mean of 16 or 32
+// divides its distance by as much.
+constexpr int64_t kShiftSamples = kLanes;  // 32 (AVX-512) or 16: one load2
+
+template <typename T>
+float shift_estimate(const T* q, int64_t len) {
+  if (len >= kShiftSamples) {
+    Vec a, b;
+    load2(q, a, b);
+    return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, a + b) / kShiftSamples;
+  }
+  float s = 0.f;
+  for (int64_t i = 0; i < len; ++i) s += static_cast<float>(q[i]);
+  return s / static_cast<float>(len);
+}
+
+// Mean and M2 of p[0..n) by shifted sums in one pass per chunk (shift_estimate, so a large mean does not
+// cancel), merged across chunks. One pass instead of a sum and then a centred pass: at small groups
+// (6x96x15x15, 675 elements a group) the loops' and reductions' fixed costs are a good part of the time.
 template <typename T>
 WelfordState run_stats(const T* p, int64_t n) {
   WelfordState total;
   for (int64_t lo = 0; lo < n; lo += kStatChunk) {
     const int64_t len = std::min(kStatChunk, n - lo);
     const T* q = p + lo;
-    Vec s0(0.f), s1(0.f);
+    const float k = shift_estimate(q, len);
+    const Vec vk(k);
+    Vec s0(0.f), s1(0.f), q0(0.f), q1(0.f);
     int64_t i = 0;
     for (; i + kLanes <= len; i += kLanes) {
       Vec a, b;
       load2(q + i, a, b);
+      a = a - vk;
+      b = b - vk;
       s0 = s0 + a;
       s1 = s1 + b;
+      q0 = at::vec::fmadd(a, a, q0);
+      q1 = at::vec::fmadd(b, b, q1);
     }
     float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, s0 + s1);
-    for (; i < len; ++i) sum += static_cast<float>(q[i]);
-    const float mean = sum / static_cast<float>(len);
-    const Vec vm(mean);
-    Vec d0(0.f), d1(0.f);
-    for (i = 0; i + kLanes <= len; i += kLanes) {
-      Vec a, b;
-      load2(q + i, a, b);
-      a = a - vm;
-      b = b - vm;
-      d0 = at::vec::fmadd(a, a, d0);
-      d1 = at::vec::fmadd(b, b, d1);
-    }
-    float m2 = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, d0 + d1);
+    float sq = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, q0 + q1);
     for (; i < len; ++i) {
-      const float d = static_cast<float>(q[i]) - mean;
-      m2 += d * d;
+      const float d = static_cast<float>(q[i]) - k;
+      sum += d;
+      sq += d * d;
     }
-    total = welford_merge(total, WelfordState{mean, m2, len});
+    const float inv = 1.f / static_cast<float>(len);
+    total = welford_merge(total, WelfordState{k + sum * inv, std::max(sq - sum * sum * inv, 0.f), len});
   }
   return total;
 }
@@ -238,16 +254,28 @@ void group_norm_nchw(const GroupNormArgs& a) {
 }
 
 // Per-channel statistics of one chunk of np NHWC pixel rows (C channels each) into dst[0..C): one pass of shifted
-// sums (shift = the chunk's first pixel), robust like Welford with no second read. Blocks of 2 * kLanes channels
-// keep their shifts and sums in registers down the chunk's pixels. k, s1, s2: C floats of scratch.
+// sums (shift = each channel's mean over the chunk's first kShiftRows pixels: see kShiftSamples), with no second
+// read. Blocks of 2 * kLanes channels keep their shifts and sums in registers down the chunk's pixels. k, s1, s2:
+// C floats of scratch.
+constexpr int64_t kShiftRows = 16;
+
 template <typename T>
 void chunk_stats(const T* blk, int64_t np, int64_t C, float* k, float* s1, float* s2, WelfordState* dst) {
+  const int64_t m = std::min(kShiftRows, np);
+  const Vec inv_m(1.f / static_cast<float>(m));
   int64_t c0 = 0;
   for (; c0 + 2 * kLanes <= C; c0 += 2 * kLanes) {
     Vec kv[4], a[4], q[4], v[4];
-    load2(blk + c0, kv[0], kv[1]);
-    load2(blk + c0 + kLanes, kv[2], kv[3]);
-    for (int i = 0; i < 4; ++i) a[i] = q[i] = Vec(0.f);
+    for (int i = 0; i < 4; ++i) kv[i] = Vec(0.f);
+    for (int64_t p = 0; p < m; ++p) {
+      load2(blk + p * C + c0, v[0], v[1]);
+      load2(blk + p * C + c0 + kLanes, v[2], v[3]);
+      for (int i = 0; i < 4; ++i) kv[i] = kv[i] + v[i];
+    }
+    for (int i = 0; i < 4; ++i) {
+      kv[i] = kv[i] * inv_m;
+      a[i] = q[i] = Vec(0.f);
+    }
     for (int64_t p = 0; p < np; ++p) {
       const T* row = blk + p * C + c0;
       load2(row, v[0], v[1]);
@@ -265,7 +293,9 @@ void chunk_stats(const T* blk, int64_t np, int64_t C, float* k, float* s1, float
     }
   }
   for (int64_t c = c0; c < C; ++c) {
-    k[c] = static_cast<float>(blk[c]);
+    float sum = 0.f;
+    for (int64_t p = 0; p < m; ++p) sum += static_cast<float>(blk[p * C + c]);
+    k[c] = sum / static_cast<float>(m);
     s1[c] = s2[c] = 0.f;
   }
   for (int64_t p = 0; p < np && c0 < C; ++p) {
