@@ -144,10 +144,13 @@ def test_from_diffusers_rejects_other_architectures(tmp_path):
 
 @pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
 @pytest.mark.parametrize("head_dim", [16, 64])  # four heads; one head (output projection folded into v)
-def test_attention_block_reuses_its_buffers_safely(head_dim):
-    # inference keeps the projections and the heads' output in one buffer each per shape: a later call must not
-    # change an earlier result, and switching between inference_mode and no_grad must not write into an
-    # inference tensor outside it
+@pytest.mark.parametrize("onednn_linear", [True, False])  # the projections by oneDNN's linear, or MKL into buffers
+def test_attention_block_reuses_its_buffers_safely(head_dim, onednn_linear, monkeypatch):
+    # inference keeps the normalized input, the heads' output and (MKL path) the projections in one buffer each per
+    # shape: a later call must not change an earlier result, and switching between inference_mode and no_grad must
+    # not write into an inference tensor outside it
+    if not onednn_linear:
+        monkeypatch.setattr(df.models.unet, "_onednn_linear", lambda x: False)
     torch.manual_seed(0)
     blk = df.models.unet.AttnBlock(64, df.UNetConfig(attention_head_dim=head_dim, eps=1e-6)).eval()
     blk.backend = "cpu"
