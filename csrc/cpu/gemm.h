@@ -52,7 +52,8 @@ inline GemmProvider gemm_provider() {
 }
 
 // Row-major C (m x n, ldc) = A (m x k, lda) @ B (k x n, ldb), fp32, by gemm_provider(). (torch's brgemm falls
-// back to its BLAS itself where oneDNN's micro-kernels are not built or the CPU lacks AVX2.)
+// back to its BLAS itself where oneDNN's micro-kernels are not built, the CPU lacks AVX2 or
+// torch.backends.mkldnn is disabled.)
 inline void matmul_rm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
                       float* c, int64_t ldc) {
   if (gemm_provider() == GemmProvider::kOneDnn)
