@@ -111,7 +111,7 @@ def bench_heads(heads, B, C, S, sgemm, rounds):
         )
     flops = {name: 2 * 1024**3 for name in sgemm}
     flops.update({name: 4 * B * heads * N * N * d for name in ("MKL attention tiles", "sdpa", "fused")})
-    ceiling = best_sgemm(res)
+    ceiling = best_sgemm(res, sgemm)
     sgemm_gf = flops[ceiling] / res[ceiling]["median_s"] / 1e9
     sgemm_fastest = flops[ceiling] / res[ceiling]["min_s"] / 1e9
     print(f"\n## {heads} head(s) of {d}: op max err vs SDPA {err_op:.1e}, block max err vs diffusers {err_block:.1e}")

@@ -79,9 +79,9 @@ def sgemm_providers(n: int = 1024) -> dict:
     return providers
 
 
-def best_sgemm(res: dict) -> str:
-    """The name of the fastest (median) sgemm provider in interleaved_medians' result."""
-    return min((name for name in res if "sgemm" in name and name.endswith("^3")), key=lambda n: res[n]["median_s"])
+def best_sgemm(res: dict, names, stat: str = "median_s") -> str:
+    """The fastest of the providers `names` (sgemm_providers' keys) in interleaved_medians' result, by `stat`."""
+    return min(names, key=lambda n: res[n][stat])
 
 
 def machine() -> dict:

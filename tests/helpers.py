@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 LOWP_ATOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -82,3 +86,13 @@ def median_ms(f, rounds: int = 5, reps: int = 3) -> float:
             f()
         times.append((time.perf_counter() - t0) / reps)
     return 1e3 * statistics.median(times)
+
+
+def run_python(code: str, *args: str, **env: str) -> int:
+    """Runs code in a fresh Python process (for what is fixed per process: the loaded build, the GEMM library),
+    with env added to this process's environment; prints its output and returns its exit status."""
+    r = subprocess.run(
+        [sys.executable, "-c", code, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
+    print(r.stdout, r.stderr[-2000:])
+    return r.returncode

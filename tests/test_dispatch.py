@@ -3,6 +3,7 @@ import torch
 
 import ddpm_fast as df
 from ddpm_fast.ops._dispatch import resolve
+from tests.helpers import run_python
 
 needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
 S = df.NoiseSchedule.linear(10, 1e-3, 0.2)
@@ -111,21 +112,12 @@ torch.save(df.ops.keyed_normal((2, 3, 7, 9), seed=5), sys.argv[2])
 def test_every_build_matches_the_reference(build, tmp_path):
     """Each ISA build the CPU can run (the one loaded here and the narrower ones other CPUs load) matches the
     reference, and draws the same keyed noise as the loaded build."""
-    import os
-    import subprocess
-    import sys
-
     from ddpm_fast import _ext
 
     if build not in _ext.runnable_builds():
         pytest.skip(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) cannot run the {build} build")
     noise = tmp_path / "noise.pt"
-    env = {**os.environ, "DDPM_FAST_CPU_CAPABILITY": build}
-    r = subprocess.run(
-        [sys.executable, "-c", _BUILD_CHECK, build, str(noise)], env=env, capture_output=True, text=True, timeout=300
-    )
-    print(r.stdout, r.stderr[-2000:])
-    assert r.returncode == 0
+    assert run_python(_BUILD_CHECK, build, str(noise), DDPM_FAST_CPU_CAPABILITY=build) == 0
     err = (torch.load(noise) - df.ops.keyed_normal((2, 3, 7, 9), seed=5)).abs().max().item()
     print("keyed_normal vs the loaded build", err)
     assert err < 1e-5, err

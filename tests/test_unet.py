@@ -3,6 +3,7 @@ import torch
 
 import ddpm_fast as df
 from ddpm_fast.models.loading import DIFFUSERS_CIFAR10_CONFIG
+from tests.helpers import run_python
 
 
 def _tiny(**kw):
@@ -88,16 +89,7 @@ for head_dim in (16, 64):  # four heads (out projection as a GEMM with the resid
 def test_inference_with_each_gemm_library_matches_the_reference(library):
     """The inference path's linear layers and Winograd products through oneDNN (the default) and through MKL
     (DDPM_FAST_GEMM=blas), each in a fresh process, one head and four."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "DDPM_FAST_GEMM": library}
-    r = subprocess.run(
-        [sys.executable, "-c", _GEMM_CHECK, library], env=env, capture_output=True, text=True, timeout=300
-    )
-    print(r.stdout, r.stderr[-2000:])
-    assert r.returncode == 0
+    assert run_python(_GEMM_CHECK, library, DDPM_FAST_GEMM=library) == 0
 
 
 def test_bad_input():

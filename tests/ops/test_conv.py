@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import ddpm_fast as df
 from ddpm_fast import reference as ref
+from tests.helpers import run_python
 
 needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
 
@@ -126,16 +127,7 @@ for N, C, K, H, W in ((2, 96, 40, 15, 15), (3, 128, 256, 9, 7), (1, 16, 16, 1, 1
 def test_each_gemm_library_matches_the_reference(library):
     """The Winograd products through oneDNN's brgemm (the default) and through the BLAS (DDPM_FAST_GEMM=blas),
     each in a fresh process (the choice is fixed per process), on shapes with partial tile blocks and two threads."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "DDPM_FAST_GEMM": library, "OMP_NUM_THREADS": "2"}
-    r = subprocess.run(
-        [sys.executable, "-c", _GEMM_CHECK, library], env=env, capture_output=True, text=True, timeout=300
-    )
-    print(r.stdout, r.stderr[-2000:])
-    assert r.returncode == 0
+    assert run_python(_GEMM_CHECK, library, DDPM_FAST_GEMM=library, OMP_NUM_THREADS="2") == 0
 
 
 def test_gemm_variable_is_checked(monkeypatch):
