@@ -12,12 +12,12 @@ import triton.language as tl
 
 from ddpm_fast.ops._tables import step_table as coefficient_table  # noqa: F401 - (B, 7) -> (B, 9)
 
-from .philox import block_size, keyed_normal_at, logical_index, split_seed
+from .philox import KEY_ARGS, block_size, keyed_normal_of, split_seed
 
 NOISE_NONE, NOISE_GIVEN, NOISE_KEYED = 0, 1, 2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=KEY_ARGS)
 def _ddpm_step_kernel(
     x_ptr,  # (B, n) x_t, any float dtype
     m_ptr,  # (B, n) model output
@@ -40,7 +40,8 @@ def _ddpm_step_kernel(
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    start = tl.program_id(0) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
     mask = offs < n
     ptr = b.to(tl.int64) * n + offs
     cb = coef_ptr + b * 9
@@ -59,32 +60,25 @@ def _ddpm_step_kernel(
     if NOISE == 1:
         o += tl.load(cb + 8) * tl.load(z_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
     if NOISE == 2:
-        i = logical_index(offs.to(tl.int64), C, HW, NHWC)
-        z = keyed_normal_at(i, sample_offset + b, tl.load(t_ptr + b), 0, k0, k1)
+        z = keyed_normal_of(offs, start, sample_offset + b, tl.load(t_ptr + b), 0, k0, k1, C, HW, NHWC, BLOCK)
         o += tl.load(cb + 8) * z
     tl.store(out_ptr + ptr, o.to(out_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:
         tl.store(x0_ptr + ptr, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-def ddpm_step(x, m, noise, out, x0_out, coeffs, t, seed, sample_offset, clip, clip_range, nhwc, noise_mode=None):
-    """Launch on dense tensors sharing one layout; coeffs: (B, 9) fp32 on x's device; t: (B,) int64.
+def ddpm_step(x, m, noise, out, x0_out, coeffs, t, seed, sample_offset, clip, clip_range, nhwc, *, noise_mode):
+    """Launch on dense tensors sharing one layout; coeffs: (B, 9) fp32 on x's device; t: (B,) int64 on x's device.
 
-    ``noise_mode`` None picks NOISE_NONE when every sigma is 0, which reads the coefficients on the host; pass it
-    (NOISE_KEYED: sigma = 0 rows add 0 * z) to keep the launch free of host synchronisation (CUDA graphs).
+    ``noise_mode``: NOISE_GIVEN (``noise``), NOISE_KEYED (rows with sigma = 0 add 0 * z) or NOISE_NONE; the caller
+    decides, so the launch reads nothing back from the device (eager GPU sampling, CUDA graphs).
     """
     B = x.shape[0]
     n = x.numel() // B
     C = x.shape[1] if x.dim() > 1 else 1
     HW = n // C
-    if noise_mode is not None:
-        mode = noise_mode
-    elif noise is not None:
-        mode = NOISE_GIVEN
-    elif bool((coeffs[:, 8] != 0).any()):
-        mode = NOISE_KEYED
-    else:
-        mode = NOISE_NONE
+    if (noise_mode == NOISE_GIVEN) != (noise is not None):
+        raise ValueError(f"noise_mode: {noise_mode} does not match noise={'a tensor' if noise is not None else None}")
     k0, k1 = split_seed(seed)
     BLOCK = block_size(n)
     grid = (triton.cdiv(n, BLOCK), B)
@@ -104,7 +98,7 @@ def ddpm_step(x, m, noise, out, x0_out, coeffs, t, seed, sample_offset, clip, cl
         sample_offset,
         float(clip_range),
         NHWC=nhwc,
-        NOISE=mode,
+        NOISE=noise_mode,
         CLIP=clip,
         WRITE_X0=x0_out is not None,
         BLOCK=BLOCK,

@@ -8,10 +8,10 @@ eps is given, or drawn in the kernel from the keyed Philox stream 1 (and written
 import triton
 import triton.language as tl
 
-from .philox import block_size, keyed_normal_at, logical_index, split_seed
+from .philox import KEY_ARGS, block_size, keyed_normal_of, split_seed
 
 
-@triton.jit
+@triton.jit(do_not_specialize=KEY_ARGS)
 def _q_sample_kernel(
     x0_ptr,  # (B, n)
     eps_ptr,  # (B, n) read, or written when GENERATE
@@ -29,13 +29,13 @@ def _q_sample_kernel(
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    start = tl.program_id(0) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
     mask = offs < n
     ptr = b.to(tl.int64) * n + offs
     x0 = tl.load(x0_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
     if GENERATE:
-        i = logical_index(offs.to(tl.int64), C, HW, NHWC)
-        eps = keyed_normal_at(i, sample_offset + b, tl.load(t_ptr + b), 1, k0, k1)
+        eps = keyed_normal_of(offs, start, sample_offset + b, tl.load(t_ptr + b), 1, k0, k1, C, HW, NHWC, BLOCK)
         eps = eps.to(eps_ptr.dtype.element_ty)
         tl.store(eps_ptr + ptr, eps, mask=mask)
         eps = eps.to(tl.float32)  # x_t from eps as stored, so the two agree in low precision
@@ -45,15 +45,15 @@ def _q_sample_kernel(
     tl.store(out_ptr + ptr, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=KEY_ARGS)
 def _keyed_normal_kernel(
     out_ptr, t_ptr, n, C, HW, k0, k1, sample_offset, stream, NHWC: tl.constexpr, BLOCK: tl.constexpr
 ):
     b = tl.program_id(1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    start = tl.program_id(0) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
     mask = offs < n
-    i = logical_index(offs.to(tl.int64), C, HW, NHWC)
-    z = keyed_normal_at(i, sample_offset + b, tl.load(t_ptr + b), stream, k0, k1)
+    z = keyed_normal_of(offs, start, sample_offset + b, tl.load(t_ptr + b), stream, k0, k1, C, HW, NHWC, BLOCK)
     tl.store(out_ptr + b.to(tl.int64) * n + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 

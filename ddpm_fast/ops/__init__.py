@@ -14,7 +14,7 @@ from .. import reference as ref
 from ..reference.noise import STREAM_X_T
 from . import _checks as C
 from ._dispatch import _why_unavailable, backends, resolve
-from ._tables import step_table
+from ._tables import cached, step_table, to_device
 
 __all__ = [
     "attention",
@@ -66,6 +66,18 @@ def _signed64(seed: int) -> int:
     return seed - 2**64 if seed >= 2**63 else seed
 
 
+def _timestep_device(backend: str, t, device: torch.device):
+    """Where an op's t is prepared: the host for the cpu and cuda kernels (their glue reads it there); for Triton
+    where it already is (an int or a CPU tensor: the host, so per-sample coefficients are computed there and sent
+    without a synchronisation; a GPU tensor stays on the GPU and is never read back); for the reference, the data's
+    device."""
+    if backend in ("cpu", "cuda"):
+        return "cpu"
+    if backend == "triton" and not (isinstance(t, torch.Tensor) and t.device.type != "cpu"):
+        return "cpu"
+    return device
+
+
 # ----------------------------------------------------------------------------------------------- noising
 def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, coefficients=None, backend=None, out=None):
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4), t per sample.
@@ -85,7 +97,7 @@ def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, coefficients
     seed = C.seed_value(seed) if drawn else 0
     sample_offset = C.sample_offset(sample_offset, B)
     backend = resolve("q_sample", backend, x0.device, _needs_grad(x0, noise), x0.dtype)
-    t = C.timesteps(t, B, len(s), "cpu" if backend in ("cpu", "cuda") else x0.device)
+    t = C.timesteps(t, B, len(s), _timestep_device(backend, t, x0.device))
     coefficients = C.coefficient_table("coefficients", coefficients, B, 2)
     if backend == "torch":
         result = ref.q_sample(x0, t, noise, s, seed=seed, sample_offset=sample_offset, coefficients=coefficients)
@@ -100,10 +112,11 @@ def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, coefficients
     if backend == "triton":  # the Triton kernel reads a (B, 2) coefficient table from device memory
         from ..kernels import q_sample as tk
 
-        if coefficients is None:
-            abar = s.alphas_cumprod.to(t.device)[t]
-            coefficients = torch.stack([abar.sqrt(), (1 - abar).sqrt()], dim=1)
-        table = coefficients.to(x0.device, torch.float32).contiguous()
+        t = to_device(t, x0.device)
+        if coefficients is None:  # the schedule's [sqrt(abar), sqrt(1 - abar)] for every t, gathered on the device
+            table = cached(s, ("q_sample",), x0.device, lambda: _q_sample_rows(s)).index_select(0, t)
+        else:
+            table = to_device(coefficients, x0.device)
         tk.q_sample(x0d, eps, x_t, table, t, drawn, seed, sample_offset, fmt == torch.channels_last)
         x_t = _finish(x_t, out)
         return (x_t, eps) if drawn else x_t
@@ -122,6 +135,11 @@ def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, coefficients
     )
     x_t = _finish(x_t, out)
     return (x_t, eps) if drawn else x_t
+
+
+def _q_sample_rows(s) -> torch.Tensor:
+    abar = s.alphas_cumprod
+    return torch.stack([abar.sqrt(), (1 - abar).sqrt()], dim=1).float()
 
 
 # ----------------------------------------------------------------------------------------------- reverse step
@@ -172,7 +190,7 @@ def ddpm_step(
     seed = C.seed_value(seed) if noise is None else 0
     sample_offset = C.sample_offset(sample_offset, B)
     backend = resolve("ddpm_step", backend, x_t.device, _needs_grad(x_t, model_output, noise), x_t.dtype)
-    t = C.timesteps(t, B, len(s), "cpu" if backend in ("cpu", "cuda") else x_t.device)
+    t = C.timesteps(t, B, len(s), _timestep_device(backend, t, x_t.device))
     if t_prev is not None:
         t_prev = C.previous_timesteps(t_prev, t, len(s))
     coefficients = C.coefficient_table("coefficients", coefficients, B, 7)
@@ -204,26 +222,21 @@ def ddpm_step(
     if backend == "triton":  # the Triton kernel reads a (B, 9) coefficient table from device memory
         from ..kernels import ddpm_step as tk
 
-        if coefficients is None:
-            coefficients = ref.step_coefficients(
-                t.cpu(), None if t_prev is None else t_prev.cpu(), s, prediction_type, variance_type
-            )
-        else:
-            coefficients = coefficients.clone()
-            coefficients[:, 6] *= (t.cpu() > 0).to(coefficients)
+        table, noise_mode = _triton_step_table(t, t_prev, coefficients, s, prediction_type, variance_type, noise)
         tk.ddpm_step(
             xd,
             _dense(model_output, fmt),
             None if noise is None else _dense(noise, fmt),
             result,
             x0_result,
-            step_table(coefficients).to(x_t.device),
-            t,
+            to_device(table, x_t.device),
+            to_device(t, x_t.device),
             seed,
             sample_offset,
             clip_sample,
             clip_range,
             fmt == torch.channels_last,
+            noise_mode=noise_mode,
         )
         if x0_out is not None:
             _finish(x0_result, x0_out)
@@ -250,6 +263,28 @@ def ddpm_step(
     if x0_out is not None:
         _finish(x0_result, x0_out)
     return _finish(result, out)
+
+
+def _triton_step_table(t, t_prev, coefficients, s, prediction_type, variance_type, noise):
+    """The (B, 9) coefficient table of a Triton reverse step and its noise mode, computed where t lies: on the
+    host for host timesteps (sent asynchronously), on the device for device timesteps (a gather from the whole
+    schedule's table); never a read of a device value on the host."""
+    from ..kernels import ddpm_step as tk
+
+    if coefficients is not None:  # sigma only where t > 0, as the schedule's own rows
+        k = to_device(coefficients, t.device).to(torch.float64)
+        table = step_table(torch.cat([k[:, :6], k[:, 6:] * (t > 0).unsqueeze(1)], dim=1))
+    elif t_prev is None and t.device.type != "cpu":
+        key = ("ddpm_step", prediction_type, variance_type)
+        rows = lambda: step_table(ref.step_coefficients(torch.arange(len(s)), None, s, prediction_type, variance_type))  # noqa: E731
+        table = cached(s, key, t.device, rows).index_select(0, t)
+    else:
+        table = step_table(ref.step_coefficients(t, t_prev, s, prediction_type, variance_type))
+    if noise is not None:
+        return table, tk.NOISE_GIVEN
+    if table.device.type == "cpu" and not bool((table[:, 8] != 0).any()):  # a host table: free to read
+        return table, tk.NOISE_NONE
+    return table, tk.NOISE_KEYED  # rows with sigma = 0 add 0 * z
 
 
 def ddim_step(

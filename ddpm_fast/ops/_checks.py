@@ -50,31 +50,41 @@ def schedule(s) -> NoiseSchedule:
 def timesteps(t, batch: int, num_timesteps: int, device, *, name: str = "t", allow_none: bool = False) -> torch.Tensor:
     """t as an int64 tensor of shape (batch,) on ``device``; an int or 0-d tensor applies to every sample.
 
-    allow_none: -1 is allowed too ("no previous step", for t_prev).
+    allow_none: -1 is allowed too ("no previous step", for t_prev). An int or a CPU tensor is range-checked on the
+    host (ValueError). A t already on a GPU is range-checked there, without reading it back: a host read would
+    make every step wait for the device, so an out-of-range value fails the device's next synchronisation
+    (torch._assert_async) instead of raising here.
     """
     if isinstance(t, bool) or not isinstance(t, (numbers.Integral, torch.Tensor)):
         raise TypeError(f"{name}: expected an int or an integer tensor, got {type(t).__name__}")
+    lowest = -1 if allow_none else 0
+    expected = f"expected values in [{lowest}, {num_timesteps - 1}]"
     if isinstance(t, torch.Tensor):
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise TypeError(f"{name}: expected an integer tensor, got dtype {t.dtype}")
         if t.dim() > 1 or (t.dim() == 1 and t.numel() != batch):
             raise ValueError(f"{name}: expected an int, a 0-d tensor or shape ({batch},), got shape {tuple(t.shape)}")
-        lo, hi = (int(v) for v in torch.aminmax(t))
-        t = t.to(device=device, dtype=torch.int64).reshape(-1).expand(batch).contiguous()
-    else:
-        lo = hi = int(t)
-        t = torch.full((batch,), lo, dtype=torch.int64, device=device)
-    lowest = -1 if allow_none else 0
-    if lo < lowest or hi >= num_timesteps:
-        raise ValueError(f"{name}: expected values in [{lowest}, {num_timesteps - 1}], got {lo if lo < lowest else hi}")
-    return t
+        if t.device.type == "cpu":
+            lo, hi = (int(v) for v in torch.aminmax(t))
+            if lo < lowest or hi >= num_timesteps:
+                raise ValueError(f"{name}: {expected}, got {lo if lo < lowest else hi}")
+        elif t.device.type == "cuda":
+            torch._assert_async(((t >= lowest) & (t < num_timesteps)).all(), f"{name}: {expected}")
+        return t.to(device=device, dtype=torch.int64).reshape(-1).expand(batch).contiguous()
+    if t < lowest or t >= num_timesteps:
+        raise ValueError(f"{name}: {expected}, got {t}")
+    return torch.full((batch,), int(t), dtype=torch.int64, device=device)
 
 
 def previous_timesteps(t_prev, t: torch.Tensor, num_timesteps: int) -> torch.Tensor:
-    """t_prev as an int64 (batch,) tensor beside t: each in [-1, t) (-1: no previous step)."""
+    """t_prev as an int64 (batch,) tensor beside t: each in [-1, t) (-1: no previous step); checked like t."""
     t_prev = timesteps(t_prev, t.shape[0], num_timesteps, t.device, name="t_prev", allow_none=True)
-    if (t_prev >= t).any():
-        raise ValueError("t_prev: every previous timestep must be smaller than its t")
+    message = "t_prev: every previous timestep must be smaller than its t"
+    if t.device.type == "cpu":
+        if (t_prev >= t).any():
+            raise ValueError(message)
+    elif t.device.type == "cuda":
+        torch._assert_async((t_prev < t).all(), message)
     return t_prev
 
 

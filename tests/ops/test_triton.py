@@ -112,6 +112,33 @@ def test_same_key_same_noise_as_the_cpu_backend(stream):
     assert err <= 1e-5 * max(1.0, b.abs().max().item())
 
 
+# seeds whose 32-bit halves are 0, 1 and 2**32 - 1: Triton's JIT made an argument equal to 1 a constant, which
+# broke the kernels' key (tests/triton_aot.py compiles the same seeds for sm_80/sm_90)
+KEY_SEEDS = [0, 1, 2**32, 2**32 + 1, 2**32 - 1, 2**64 - 1, 16, 2**36]
+
+
+@needs_triton
+@pytest.mark.parametrize("seed", KEY_SEEDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_keyed_noise_for_every_half_of_the_seed(seed, channels_last):
+    shape = (2, 3, 5, 6)  # 90 elements a sample: the last Philox counter of a sample is partly used
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    t = torch.tensor([0, 999])
+    z = df.ops.keyed_normal(
+        shape, seed=seed, t=t.to(DEV), sample_offset=1, backend="triton", device=DEV, memory_format=fmt
+    )
+    expected = ref.keyed_normal(shape, seed, t, 2, 1, "cpu")
+    assert_fp32_close(f"triton keyed noise seed={seed:#x} cl={channels_last}", z.cpu(), expected, atol=2e-5)
+    x, m, _ = _inputs(shape)
+    x, m = x.contiguous(memory_format=fmt), m.contiguous(memory_format=fmt)
+    out = df.ops.ddpm_step(x, m, 400, S, seed=seed, sample_offset=1, backend="triton")
+    expected = ref.ddpm_step(x.cpu(), m.cpu(), torch.full((2,), 400), S, seed=seed, sample_offset=1)
+    assert_fp32_close(f"triton ddpm_step seed={seed:#x}", out.cpu(), expected, atol=2e-5)
+    x_t, eps = df.ops.q_sample(x, t.to(DEV), None, S, seed=seed, sample_offset=1, backend="triton")
+    r_xt, r_eps = ref.q_sample(x.cpu(), t, None, S, seed=seed, sample_offset=1)
+    assert_fp32_close(f"triton q_sample eps seed={seed:#x}", eps.cpu(), r_eps, atol=2e-5)
+
+
 @needs_triton
 @pytest.mark.parametrize(
     "shape, groups", [((2, 64, 8, 8), 32), ((1, 6, 1, 1), 3), ((3, 12, 5, 7), 4), ((2, 32, 17, 9), 8)]
