@@ -230,8 +230,7 @@ class GaussianDiffusion:
             where = ("model output", "x_t")[which]
             raise NonFiniteSampleError(
                 f"sample: the {where} holds NaN or inf at step {i + 1} of {len(timesteps)} (t={timesteps[i]}); "
-                + ("the model gives non-finite values (broken weights?)" if which == 0 else "the chain overflowed")
-                + " (check_finite=False returns it anyway)",
+                + ("the model gives non-finite values (broken weights?)" if which == 0 else "the chain overflowed"),
                 step=i + 1,
                 timestep=timesteps[i],
                 where=where,
