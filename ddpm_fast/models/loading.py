@@ -117,7 +117,7 @@ def _load_folder_weights(folder: str) -> dict:
         if os.path.exists(path):
             state, _ = load_state(path, "model")  # weights_only: no code in the file runs
             return state
-    raise FileNotFoundError(f"path: no diffusion_pytorch_model.safetensors or .bin in {folder}")
+    raise FileNotFoundError(f"model: no diffusion_pytorch_model.safetensors or .bin in {folder}")
 
 
 def from_diffusers(source) -> UNet:
@@ -132,7 +132,7 @@ def from_diffusers(source) -> UNet:
             folder = os.path.join(folder, "unet")
         cfg_path = os.path.join(folder, "config.json")
         if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"path: no config.json in {folder}")
+            raise FileNotFoundError(f"model: no config.json in {folder} (not a diffusers model folder)")
         cfg = _read_json(cfg_path)
         try:
             config = config_from_diffusers(cfg)
