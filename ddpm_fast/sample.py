@@ -217,9 +217,10 @@ def _prepare_folder(out: str, run: dict, fresh: bool, num_chunks: int, counts, s
         if os.path.exists(manifest_path):
             os.remove(manifest_path)  # the records of settings replaced (the folder held no samples)
         atomic_write(os.path.join(out, "run.json"), lambda f: f.write(json.dumps(run, indent=1).encode()))
-    for folder in (out, os.path.join(out, "chunks")):
+    ours = ("run.json.", "manifest.jsonl.", "samples.npz.", "grid.png.")
+    for folder, prefixes in ((out, ours), (os.path.join(out, "chunks"), ("",))):
         for name in os.listdir(folder):
-            if name.endswith(".tmp"):  # a write cut short by a kill: its file is not finished
+            if name.endswith(".tmp") and name.startswith(prefixes):  # a write cut short by a kill: not finished
                 os.remove(os.path.join(folder, name))
     manifest, torn = _read_manifest(out, run["run_id"])
     if torn:  # rewrite the manifest without them, so that the next record starts on a line of its own
