@@ -44,8 +44,8 @@ def _attention_kernel(
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # 64-bit offsets: b * sqb passes 2**31 in large batches
+    h = (bh % H).to(tl.int64)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
     rdv = tl.arange(0, BLOCK_DV)
@@ -90,48 +90,62 @@ def _attention_kernel(
     tl.store(o_ptr + b * sob + h * soh + rm[:, None] * son + rdv[None, :], o.to(o_ptr.dtype.element_ty), mask=omask)
 
 
+def tiles(D: int, DV: int, itemsize: int) -> dict:
+    """Launch settings for head dims D, DV and inputs of ``itemsize`` bytes: query and key tiles, warps and pipeline
+    stages chosen so each variant fits sm_80's 163 KiB of shared memory a block without register spills (the
+    ahead-of-time compile check, tests/triton_aot.py, asserts both for every head dim up to 512)."""
+    wide = max(triton.next_power_of_2(D), triton.next_power_of_2(DV), 16)
+    half = itemsize <= 2
+    if wide <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    if wide <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=64 if half else 32, num_warps=4, num_stages=3 if half else 2)
+    if wide <= 256:
+        return (
+            dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=3)
+            if half
+            else dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        )
+    return dict(BLOCK_M=64 if half else 32, BLOCK_N=32, num_warps=4, num_stages=1)
+
+
+# CUDA's limit on a grid's second axis: launches over more (batch, head) pairs are split
+_MAX_GRID_Y = 65_535
+
+
 def attention(q, k, v, residual, out, scale):
     B, H, N, D = q.shape
     M, DV = k.shape[2], v.shape[3]
     BLOCK_D = max(16, triton.next_power_of_2(D))
     BLOCK_DV = max(16, triton.next_power_of_2(DV))
-    # keep the (BLOCK_M x BLOCK_D) and (BLOCK_N x BLOCK_DV) tiles within registers/shared memory for D up to 512
-    BLOCK_M = 64 if max(BLOCK_D, BLOCK_DV) <= 128 else 32
-    BLOCK_N = 64 if max(BLOCK_D, BLOCK_DV) <= 128 else 32
+    cfg = tiles(D, DV, q.element_size())
     r = residual if residual is not None else out
-    grid = (triton.cdiv(N, BLOCK_M), B * H)
-    _attention_kernel[grid](
-        q,
-        k,
-        v,
-        r,
-        out,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        r.stride(0),
-        r.stride(1),
-        r.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        H,
-        N,
-        M,
-        D,
-        DV,
-        float(scale),
-        HAS_RES=residual is not None,
-        IEEE=q.dtype.itemsize == 4,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_D=BLOCK_D,
-        BLOCK_DV=BLOCK_DV,
-    )
+    per_launch = max(1, _MAX_GRID_Y // H)
+    for b0 in range(0, B, per_launch):
+        b1 = min(B, b0 + per_launch)
+        qs, ks, vs, rs, os_ = (t[b0:b1] for t in (q, k, v, r, out))
+        grid = (triton.cdiv(N, cfg["BLOCK_M"]), (b1 - b0) * H)
+        _attention_kernel[grid](
+            qs,
+            ks,
+            vs,
+            rs,
+            os_,
+            *qs.stride()[:3],
+            *ks.stride()[:3],
+            *vs.stride()[:3],
+            *rs.stride()[:3],
+            *os_.stride()[:3],
+            H,
+            N,
+            M,
+            D,
+            DV,
+            float(scale),
+            HAS_RES=residual is not None,
+            IEEE=q.dtype.itemsize == 4,
+            BLOCK_D=BLOCK_D,
+            BLOCK_DV=BLOCK_DV,
+            **cfg,
+        )
     return out

@@ -12,6 +12,7 @@ import triton.language as tl
 
 from ddpm_fast.ops._tables import step_table as coefficient_table  # noqa: F401 - (B, 7) -> (B, 9)
 
+from .grid import batch_slices
 from .philox import KEY_ARGS, block_size, keyed_normal_of, split_seed
 
 NOISE_NONE, NOISE_GIVEN, NOISE_KEYED = 0, 1, 2
@@ -81,26 +82,27 @@ def ddpm_step(x, m, noise, out, x0_out, coeffs, t, seed, sample_offset, clip, cl
         raise ValueError(f"noise_mode: {noise_mode} does not match noise={'a tensor' if noise is not None else None}")
     k0, k1 = split_seed(seed)
     BLOCK = block_size(n)
-    grid = (triton.cdiv(n, BLOCK), B)
-    _ddpm_step_kernel[grid](
-        x,
-        m,
-        noise if noise is not None else x,
-        out,
-        x0_out if x0_out is not None else out,
-        coeffs,
-        t,
-        n,
-        C,
-        HW,
-        k0,
-        k1,
-        sample_offset,
-        float(clip_range),
-        NHWC=nhwc,
-        NOISE=noise_mode,
-        CLIP=clip,
-        WRITE_X0=x0_out is not None,
-        BLOCK=BLOCK,
-    )
+    for b0, b1 in batch_slices(B):
+        xs, ms, os_ = x[b0:b1], m[b0:b1], out[b0:b1]
+        _ddpm_step_kernel[(triton.cdiv(n, BLOCK), b1 - b0)](
+            xs,
+            ms,
+            noise[b0:b1] if noise is not None else xs,
+            os_,
+            x0_out[b0:b1] if x0_out is not None else os_,
+            coeffs[b0:b1],
+            t[b0:b1],
+            n,
+            C,
+            HW,
+            k0,
+            k1,
+            sample_offset + b0,
+            float(clip_range),
+            NHWC=nhwc,
+            NOISE=noise_mode,
+            CLIP=clip,
+            WRITE_X0=x0_out is not None,
+            BLOCK=BLOCK,
+        )
     return out

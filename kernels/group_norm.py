@@ -15,14 +15,23 @@ import torch
 import triton
 import triton.language as tl
 
+from .grid import batch_slices
+
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _heuristic_only() -> bool:
+    """The heuristic launch settings alone, no autotuning: under the interpreter (timing it says nothing about a
+    GPU, and the tests stay fast), or with DDPM_FAST_TRITON_AUTOTUNE=0 (a run on a time budget: benchmarks/
+    gpu_check.sh's --quick)."""
+    return _interpreted() or os.environ.get("DDPM_FAST_TRITON_AUTOTUNE", "1").strip() == "0"
+
+
 def _prune_stats(configs, named_args, **kwargs):
-    """Tiles of 256..8192 elements that do not overhang the pixels; the heuristic one alone when interpreted
-    (timing the interpreter says nothing about a GPU, and the tests stay fast)."""
+    """Tiles of 256..8192 elements that do not overhang the pixels, the heuristic one first (alone when
+    ``_heuristic_only()``)."""
     block_c, hw = kwargs["BLOCK_C"], named_args["HW"]
     ok = [
         c
@@ -31,7 +40,7 @@ def _prune_stats(configs, named_args, **kwargs):
     ]
     default = max(1, min(triton.next_power_of_2(hw), 4096 // block_c))
     first = [c for c in ok if c.kwargs["BLOCK_P"] == default][:1] or ok[:1] or configs[:1]
-    if _interpreted():
+    if _heuristic_only():
         return [triton.Config({"BLOCK_P": default}, num_warps=4)]
     return first + [c for c in ok if c is not first[0]]
 
@@ -39,7 +48,7 @@ def _prune_stats(configs, named_args, **kwargs):
 def _prune_affine(configs, named_args, **kwargs):
     n = named_args["n"]
     ok = [c for c in configs if c.kwargs["BLOCK"] <= max(512, triton.next_power_of_2(n))]
-    if _interpreted():
+    if _heuristic_only():
         return [triton.Config({"BLOCK": min(1024, triton.next_power_of_2(n))}, num_warps=4)]
     return ok or configs[:1]
 
@@ -169,7 +178,9 @@ def group_norm_silu(x, out, groups, weight, bias, add, eps, silu, nhwc):
     if add is not None:
         shift = shift + add32 * scale
     n = x.numel() // B
-    _affine_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]), B)](
-        x, out, scale.contiguous(), shift.contiguous(), n, C, HW, NHWC=nhwc, SILU=silu
-    )
+    scale, shift = scale.contiguous(), shift.contiguous()
+    for b0, b1 in batch_slices(B):
+        _affine_kernel[lambda meta, nb=b1 - b0: (triton.cdiv(n, meta["BLOCK"]), nb)](
+            x[b0:b1], out[b0:b1], scale[b0:b1], shift[b0:b1], n, C, HW, NHWC=nhwc, SILU=silu
+        )
     return out

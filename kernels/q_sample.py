@@ -8,6 +8,7 @@ eps is given, or drawn in the kernel from the keyed Philox stream 1 (and written
 import triton
 import triton.language as tl
 
+from .grid import batch_slices
 from .philox import KEY_ARGS, block_size, keyed_normal_of, split_seed
 
 
@@ -68,9 +69,23 @@ def q_sample(x0, eps, out, coeffs, t, generate, seed, sample_offset, nhwc):
     B, n, C, HW = _geometry(x0)
     k0, k1 = split_seed(seed)
     BLOCK = block_size(n)
-    _q_sample_kernel[(triton.cdiv(n, BLOCK), B)](
-        x0, eps, out, coeffs, t, n, C, HW, k0, k1, sample_offset, NHWC=nhwc, GENERATE=generate, BLOCK=BLOCK
-    )
+    for b0, b1 in batch_slices(B):
+        _q_sample_kernel[(triton.cdiv(n, BLOCK), b1 - b0)](
+            x0[b0:b1],
+            eps[b0:b1],
+            out[b0:b1],
+            coeffs[b0:b1],
+            t[b0:b1],
+            n,
+            C,
+            HW,
+            k0,
+            k1,
+            sample_offset + b0,
+            NHWC=nhwc,
+            GENERATE=generate,
+            BLOCK=BLOCK,
+        )
     return out
 
 
@@ -78,7 +93,8 @@ def keyed_normal(out, t, seed, sample_offset, stream, nhwc):
     B, n, C, HW = _geometry(out)
     k0, k1 = split_seed(seed)
     BLOCK = block_size(n)
-    _keyed_normal_kernel[(triton.cdiv(n, BLOCK), B)](
-        out, t, n, C, HW, k0, k1, sample_offset, stream, NHWC=nhwc, BLOCK=BLOCK
-    )
+    for b0, b1 in batch_slices(B):
+        _keyed_normal_kernel[(triton.cdiv(n, BLOCK), b1 - b0)](
+            out[b0:b1], t[b0:b1], n, C, HW, k0, k1, sample_offset + b0, stream, NHWC=nhwc, BLOCK=BLOCK
+        )
     return out

@@ -19,6 +19,7 @@ synchronisation per step on a GPU) raises. Each compiled variant must:
 
     python -m tests.triton_aot            # every launch configuration, both targets; prints the variant count
     python -m tests.triton_aot --quick    # one dtype and layout each (a smoke run)
+    python -m tests.triton_aot --self-test  # the check catches each kind of defect it looks for
 
 Works with the Triton version installed (3.9 here; 3.6 on the H200 machine: tests/test_triton_aot.py runs it
 under each Triton it finds).
@@ -43,6 +44,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.driver import DriverBase  # noqa: E402
 from triton.runtime import autotuner as _autotuner  # noqa: E402
@@ -167,7 +169,9 @@ class _Recorder:
         key = (self.arch, kernel.hash)
         v = self.report.variants.get(key)
         if v is None:
-            v = self.report.variants[key] = Variant(fn.__name__, self.arch, kernel.metadata.shared, kernel.metadata.num_warps)
+            v = self.report.variants[key] = Variant(
+                fn.__name__, self.arch, kernel.metadata.shared, kernel.metadata.num_warps
+            )
             v.registers, v.local = resource_usage(kernel.asm["cubin"])
         v.launches.append(self.launch)
         return kernel
@@ -239,7 +243,7 @@ SEEDS = (0, 1, 2**32, 2**32 - 1, 2**64 - 1, (2**32 - 1) << 32 | 1)
 STEP_SHAPES = ((3, 3, 5, 7), (1, 1, 1, 1), (256, 3, 32, 32), (64, 4, 256, 256), (16384, 3, 256, 256), (70000, 3, 8, 8))
 # the CIFAR-10 U-Net's GroupNorm inputs (32 groups), an odd one, and a large batch
 NORM_SHAPES = ((8, 128, 32, 32), (8, 256, 16, 16), (8, 256, 8, 8), (8, 256, 4, 4), (64, 256, 32, 32), (3, 12, 5, 7))
-NORM_SHAPES += ((1, 6, 1, 1), (2, 96, 15, 15), (4096, 128, 32, 32))
+NORM_SHAPES += ((1, 6, 1, 1), (2, 96, 15, 15), (4096, 128, 32, 32), (70000, 32, 2, 2))
 
 
 def _tensor(shape, dtype, channels_last=False):
@@ -261,23 +265,34 @@ def step_launches(quick: bool):
         t_dev = torch.zeros(B, dtype=torch.int64, device=META)
         tag = f"{tuple(shape)} {str(dtype)[6:]} {'NHWC' if cl else 'NCHW'}"
         for clip, x0 in ((False, False), (True, True), (True, False)):
-            yield f"ddpm_step given {tag} clip={clip} x0_out={x0}", lambda x=x, m=m, z=z, clip=clip, x0=x0: (
-                df.ops.ddpm_step(
+            yield (
+                f"ddpm_step given {tag} clip={clip} x0_out={x0}",
+                lambda x=x, m=m, z=z, clip=clip, x0=x0: df.ops.ddpm_step(
                     x, m, 500, s, z, clip_sample=clip, backend="triton", x0_out=torch.empty_like(x) if x0 else None
-                )
+                ),
             )
         yield f"ddpm_step last step (no noise) {tag}", lambda x=x, m=m: df.ops.ddpm_step(x, m, 0, s, backend="triton")
-        yield f"ddpm_step device t {tag}", lambda x=x, m=m, t=t_dev: df.ops.ddpm_step(x, m, t, s, seed=3, backend="triton")
+        yield (
+            f"ddpm_step device t {tag}",
+            lambda x=x, m=m, t=t_dev: df.ops.ddpm_step(x, m, t, s, seed=3, backend="triton"),
+        )
         yield f"q_sample given {tag}", lambda x=x, z=z, t=t_dev: df.ops.q_sample(x, t, z, s, backend="triton")
         for seed in SEEDS[:2] if quick else SEEDS:
-            yield f"ddpm_step keyed {tag} seed={seed:#x}", lambda x=x, m=m, seed=seed: df.ops.ddpm_step(
-                x, m, 500, s, seed=seed, clip_sample=True, backend="triton", sample_offset=1
+            yield (
+                f"ddpm_step keyed {tag} seed={seed:#x}",
+                lambda x=x, m=m, seed=seed: df.ops.ddpm_step(
+                    x, m, 500, s, seed=seed, clip_sample=True, backend="triton", sample_offset=1
+                ),
             )
-            yield f"q_sample keyed {tag} seed={seed:#x}", lambda x=x, t=t_dev, seed=seed: df.ops.q_sample(
-                x, t, None, s, seed=seed, sample_offset=seed & 1, backend="triton"
+            yield (
+                f"q_sample keyed {tag} seed={seed:#x}",
+                lambda x=x, t=t_dev, seed=seed: df.ops.q_sample(
+                    x, t, None, s, seed=seed, sample_offset=seed & 1, backend="triton"
+                ),
             )
-            yield f"keyed_normal {tag} seed={seed:#x}", lambda shape=shape, dtype=dtype, cl=cl, seed=seed: (
-                df.ops.keyed_normal(
+            yield (
+                f"keyed_normal {tag} seed={seed:#x}",
+                lambda shape=shape, dtype=dtype, cl=cl, seed=seed: df.ops.keyed_normal(
                     shape,
                     seed=seed,
                     t=7,
@@ -285,9 +300,12 @@ def step_launches(quick: bool):
                     device=META,
                     memory_format=torch.channels_last if cl else torch.contiguous_format,
                     backend="triton",
-                )
+                ),
             )
-        yield f"ddim_step {tag}", lambda x=x, m=m: df.ops.ddim_step(x, m, 500, 450, s, eta=0.5, seed=1, backend="triton")
+        yield (
+            f"ddim_step {tag}",
+            lambda x=x, m=m: df.ops.ddim_step(x, m, 500, 450, s, eta=0.5, seed=1, backend="triton"),
+        )
 
 
 def norm_launches(quick: bool):
@@ -303,11 +321,15 @@ def norm_launches(quick: bool):
         add = torch.empty(shape[:2], dtype=dtype, device=META)
         tag = f"{tuple(shape)} {str(dtype)[6:]} {'NHWC' if cl else 'NCHW'}"
         for silu, with_add in ((True, True), (True, False), (False, False)):
-            yield f"group_norm_silu {tag} silu={silu} add={with_add}", lambda x=x, w=w, b=b, a=add, s=silu, wa=with_add, g=groups: (
-                df.ops.group_norm_silu(x, g, w, b, silu=s, add=a if wa else None, backend="triton")
+            yield (
+                f"group_norm_silu {tag} silu={silu} add={with_add}",
+                lambda x=x, w=w, b=b, a=add, s=silu, wa=with_add, g=groups: df.ops.group_norm_silu(
+                    x, g, w, b, silu=s, add=a if wa else None, backend="triton"
+                ),
             )
-        yield f"group_norm_silu in place {tag}", lambda x=x, w=w, b=b, g=groups: df.ops.group_norm_silu(
-            x, g, w, b, backend="triton", out=x
+        yield (
+            f"group_norm_silu in place {tag}",
+            lambda x=x, w=w, b=b, g=groups: df.ops.group_norm_silu(x, g, w, b, backend="triton", out=x),
         )
 
 
@@ -333,8 +355,11 @@ def attention_launches(quick: bool):
             return [torch.empty(B, H, n, d, dtype=dtype, device=META) for n, d in ((N, D), (M, D), (M, Dv))]
 
         yield f"attention {tag}", lambda qkv=qkv: df.ops.attention(*qkv(), backend="triton")
-        yield f"attention residual {tag}", lambda qkv=qkv, B=B, H=H, N=N, Dv=Dv, dtype=dtype: df.ops.attention(
-            *qkv(), residual=torch.empty(B, H, N, Dv, dtype=dtype, device=META), backend="triton"
+        yield (
+            f"attention residual {tag}",
+            lambda qkv=qkv, B=B, H=H, N=N, Dv=Dv, dtype=dtype: df.ops.attention(
+                *qkv(), residual=torch.empty(B, H, N, Dv, dtype=dtype, device=META), backend="triton"
+            ),
         )
 
 
@@ -350,7 +375,9 @@ def unet_launches(quick: bool):
             model = df.UNet.ddpm_cifar10().to(META, dtype).eval().set_backend("triton")
             with torch.inference_mode():
                 x = torch.empty(B, 3, 32, 32, dtype=dtype, device=META)
-                df.ops.ddpm_step(x, model(x, torch.zeros(B, dtype=torch.int64, device=META)), 500, s, seed=1, backend="triton")
+                df.ops.ddpm_step(
+                    x, model(x, torch.zeros(B, dtype=torch.int64, device=META)), 500, s, seed=1, backend="triton"
+                )
 
         def graphed(dtype=dtype, B=B):
             model = df.UNet.ddpm_cifar10().to(META, dtype).eval()
@@ -366,6 +393,54 @@ def all_launches(quick: bool):
         yield from family(quick)
 
 
+# -------------------------------------------------------------------------------- the check's own defects caught
+@triton.jit
+def _specialised_key(out_ptr, k0):  # the keyed-noise defect: k0 == 1 becomes a constant, which has no .to
+    tl.store(out_ptr, k0.to(tl.uint32))
+
+
+@triton.jit
+def _big_tiles(a_ptr, out_ptr, BLOCK: tl.constexpr):  # fp32 tiles past any target's shared memory
+    r = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK, BLOCK], tl.float32)
+    for i in range(0, 4):
+        a = tl.load(a_ptr + i * BLOCK * BLOCK + r[:, None] * BLOCK + r[None, :])
+        acc += tl.dot(a, a, input_precision="ieee")
+    tl.store(out_ptr + r[:, None] * BLOCK + r[None, :], acc)
+
+
+@triton.jit
+def _copy(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+def self_test() -> int:
+    """Runs one launch of each defect kind the check looks for; every one must be reported (0 when all are)."""
+    x = torch.empty(1 << 20, device=META)
+    expect = {
+        "seed half 1 specialised": (lambda: _specialised_key[(1,)](x, 1), "AttributeError"),
+        "shared memory": (lambda: _big_tiles[(1,)](x, x, BLOCK=128, num_stages=5), "shared memory"),
+        "grid axis 1": (lambda: _copy[(1, 70000)](x, x, 16, BLOCK=16), "grid axis 1"),
+    }
+    report = run(launches=[(name, fn) for name, (fn, _) in expect.items()])
+    problems = report.problems()
+    missed = [
+        f"{name} (expected {needle!r})"
+        for name, (_, needle) in expect.items()
+        if not any(name in p and needle in p for p in problems)
+    ]
+    if len(problems) == 0 or missed:
+        print("self-test FAILED: not reported:", "; ".join(missed))
+        return 1
+    clean = run(launches=[("clean copy", lambda: _copy[(4,)](x, x, 1000, BLOCK=256))]).problems()
+    if clean:
+        print("self-test FAILED: a clean launch was reported:", clean)
+        return 1
+    print(f"self-test: all {len(expect)} defect kinds reported ({len(problems)} problems), a clean launch passes")
+    return 0
+
+
 def run(arches=tuple(TARGETS), quick: bool = False, launches=None) -> Report:
     report = Report()
     recorder = _Recorder(report)
@@ -378,13 +453,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one dtype and layout per op: a smoke run")
     p.add_argument("--arch", type=int, action="append", choices=sorted(TARGETS), help="a target (default: all)")
+    p.add_argument("--self-test", action="store_true", help="check that each kind of defect is reported")
     args = p.parse_args(argv)
+    if args.self_test:
+        return self_test()
     t0 = time.perf_counter()
     report = run(tuple(args.arch or TARGETS), args.quick)
     problems = report.problems()
     by_arch = {a: sum(1 for v in report.variants.values() if v.arch == a) for a in TARGETS}
     for v in sorted(report.variants.values(), key=lambda v: (v.arch, v.name, v.shared)):
-        print(f"sm_{v.arch} {v.name:24s} warps {v.num_warps} regs {v.registers:3d} local {v.local} shared {v.shared:6d}")
+        print(
+            f"sm_{v.arch} {v.name:24s} warps {v.num_warps} regs {v.registers:3d} local {v.local} shared {v.shared:6d}"
+        )
     for line in problems:
         print("FAIL", line)
     counts = ", ".join(f"sm_{a}: {n}" for a, n in by_arch.items() if n)
