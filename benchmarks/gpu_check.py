@@ -101,6 +101,11 @@ class Case:
     def release(self) -> None:
         self._inputs, self._fns = None, {}
 
+    def grad_mode(self):
+        """How its rows run: the sampler under inference_mode (as GaussianDiffusion.sample), ops under no_grad. With
+        autograd on, the U-Net would run its differentiable path (the reference ops), other launches than timed."""
+        return torch.inference_mode() if self.kind == "sampler" else torch.no_grad()
+
 
 class Launch(NamedTuple):
     """One timed row of gpu_check: ``fn()`` runs its work once on the plan's device.
@@ -139,7 +144,11 @@ def launch_plan(quick: bool, device, *, smoke: bool = False, unet_backend: str |
 
 
 def _runner(case: Case, name: str) -> Callable[[], object]:
-    return lambda: case.fn(name)()
+    def run():
+        with case.grad_mode():
+            return case.fn(name)()
+
+    return run
 
 
 def synchronize(device) -> None:
@@ -518,8 +527,7 @@ def time_case(case: Case, rounds: int, unavailable: dict[str, str], log) -> tupl
     rounds; a provider that raises gets its error in its row and leaves the rounds."""
     rows, skipped, fns, errors, extra = [], [], {}, {}, {}
     dev = case.inputs().device
-    grad = torch.inference_mode() if case.kind == "sampler" else torch.no_grad()
-    with grad:
+    with case.grad_mode():
         outputs = {}
         for name, p in case.providers.items():
             missing = sorted(n for n in p.needs if n in unavailable)
