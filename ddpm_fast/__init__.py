@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import ops, reference
-from .diffusion import GaussianDiffusion
+from .diffusion import GaussianDiffusion, NonFiniteSampleError
 from .models import UNet, UNetConfig
 from .ops import backends
 from .schedule import NoiseSchedule
@@ -12,6 +12,7 @@ __all__ = [
     "FusedDDPMScheduler",
     "GaussianDiffusion",
     "NoiseSchedule",
+    "NonFiniteSampleError",
     "UNet",
     "UNetConfig",
     "accelerate",

@@ -61,3 +61,119 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def state_digest(state) -> str:
+    """sha256 of a checkpoint's contents: tensors (dtype, shape, bytes), dicts, lists, numbers, strings.
+
+    Computed over the values, not the file, so it is the same however the file was pickled; any other type
+    is a ValueError (a checkpoint holds nothing else).
+    """
+    h = hashlib.sha256()
+    _digest(state, h)
+    return h.hexdigest()
+
+
+def _digest(obj, h) -> None:
+    import struct
+
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}:".encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    elif isinstance(obj, dict):
+        keys = sorted(obj, key=lambda k: (type(k).__name__, repr(k)))
+        h.update(f"D{len(keys)}:".encode())
+        for k in keys:
+            _digest(k, h)
+            _digest(obj[k], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}:".encode())
+        for v in obj:
+            _digest(v, h)
+    elif obj is None or isinstance(obj, bool):
+        h.update(f"B{obj}:".encode())
+    elif isinstance(obj, int):
+        h.update(f"I{obj}:".encode())
+    elif isinstance(obj, float):
+        h.update(b"F" + struct.pack("<d", obj))
+    elif isinstance(obj, str):
+        data = obj.encode("utf-8", "surrogatepass")
+        h.update(f"S{len(data)}:".encode() + data)
+    elif isinstance(obj, bytes):
+        h.update(f"Y{len(obj)}:".encode() + obj)
+    else:
+        raise ValueError(f"holds a value of type {type(obj).__name__}, which no checkpoint holds")
+
+
+def save_state(path: str, state: dict) -> None:
+    """``state`` (plain tensors, dicts, lists, numbers, strings) to ``path`` with its ``sha256``, atomically."""
+    import torch
+
+    state = {k: v for k, v in state.items() if k != "sha256"}
+    state["sha256"] = state_digest(state)
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+def load_state(path: str, what: str) -> tuple[dict, bool]:
+    """``(state, checked)`` of a file written by :func:`save_state` (or an older checkpoint without a checksum).
+
+    Reads with ``torch.load(weights_only=True)``: tensors, dicts, lists, numbers and strings only, so no code in
+    the file runs. ``checked``: the file carried a ``sha256`` and it matched. A file that cannot be read, is not a
+    dict, or fails its checksum is a ValueError naming ``what`` and the file.
+    """
+    import torch
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what}: no file at {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"{what}: {path} is a folder, not a checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever fails to unpickle is not a checkpoint
+        raise ValueError(
+            f"{what}: {path} is not a readable checkpoint (damaged, cut short, or not one: {_short(e)})"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{what}: {path} is not a ddpm_fast checkpoint (it holds a {type(state).__name__})")
+    if "sha256" not in state:
+        return state, False
+    stored = state["sha256"]
+    try:
+        actual = state_digest({k: v for k, v in state.items() if k != "sha256"})
+    except ValueError as e:
+        raise ValueError(f"{what}: {path} is not a ddpm_fast checkpoint (it {e})") from None
+    if actual != stored:
+        raise ValueError(f"{what}: {path} fails its checksum: the file was changed or damaged after it was written")
+    return state, True
+
+
+# ---------------------------------------------------------------------------------------------- folders
+def check_output_folder(path: str, what: str = "out") -> None:
+    """ValueError unless ``path`` is a folder (or can be made one) that this process can write into.
+
+    Writes nothing: checks the path and the nearest existing folder above it.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"{what}: expected a folder path, got {path!r}")
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what}: {path} is a file, not a folder")
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ValueError(f"{what}: cannot create {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: {probe} is not writable" + (f" (cannot create {path})" if probe != path else ""))

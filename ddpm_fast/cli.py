@@ -6,13 +6,36 @@ import argparse
 import os
 import runpy
 import sys
+import warnings
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are one line on stderr (``prog: message``) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def one_line_warnings() -> None:
+    """Warnings as ``warning: message`` lines, without the file and source line."""
+    warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
+
+
+# the errors a user's mistake or a bad file raises: one line, no traceback
+USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError)
 
 
 def _train(args) -> None:
     from .digits import train_digits
 
     path = train_digits(
-        args.out, steps=args.steps, batch_size=args.batch, lr=args.lr, max_minutes=args.minutes, seed=args.seed
+        args.out,
+        steps=args.steps,
+        batch_size=args.batch,
+        lr=args.lr,
+        max_minutes=args.minutes,
+        seed=args.seed,
+        progress=not args.no_progress,
     )
     print(f"checkpoint: {path}\nloss curve: {os.path.join(args.out, 'loss.png')}")
 
@@ -26,15 +49,22 @@ def _bench(args, rest) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="ddpm-fast", description=__doc__)
+    p = Parser(prog="ddpm-fast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train-digits", help="train a DDPM on scikit-learn's digits (resumes from OUT/checkpoint.pt)")
+    t = sub.add_parser(
+        "train-digits",
+        help="train a DDPM on scikit-learn's digits (resumes from OUT/checkpoint.pt)",
+        description="Train a DDPM on scikit-learn's digits. A rerun into the same --out resumes its checkpoint: "
+        "settings left out keep the checkpoint's values, a given --batch or --lr applies from the current step, "
+        "another --seed is refused.",
+    )
     t.add_argument("--out", required=True)
     t.add_argument("--steps", type=int, default=3000)
-    t.add_argument("--batch", type=int, default=64)
-    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--batch", type=int, default=None, help="images per step (default 64, or the checkpoint's)")
+    t.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 5e-4, or the checkpoint's)")
     t.add_argument("--minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=None, help="seed of a new run (default 0; fixed per --out)")
+    t.add_argument("--no-progress", action="store_true")
     sub.add_parser(
         "sample", help="sample a checkpoint into a folder: npz + grid, sharded under torchrun", add_help=False
     )
@@ -47,11 +77,14 @@ def main(argv=None) -> None:
 
         return sample_main(rest, prog="ddpm-fast sample")
     if rest:
-        p.error(f"unrecognized arguments: {' '.join(rest)}")
+        t.error(f"unrecognized arguments: {' '.join(rest)}")
+    one_line_warnings()
     try:
         _train(args)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"ddpm-fast: {e}")
+    except USER_ERRORS as e:
+        sys.exit(f"ddpm-fast train-digits: {e}")
+    except KeyboardInterrupt:
+        sys.exit("ddpm-fast train-digits: interrupted; rerun the same command to resume from the last checkpoint")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -12,6 +13,18 @@ from . import ops
 from .ops import _checks as C
 from .reference.noise import STREAM_X_T
 from .schedule import NoiseSchedule
+
+
+class NonFiniteSampleError(FloatingPointError):
+    """A sampling chain produced NaN or inf (broken weights, or an overflow in a low-precision dtype).
+
+    ``step``: the chain step (1-based) where it first appeared, ``timestep``: its t, ``where``: "model output" or
+    "x_t"; None when only the result was checked (``cuda_graph=True``).
+    """
+
+    def __init__(self, message: str, step: int | None = None, timestep: int | None = None, where: str | None = None):
+        super().__init__(message)
+        self.step, self.timestep, self.where = step, timestep, where
 
 
 class GaussianDiffusion:
@@ -93,6 +106,7 @@ class GaussianDiffusion:
         method: str = "ddpm",
         eta: float = 0.0,
         cuda_graph: bool = False,
+        check_finite: bool = True,
     ) -> torch.Tensor:
         """Draw ``n`` samples by running the reverse chain from x_T ~ N(0, I) down to x_0.
 
@@ -106,6 +120,11 @@ class GaussianDiffusion:
 
         ``cuda_graph``: on CUDA, capture one step (U-Net + fused Triton step) in a CUDA graph and replay it per
         step (:class:`ddpm_fast.graphs.GraphedSampler`, cached per batch/shape/steps); keyed noise only, same images.
+
+        ``check_finite`` (default True): raise :class:`NonFiniteSampleError` when the model output or x_t holds NaN
+        or inf, naming the first step (1-based, and its t) where it did. Each step's check runs on the device and
+        is read back once, after the chain (no per-step synchronisation); with ``cuda_graph`` only the result is
+        checked. ``check_finite=False`` returns whatever the chain gives.
         """
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
             raise ValueError(f"n: expected a positive int, got {n!r}")
@@ -121,6 +140,8 @@ class GaussianDiffusion:
         full = (int(n), *shape)
         sample_offset = C.sample_offset(sample_offset, n)
         C.choice("method", method, ("ddpm", "ddim"))
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not (math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta: expected a finite number >= 0, got {eta!r}")
         T = self.num_timesteps
         if steps is None:
             timesteps = list(range(T - 1, -1, -1))
@@ -134,9 +155,15 @@ class GaussianDiffusion:
                 raise ValueError("cuda_graph: needs keyed noise (seed), not a generator")
             if device.type != "cuda":
                 raise ValueError(f"cuda_graph: needs a CUDA device, got {device}")
-            return self._graphed(full, timesteps, method, eta, device, dtype).sample(
+            x = self._graphed(full, timesteps, method, eta, device, dtype).sample(
                 seed=C.seed_value(seed), sample_offset=sample_offset
             )
+            if check_finite and not bool(torch.isfinite(x).all()):
+                raise NonFiniteSampleError(
+                    f"sample: the result of the {len(timesteps)}-step chain holds NaN or inf (cuda_graph: steps not "
+                    "checked one by one; sample without it to find the step)"
+                )
+            return x
         if generator is None:
             seed = C.seed_value(seed)
             x = ops.keyed_normal(
@@ -153,9 +180,13 @@ class GaussianDiffusion:
             x = torch.randn(full, generator=generator, device=device, dtype=dtype)
             z = torch.empty_like(x)
         t_batch = torch.empty(n, dtype=torch.int64, device=device)
+        # per step: model output finite, x_t finite; written on the device, read once after the chain
+        finite = torch.ones(len(timesteps), 2, dtype=torch.bool, device=device) if check_finite else None
         for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             model_output = self.model(x, t_batch.fill_(t))
+            if finite is not None:
+                finite[i, 0] = torch.isfinite(model_output).all()
             if z is not None and t > 0:
                 torch.randn(full, generator=generator, device=device, dtype=dtype, out=z)
             if method == "ddim":
@@ -175,21 +206,33 @@ class GaussianDiffusion:
                     backend=self.backend,
                     out=x,
                 )
-                continue
-            ops.ddpm_step(
-                x,
-                model_output,
-                t,
-                self.schedule,
-                z,
-                seed=seed,
-                sample_offset=sample_offset,
-                variance_type=self.variance_type,
-                prediction_type=self.prediction_type,
-                clip_sample=self.clip_sample,
-                clip_range=self.clip_range,
-                t_prev=t_prev,
-                backend=self.backend,
-                out=x,  # in place: the chain reuses one buffer for x_t
+            else:
+                ops.ddpm_step(
+                    x,
+                    model_output,
+                    t,
+                    self.schedule,
+                    z,
+                    seed=seed,
+                    sample_offset=sample_offset,
+                    variance_type=self.variance_type,
+                    prediction_type=self.prediction_type,
+                    clip_sample=self.clip_sample,
+                    clip_range=self.clip_range,
+                    t_prev=t_prev,
+                    backend=self.backend,
+                    out=x,  # in place: the chain reuses one buffer for x_t
+                )
+            if finite is not None:
+                finite[i, 1] = torch.isfinite(x).all()
+        if finite is not None and not bool(finite.all()):
+            i, which = (~finite).nonzero()[0].tolist()
+            where = ("model output", "x_t")[which]
+            raise NonFiniteSampleError(
+                f"sample: the {where} holds NaN or inf at step {i + 1} of {len(timesteps)} (t={timesteps[i]}); "
+                + ("the model gives non-finite values (broken weights?)" if which == 0 else "the chain overflowed"),
+                step=i + 1,
+                timestep=timesteps[i],
+                where=where,
             )
         return x

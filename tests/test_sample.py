@@ -73,17 +73,17 @@ def test_rerun_skips_finished_chunks_and_recovers_unrecorded_ones(tiny, tmp_path
     sample_to_folder(tiny, out, 12, seed=1, chunk_size=4, batch_size=4, steps=10, progress=False)
     full = np.load(os.path.join(out, "samples.npz"))["arr_0"]
     # a crash: chunk 2 lost, chunk 1 renamed into place but killed before its manifest line, a stray temp file
-    os.remove(os.path.join(out, "chunks", "000002.npy"))
+    os.remove(os.path.join(out, "chunks", "000002.npz"))
     keep = [e for e in _manifest(out) if e["chunk"] == 0]
     with open(os.path.join(out, "manifest.jsonl"), "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in keep)
-    open(os.path.join(out, "chunks", "000002.npy.abc.tmp"), "wb").write(b"partial")
+    open(os.path.join(out, "chunks", "000002.npz.abc.tmp"), "wb").write(b"partial")
     os.remove(os.path.join(out, "samples.npz"))
     before = _stats(out)
     sample_to_folder(tiny, out, 12, seed=1, chunk_size=4, batch_size=4, steps=10, progress=False)
     after = _stats(out)
-    assert after["000000.npy"] == before["000000.npy"] and after["000001.npy"] == before["000001.npy"]
-    assert "000002.npy.abc.tmp" not in after
+    assert after["000000.npz"] == before["000000.npz"] and after["000001.npz"] == before["000001.npz"]
+    assert "000002.npz.abc.tmp" not in after
     entries = _manifest(out)
     assert sorted(e["chunk"] for e in entries) == [0, 1, 2]  # each chunk recorded once
     assert [e.get("recovered", False) for e in sorted(entries, key=lambda e: e["chunk"])] == [False, True, False]
@@ -194,7 +194,7 @@ def test_torchrun_two_ranks_equal_one_and_survive_a_killed_rank(tiny, tmp_path):
     log = p.communicate(timeout=240)[0]
     assert p.returncode == 0, log
     after = _stats(killed)
-    assert all(after[name] == before[name] for name in before if name.endswith(".npy"))  # finished chunks untouched
+    assert all(after[name] == before[name] for name in before if name.endswith(".npz"))  # finished chunks untouched
     chunks = [e["chunk"] for e in _manifest(killed)]
     assert sorted(chunks) == list(range(10))  # every chunk exactly once, none lost
     assert np.array_equal(np.load(os.path.join(killed, "samples.npz"))["arr_0"], ref)

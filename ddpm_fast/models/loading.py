@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import warnings
 
 import torch
 
+from .._io import _short, load_state
 from .unet import UNet, UNetConfig
 
 # google/ddpm-cifar10-32's UNet2DModel configuration: the paper's CIFAR-10 model in diffusers' terms.
@@ -45,6 +49,17 @@ _REQUIRED = {
     "attn_norm_num_groups": None,
     "mid_block_type": "UNetMidBlock2D",
 }
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"model: {path} is not readable JSON ({_short(e)})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"model: {path} holds a {type(cfg).__name__}, not a config object")
+    return cfg
 
 
 def config_from_diffusers(cfg: dict) -> UNetConfig:
@@ -93,12 +108,16 @@ def _load_folder_weights(folder: str) -> dict:
         if os.path.exists(path):
             from safetensors.torch import load_file
 
-            return load_file(path)
+            try:
+                return load_file(path)
+            except Exception as e:  # noqa: BLE001 - a damaged or cut-short file
+                raise ValueError(f"model: {path} is not a readable safetensors file ({_short(e)})") from None
     for name in ("diffusion_pytorch_model.bin", "pytorch_model.bin"):
         path = os.path.join(folder, name)
         if os.path.exists(path):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"path: no diffusion_pytorch_model.safetensors or .bin in {folder}")
+            state, _ = load_state(path, "model")  # weights_only: no code in the file runs
+            return state
+    raise FileNotFoundError(f"model: no diffusion_pytorch_model.safetensors or .bin in {folder}")
 
 
 def from_diffusers(source) -> UNet:
@@ -113,45 +132,153 @@ def from_diffusers(source) -> UNet:
             folder = os.path.join(folder, "unet")
         cfg_path = os.path.join(folder, "config.json")
         if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"path: no config.json in {folder}")
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        state = _load_folder_weights(folder)
-    elif hasattr(source, "config") and hasattr(source, "state_dict"):
-        cfg, state = dict(source.config), source.state_dict()
-    else:
-        raise TypeError(f"source: expected a diffusers UNet2DModel or a folder path, got {type(source).__name__}")
-    model = UNet(config_from_diffusers(cfg))
-    model.load_state_dict(state)
+            raise FileNotFoundError(f"model: no config.json in {folder} (not a diffusers model folder)")
+        cfg = _read_json(cfg_path)
+        try:
+            config = config_from_diffusers(cfg)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"model: {cfg_path}: not a supported UNet2DModel config ({_short(e)})") from None
+        return unet_from_weights(config, _load_folder_weights(folder), f"model: {folder}")
+    if hasattr(source, "config") and hasattr(source, "state_dict"):
+        return unet_from_weights(config_from_diffusers(dict(source.config)), source.state_dict(), "source")
+    raise TypeError(f"source: expected a diffusers UNet2DModel or a folder path, got {type(source).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------- checked weights
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(UNetConfig)}
+
+
+def unet_config(cfg, where: str) -> UNetConfig:
+    """A UNetConfig from a checkpoint's config dict, each field checked (ValueError naming ``where``)."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: its U-Net config is a {type(cfg).__name__}, not a dict")
+    unknown = sorted(str(k) for k in cfg if k not in _CONFIG_FIELDS)
+    if unknown:
+        raise ValueError(f"{where}: its U-Net config has unknown fields {unknown}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 2**20
+
+    fields = {}
+    for key, v in cfg.items():
+        if key in ("ch_mult", "attn_resolutions"):
+            ok = isinstance(v, (list, tuple)) and all(is_int(i) for i in v) and (key != "ch_mult" or len(v) > 0)
+            v = tuple(v) if ok else v
+        elif key == "attention_head_dim":
+            ok = v is None or is_int(v)
+        elif key in ("dropout", "eps"):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        else:
+            ok = is_int(v)
+        if not ok:
+            raise ValueError(f"{where}: its U-Net config has an invalid {key}={v!r}")
+        fields[key] = v
+    return UNetConfig(**fields)
+
+
+def unet_from_weights(config: UNetConfig, weights, where: str) -> UNet:
+    """A UNet of ``config`` holding ``weights`` (a state dict): ValueError naming ``where`` when they do not fit
+    (missing, unexpected or misshapen tensors) or when a weight holds NaN or inf.
+
+    The fit is checked on a meta-device model first, so a config that does not match its weights allocates nothing.
+    """
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError(f"{where}: its weights are not a dict of tensors")
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in UNet(config).state_dict().items()}
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{where}: its U-Net config is not valid ({_short(e)})") from None
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    shapes = [k for k in expected if k in weights and tuple(weights[k].shape) != expected[k]]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first {unexpected[0]})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} of another shape (first {k}: {tuple(weights[k].shape)}, config {expected[k]})")
+        raise ValueError(f"{where}: its weights do not match its U-Net config: {', '.join(parts)} tensors")
+    for k, v in weights.items():
+        if not (v.is_floating_point() or v.is_complex()):
+            continue
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{where}: weight {k} holds NaN or inf; the model cannot give finite samples")
+    model = UNet(config)
+    model.load_state_dict(weights)
     return model
 
 
 # ---------------------------------------------------------------------------------------------- whole samplers
 SAMPLING_KEYS = ("prediction_type", "variance_type", "clip_sample", "clip_range")
-_CHECKPOINT_FORMATS = ("ddpm_fast.unet/1", "ddpm_fast.digits/1")
+UNET_FORMAT = "ddpm_fast.unet/2"
+DIGITS_FORMAT = "ddpm_fast.digits/2"
+# the formats written before checkpoints carried a checksum, by the format that replaced them
+_LEGACY_FORMATS = {UNET_FORMAT: "ddpm_fast.unet/1", DIGITS_FORMAT: "ddpm_fast.digits/1"}
+
+
+class UncheckedCheckpointWarning(UserWarning):
+    """A checkpoint of an older format, without a checksum: damage to it cannot be detected."""
+
+
+def read_checkpoint(path: str, what: str, formats: tuple[str, ...], kind: str = "ddpm_fast") -> dict:
+    """A checked ddpm_fast checkpoint's state dict, read without running code in the file.
+
+    ``formats``: the current formats accepted; their files must carry a matching checksum. The older formats
+    (``/1``) have none: they are still read, with an :class:`UncheckedCheckpointWarning`. Anything else is a
+    ValueError naming ``what`` and the file (FileNotFoundError when there is none).
+    """
+    state, checked = load_state(path, what)
+    fmt = state.get("format")
+    legacy = [_LEGACY_FORMATS[f] for f in formats if f in _LEGACY_FORMATS]
+    if fmt in formats:
+        if not checked:
+            raise ValueError(f"{what}: {path} has no checksum, which its format {fmt} requires: the file was changed")
+    elif fmt in legacy:
+        warnings.warn(
+            f"{what}: {path} has no checksum (an older ddpm_fast wrote it): damage to it cannot be detected; "
+            "saving it again adds one",
+            UncheckedCheckpointWarning,
+            stacklevel=3,
+        )
+    else:
+        raise ValueError(f"{what}: {path} is not a {kind} checkpoint (format {' or '.join(formats)})")
+    return state
+
+
+def model_from_state(state: dict, path: str, what: str, key: str = "model") -> UNet:
+    """The U-Net of a checkpoint state (``state["unet"]`` config, ``state[key]`` weights), checked."""
+    where = f"{what}: {path}"
+    if not isinstance(state.get(key), dict):
+        raise ValueError(f"{where}: holds no {key!r} weights")
+    return unet_from_weights(unet_config(state.get("unet"), where), state[key], where)
 
 
 def save_model(path: str, model: UNet, schedule, **sampling) -> None:
     """One file with everything a sampler needs: U-Net config and weights, betas, sampling options.
 
     ``sampling``: GaussianDiffusion options (prediction_type, variance_type, clip_sample, clip_range).
-    Written atomically; read back with :func:`load_pretrained`.
+    Written atomically with a sha256 of its contents; read back with :func:`load_pretrained` (which reads
+    tensors, dicts, numbers and strings only, and checks the sha256).
     """
     import dataclasses
 
-    from .._io import atomic_write
+    from .._io import save_state
 
     bad = sorted(set(sampling) - set(SAMPLING_KEYS))
     if bad:
         raise ValueError(f"sampling: unknown options {bad} (expected some of {SAMPLING_KEYS})")
     state = {
-        "format": "ddpm_fast.unet/1",
+        "format": UNET_FORMAT,
         "unet": dataclasses.asdict(model.config),
-        "model": model.state_dict(),
-        "betas": schedule.betas.clone(),
-        "sampling": sampling,
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "betas": schedule.betas.detach().cpu().clone(),
+        "sampling": dict(sampling),
     }
-    atomic_write(path, lambda f: torch.save(state, f))
+    save_state(path, state)
 
 
 def _scheduler_from_config(cfg: dict):
@@ -184,12 +311,27 @@ def _scheduler_from_config(cfg: dict):
     return schedule, sampling
 
 
+def _check_sampling(sampling, schedule, where: str) -> dict:
+    """The sampling options, checked as GaussianDiffusion would, with errors naming ``where``."""
+    from ..diffusion import GaussianDiffusion
+
+    if not isinstance(sampling, dict) or set(sampling) - set(SAMPLING_KEYS):
+        raise ValueError(f"{where}: its sampling options {sampling!r} are not some of {SAMPLING_KEYS}")
+    try:
+        GaussianDiffusion(lambda x, t: x, schedule, **sampling)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: its sampling options are not valid ({e})") from None
+    return dict(sampling)
+
+
 def load_pretrained(path: str):
     """``(UNet, NoiseSchedule, sampling options)`` from a ddpm_fast checkpoint file or a diffusers folder.
 
-    Files: written by :func:`save_model` or by ``ddpm-fast train-digits`` (its EMA weights). Folders: a diffusers
-    ``DDPMPipeline.save_pretrained`` folder (``unet/`` and ``scheduler/``) or a ``UNet2DModel`` folder (the
-    linear 1000-step schedule then). Local files only.
+    Files: written by :func:`save_model` or by ``ddpm-fast train-digits`` (its EMA weights), read with
+    ``torch.load(weights_only=True)`` (no code in the file runs) and checked against their sha256. Folders: a
+    diffusers ``DDPMPipeline.save_pretrained`` folder (``unet/`` and ``scheduler/``) or a ``UNet2DModel`` folder
+    (the linear 1000-step schedule then). Local files only. A damaged, cut-short or changed file, weights that do
+    not fit the config, or weights holding NaN/inf: a ValueError naming the file.
     """
     from ..schedule import NoiseSchedule
 
@@ -197,24 +339,22 @@ def load_pretrained(path: str):
     if os.path.isdir(path):
         model = from_diffusers(path)
         sched_cfg = os.path.join(path, "scheduler", "scheduler_config.json")
-        if os.path.exists(sched_cfg):
-            with open(sched_cfg) as f:
-                schedule, sampling = _scheduler_from_config(json.load(f))
-        else:
-            schedule, sampling = _scheduler_from_config({})
-        return model.eval(), schedule, sampling
+        try:
+            schedule, sampling = _scheduler_from_config(_read_json(sched_cfg) if os.path.exists(sched_cfg) else {})
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"model: {sched_cfg}: {e}") from None
+        return model.eval(), schedule, _check_sampling(sampling, schedule, f"model: {sched_cfg}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"model: no file or folder at {path}")
+    state = read_checkpoint(path, "model", (UNET_FORMAT, DIGITS_FORMAT))
+    model = model_from_state(state, path, "model", "ema" if "ema" in state else "model")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is not a checkpoint
-        raise ValueError(f"model: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or state.get("format") not in _CHECKPOINT_FORMATS:
-        raise ValueError(f"model: {path} is not a ddpm_fast checkpoint (formats {_CHECKPOINT_FORMATS})")
-    model = UNet(UNetConfig(**state["unet"]))
-    model.load_state_dict(state["ema"] if "ema" in state else state["model"])
-    if "betas" in state:
-        schedule = NoiseSchedule.from_betas(torch.as_tensor(state["betas"]))
-    else:
-        schedule = NoiseSchedule.linear(state["timesteps"])
-    return model.eval(), schedule, dict(state.get("sampling", {}))
+        if "betas" in state:
+            if not isinstance(state["betas"], torch.Tensor):
+                raise TypeError("betas: expected a tensor")
+            schedule = NoiseSchedule.from_betas(state["betas"])
+        else:
+            schedule = NoiseSchedule.linear(state.get("timesteps"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model: {path}: its noise schedule is not valid ({e})") from None
+    return model.eval(), schedule, _check_sampling(state.get("sampling", {}), schedule, f"model: {path}")
