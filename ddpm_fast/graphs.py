@@ -7,9 +7,18 @@ Triton step kernel reads t and its coefficients from memory. A replay is then th
 U-Net, fused update with keyed noise (which is keyed by the t read from memory, so the images equal the eager
 sampler's). Without CUDA (``capture=False``, e.g. under ``TRITON_INTERPRET=1`` in the tests) the same body runs
 eagerly, which checks the tables and the kernel path on the CPU.
+
+What a replay may touch: every tensor the graph recorded must stay allocated for as long as the graph replays.
+The sampler's own tensors (tables, step index, x, t) live as long as it does; the U-Net's reused intermediates
+(``models.unet.Scratch``) are never freed once handed out during a capture; the model's parameters and the
+weights derived from them (the attention block's stacked projection) are checked before each sample: when one
+was replaced or changed in place since the capture, the step is captured again rather than replayed on freed or
+stale memory.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -66,6 +75,16 @@ class GraphedSampler:
         self.t = torch.empty(self.n, dtype=torch.int64, device=self.device)
         self.x = torch.empty((self.n, *self.shape), dtype=self.dtype, device=self.device)
         self.graph = None
+        self._key = None
+
+    def _weights_key(self) -> tuple:
+        """Storage and in-place version of each of the model's parameters and buffers (inference tensors carry no
+        version: an in-place change to one inside inference_mode goes unseen)."""
+        m = self.model
+        if not hasattr(m, "parameters"):
+            return ()
+        tensors = itertools.chain(m.parameters(), m.buffers() if hasattr(m, "buffers") else ())
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
 
     def _body(self, seed: int, sample_offset: int) -> None:
         """One step, device values only: the capturable unit."""
@@ -112,8 +131,9 @@ class GraphedSampler:
             for _ in self.timesteps:
                 self._body(seed, sample_offset)
             return self.x.clone()
-        key = (seed, sample_offset)
-        if self.graph is None or self._key != key:  # the key enters the kernel as arguments: capture per key
+        # the noise key enters the kernel as arguments: capture per key; and again when a weight changed
+        key = (seed, sample_offset, self._weights_key())
+        if self.graph is None or self._key != key:
             self._capture(seed, sample_offset, x_T)
             self._key = key
         self.index.zero_()
