@@ -419,10 +419,11 @@ def group_norm_silu(x, num_groups, weight, bias, eps=1e-5, *, silu=True, add=Non
     C.alike({"x": x, "weight": weight, "bias": bias, "add": add, "out": out}, same=("device",))
     C.alike({"x": x, "add": add, "out": out}, same=("dtype",))
     B, Cn = x.shape[:2]
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups <= 0:
         raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
     if Cn % num_groups:
         raise ValueError(f"num_groups: {Cn} channels are not divisible by {num_groups} groups")
+    num_groups = int(num_groups)
     per_channel = {
         k: p.shape[-1] for k, p in (("weight", weight), ("bias", bias), ("add", add)) if p is not None and p.dim()
     }

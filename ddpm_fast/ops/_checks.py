@@ -223,6 +223,8 @@ def outputs(outs: dict, inputs: dict, *, in_place=()) -> None:
     names = list(outs)
     for i, name in enumerate(names):
         out = outs[name]
+        if out.requires_grad and torch.is_grad_enabled():  # as PyTorch's out= functions: not differentiable
+            raise ValueError(f"{name}: requires grad, and out= arguments do not support automatic differentiation")
         if has_internal_overlap(out):
             raise ValueError(
                 f"{name}: more than one of its elements refers to the same memory (an expanded or stride-0 tensor); "
@@ -321,6 +323,11 @@ def coefficient_table(name: str, c, batch: int, n: int):
         return None
     if not isinstance(c, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor of shape ({batch}, {n}), got {type(c).__name__}")
+    _strided(name, c)
+    if not c.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {c.dtype}")
+    if c.device.type == "meta":
+        raise ValueError(f"{name}: a meta tensor has no values; the coefficients are read on the host")
     if c.dim() == 1 and c.numel() == n:
         c = c.view(1, n).expand(batch, n)
     if tuple(c.shape) != (batch, n):

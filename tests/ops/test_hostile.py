@@ -521,3 +521,38 @@ def test_cases_cover_every_public_op_with_out():
     with_out = {n for n in df.ops.__all__ if "out" in inspect.signature(getattr(df.ops, n)).parameters}
     covered = {c[0].split()[0] for c in OVERLAPS}
     assert with_out <= covered, with_out - covered
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_that_requires_grad_is_refused(backend):
+    """A kernel writing straight into such an out would bypass autograd (PyTorch's out= functions refuse it)."""
+    out = torch.zeros(SHAPE, requires_grad=True)
+    with pytest.raises(ValueError, match="^out: requires grad"):
+        df.ops.ddpm_step(torch.randn(SHAPE), torch.randn(SHAPE), 5, S, seed=1, backend=backend, out=out)
+    with pytest.raises(ValueError, match="^out: requires grad"):
+        df.ops.group_norm_silu(torch.randn(SHAPE), 2, None, None, backend=backend, out=out * 2)
+    with torch.no_grad():
+        df.ops.group_norm_silu(torch.randn(SHAPE), 2, None, None, backend=backend, out=out)
+
+
+@pytest.mark.parametrize(
+    "c, err, match",
+    [
+        (torch.ones(2, 7, dtype=torch.int64), TypeError, "floating-point"),
+        (torch.ones(2, 7, device="meta"), ValueError, "meta"),
+        (torch.ones(2, 7).to_sparse(), TypeError, "dense"),
+        (torch.full((7,), float("nan")), ValueError, "non-finite"),
+    ],
+)
+def test_bad_coefficient_tables_are_named(c, err, match):
+    with pytest.raises(err, match=f"^coefficients: .*{match}"):
+        df.ops.ddpm_step(torch.randn(SHAPE), torch.randn(SHAPE), 5, S, seed=1, coefficients=c)
+
+
+def test_num_groups_takes_any_integer():
+    import numpy as np
+
+    x = _randn(*SHAPE, seed=8)
+    torch.testing.assert_close(
+        df.ops.group_norm_silu(x, np.int64(2), None, None), ref.group_norm_silu(x, 2, None, None)
+    )
