@@ -424,17 +424,16 @@ def group_norm_silu(x, num_groups, weight, bias, eps=1e-5, *, silu=True, add=Non
     if Cn % num_groups:
         raise ValueError(f"num_groups: {Cn} channels are not divisible by {num_groups} groups")
     num_groups = int(num_groups)
-    per_channel = {
-        k: p.shape[-1] for k, p in (("weight", weight), ("bias", bias), ("add", add)) if p is not None and p.dim()
-    }
-    if len(per_channel) > 1 and len(set(per_channel.values())) == 1 and Cn not in per_channel.values():
-        raise ValueError(  # the per-channel arguments agree with each other, x alone differs
-            f"x: {Cn} channels (dim 1 of its shape {tuple(x.shape)}) but {C.listing(per_channel)} have "
-            f"{next(iter(per_channel.values()))}"
-        )
-    channels = f"x's {Cn} channels, dim 1 of its shape {tuple(x.shape)}"
-    weight = C.parameter("weight", weight, x, (Cn,), channels)
-    bias = C.parameter("bias", bias, x, (Cn,), channels)
+    given = [(k, p) for k, p in (("weight", weight), ("bias", bias), ("add", add)) if p is not None and p.dim()]
+    if len(given) > 1 and all(p.shape[-1] != Cn for _, p in given):
+        counts = {p.shape[-1] for _, p in given}
+        if len(counts) == 1:  # the per-channel arguments agree with each other, x alone differs
+            raise ValueError(
+                f"x: {Cn} channels (dim 1 of its shape {tuple(x.shape)}) but {C.listing(k for k, _ in given)} have "
+                f"{counts.pop()}"
+            )
+    weight = C.parameter("weight", weight, x)
+    bias = C.parameter("bias", bias, x)
     if add is not None and tuple(add.shape) != (B, Cn):
         raise ValueError(f"add: expected shape {(B, Cn)} (x's batch and channels), got {tuple(add.shape)}")
     C.number("eps", eps, positive=True)

@@ -73,45 +73,48 @@ def alike(group: dict, *, same=("device", "dtype", "shape"), required=()) -> Non
     wrong main input is named as such), or on a tie one invalid on its own (an integer dtype, a meta tensor beside
     real ones), else both; an output (``out``, ``x0_out``) that differs from the inputs is always the one at fault.
     """
-    present = {}
+    present = []
     for name, x in group.items():
         if x is not None or name in required:
             _strided(name, x)
-            present[name] = x
+            present.append((name, x))
     for what in same:
-        values = {name: getattr(x, what) for name, x in present.items()}
-        inputs = {k: v for k, v in values.items() if k not in OUTPUTS}
-        found = _odd_one_out(inputs)
-        if found is None:  # the inputs agree: an output that differs is wrong
-            ref = next(iter(inputs.values()))
-            odd = [k for k, v in values.items() if v != ref]
-            if not odd:
-                continue
-            found = odd[0], ref, list(inputs)
-        name, expected, holders = found
-        if holders is None:  # a tie between inputs
-            alone = [k for k, v in inputs.items() if _invalid_alone(what, v)]
-            if 0 < len(alone) < len(inputs):
-                name = alone[0]
-                holders = [k for k in inputs if k not in alone][:1]
-                expected = inputs[holders[0]]
-        error = TypeError if what == "dtype" else ValueError
-        got = values[name]
-        if holders is None:
-            first = next(iter(inputs))
-            show = (lambda v: tuple(v)) if what == "shape" else str  # noqa: E731
-            raise error(f"{first} and {name}: {what}s differ ({first}: {show(inputs[first])}, {name}: {show(got)})")
-        if what == "device":
-            verb = "is" if len(holders) == 1 else "are"
-            raise error(f"{name}: on {got} but {listing(holders)} {verb} on {expected}")
-        if what == "dtype":
-            raise error(f"{name}: dtype {got} does not match {listing(h + chr(39) + 's' for h in holders)} {expected}")
-        raise error(f"{name}: expected shape {tuple(expected)} like {listing(holders)}, got {tuple(got)}")
+        first = getattr(present[0][1], what)
+        if any(getattr(x, what) != first for _, x in present[1:]):
+            _mismatch(what, {name: getattr(x, what) for name, x in present})
 
 
-def parameter(name: str, p, x: torch.Tensor, shape: tuple, what: str):
-    """None, or a per-channel parameter of ``shape`` beside x (``what`` says where its shape comes from): x's dtype,
-    or float32 beside a float16/bfloat16 x (mixed precision); x's device."""
+def _mismatch(what: str, values: dict) -> None:
+    """Raises the error of alike for arguments whose ``what`` (device, dtype or shape) differ."""
+    inputs = {k: v for k, v in values.items() if k not in OUTPUTS}
+    found = _odd_one_out(inputs)
+    if found is None:  # the inputs agree: an output that differs is wrong
+        ref = next(iter(inputs.values()))
+        found = next(k for k, v in values.items() if v != ref), ref, list(inputs)
+    name, expected, holders = found
+    if holders is None:  # a tie between inputs
+        alone = [k for k, v in inputs.items() if _invalid_alone(what, v)]
+        if 0 < len(alone) < len(inputs):
+            name = alone[0]
+            holders = [k for k in inputs if k not in alone][:1]
+            expected = inputs[holders[0]]
+    error = TypeError if what == "dtype" else ValueError
+    got = values[name]
+    if holders is None:
+        first = next(iter(inputs))
+        show = (lambda v: tuple(v)) if what == "shape" else str  # noqa: E731
+        raise error(f"{first} and {name}: {what}s differ ({first}: {show(inputs[first])}, {name}: {show(got)})")
+    if what == "device":
+        verb = "is" if len(holders) == 1 else "are"
+        raise error(f"{name}: on {got} but {listing(holders)} {verb} on {expected}")
+    if what == "dtype":
+        raise error(f"{name}: dtype {got} does not match {listing(h + chr(39) + 's' for h in holders)} {expected}")
+    raise error(f"{name}: expected shape {tuple(expected)} like {listing(holders)}, got {tuple(got)}")
+
+
+def parameter(name: str, p, x: torch.Tensor):
+    """None, or a per-channel parameter of shape (C,) for x's C channels (dim 1): x's device and dtype, or float32
+    beside a float16/bfloat16 x (mixed precision)."""
     if p is None:
         return None
     _strided(name, p)
@@ -121,8 +124,11 @@ def parameter(name: str, p, x: torch.Tensor, shape: tuple, what: str):
     if p.dtype != x.dtype and not (low and p.dtype == torch.float32):
         also = " or float32" if low else ""
         raise TypeError(f"{name}: dtype {p.dtype} does not match x's {x.dtype}{also}")
-    if tuple(p.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)} ({what}), got {tuple(p.shape)}")
+    if p.dim() != 1 or p.shape[0] != x.shape[1]:
+        C = x.shape[1]
+        raise ValueError(
+            f"{name}: expected shape ({C},) (x's {C} channels, dim 1 of its shape {tuple(x.shape)}), got {tuple(p.shape)}"
+        )
     return p
 
 
@@ -165,8 +171,10 @@ def _reachable(terms, lo: int, hi: int) -> bool:
 
 
 def _span(x: torch.Tensor) -> tuple[int, int]:
-    """The first and one past the last byte address x's elements occupy."""
+    """The first and one past the last byte address x's elements occupy (x not empty)."""
     begin = x.data_ptr()
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return begin, begin + x.numel() * x.element_size()
     return begin, begin + x.element_size() * (1 + sum((n - 1) * s for n, s in zip(x.shape, x.stride())))
 
 
@@ -178,10 +186,10 @@ def _dims(x: torch.Tensor, sign: int = 1):
 
 def has_internal_overlap(x: torch.Tensor) -> bool:
     """Whether two elements of x share memory (e.g. an expanded, stride-0 dimension)."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return False
     if any(n > 1 and s == 0 for n, s in zip(x.shape, x.stride())):
         return True
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        return False
     dims = sorted(((s, n) for n, s in zip(x.shape, x.stride()) if n > 1), key=lambda d: d[0])
     if all(dims[i][0] >= dims[i - 1][0] * dims[i - 1][1] for i in range(1, len(dims))):
         return False  # nested strides: each dimension steps over the whole span of the smaller ones
@@ -194,12 +202,13 @@ def has_internal_overlap(x: torch.Tensor) -> bool:
     return False
 
 
-def overlap(a: torch.Tensor, b: torch.Tensor) -> str | None:
-    """None, "same" (the same memory, sizes and strides: elementwise in place) or "partial" (any other overlap)."""
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+def overlap(a: torch.Tensor, b: torch.Tensor, spans=None) -> str | None:
+    """None, "same" (the same memory, sizes and strides: elementwise in place) or "partial" (any other overlap).
+    ``spans``: a and b's _span, where the caller has them."""
+    if a.numel() == 0 or b.numel() == 0:
         return None
-    (a0, a1), (b0, b1) = _span(a), _span(b)
-    if a1 <= b0 or b1 <= a0:
+    (a0, a1), (b0, b1) = spans or (_span(a), _span(b))
+    if a1 <= b0 or b1 <= a0 or a.device != b.device:
         return None
     if a0 == b0 and a.dtype == b.dtype and a.shape == b.shape:
         moving = [(n, s1, s2) for n, s1, s2 in zip(a.shape, a.stride(), b.stride()) if n > 1]
@@ -216,10 +225,14 @@ def outputs(outs: dict, inputs: dict, *, in_place=()) -> None:
     """PyTorch's memory-overlap rules for an op's out= arguments (name -> tensor or None), against its tensor
     inputs (name -> anything; tensors are checked). ``in_place``: the inputs an output may be the very same tensor
     as (the op is elementwise there, or copes). Checked before any kernel runs; meta tensors have no memory."""
-    outs = {k: v for k, v in outs.items() if isinstance(v, torch.Tensor) and v.device.type != "meta"}
+    outs = {k: v for k, v in outs.items() if isinstance(v, torch.Tensor) and not v.is_meta}
     if not outs or torch.compiler.is_compiling():
         return
-    inputs = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.layout == torch.strided}
+    inputs = {
+        k: (v, _span(v))
+        for k, v in inputs.items()
+        if isinstance(v, torch.Tensor) and v.layout == torch.strided and not v.is_meta and v.numel()
+    }
     names = list(outs)
     for i, name in enumerate(names):
         out = outs[name]
@@ -233,8 +246,9 @@ def outputs(outs: dict, inputs: dict, *, in_place=()) -> None:
         for other in names[i + 1 :]:
             if overlap(out, outs[other]) is not None:
                 raise ValueError(f"{name} and {other}: overlap in memory; pass two tensors that do not")
-        for arg, x in inputs.items():
-            found = overlap(out, x)
+        span = _span(out)
+        for arg, (x, x_span) in inputs.items():
+            found = overlap(out, x, (span, x_span))
             if found == "same" and arg not in in_place:
                 raise ValueError(
                     f"{name}: is {arg} itself, and this op cannot write {arg} in place; pass another tensor"
