@@ -77,26 +77,30 @@ WelfordState run_stats(const T* p, int64_t n) {
 
 // y * sigmoid(y) = y / (1 + exp(-y)). On AVX2, exp(-y) = 2^z with z = -y log2(e) clamped to [-126, 126]
 // (exp2_in_range); the division is a reciprocal estimate refined by one Newton step. About 18 vector operations,
-// against about 26 with at::vec's exp_u20 and its range checks (the clamp makes them unnecessary). NaN propagates
-// through the final y * r.
+// against about 26 with at::vec's exp_u20 and its range checks (the clamp makes them unnecessary). Past the clamp
+// from above (y below -87 on AVX2, -69 on AVX-512) SiLU is below 1e-28 in magnitude, but y times the clamped
+// reciprocal is not: y 2^-100 is -0.79 at y = -1e30. There the reciprocal is set to 0, so the result is -0 as
+// torch's (and NaN for y = -inf, as torch's -inf / inf). NaN propagates through the final y * r.
 inline Vec silu(const Vec& y) {
 #if defined(CPU_CAPABILITY_AVX512)
   // z within +-100 keeps 2^z, d and its reciprocal normal: vrcp14ps and vscalefps, unlike AVX2's rcpps, produce
-  // denormals, and each costs a microcode assist (measured: 10x slower on weights of 300). Past the clamp SiLU is
-  // y itself (z < -100) or within 1e-28 of 0 (z > 100).
-  __m512 z = _mm512_mul_ps(y, _mm512_set1_ps(-1.44269504f));
-  z = _mm512_max_ps(_mm512_min_ps(z, _mm512_set1_ps(100.f)), _mm512_set1_ps(-100.f));
-  const __m512 d = _mm512_add_ps(exp2_coarse(z), _mm512_set1_ps(1.f));
+  // denormals, and each costs a microcode assist (measured: 10x slower on weights of 300). Below the clamp SiLU is
+  // y itself (z < -100).
+  const __m512 z = _mm512_mul_ps(y, _mm512_set1_ps(-1.44269504f));
+  const __mmask16 near = _mm512_cmp_ps_mask(z, _mm512_set1_ps(100.f), _CMP_LE_OQ);  // false for NaN: y * 0 is NaN
+  const __m512 zc = _mm512_max_ps(_mm512_min_ps(z, _mm512_set1_ps(100.f)), _mm512_set1_ps(-100.f));
+  const __m512 d = _mm512_add_ps(exp2_coarse(zc), _mm512_set1_ps(1.f));
   __m512 r = _mm512_rcp14_ps(d);
   r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
-  return _mm512_mul_ps(y, r);
+  return _mm512_mul_ps(y, _mm512_maskz_mov_ps(near, r));
 #elif defined(CPU_CAPABILITY_AVX2)
-  __m256 z = _mm256_mul_ps(y, _mm256_set1_ps(-1.44269504f));
-  z = _mm256_max_ps(_mm256_min_ps(z, _mm256_set1_ps(126.f)), _mm256_set1_ps(-126.f));
-  const __m256 d = _mm256_add_ps(exp2_in_range(z), _mm256_set1_ps(1.f));
+  const __m256 z = _mm256_mul_ps(y, _mm256_set1_ps(-1.44269504f));
+  const __m256 near = _mm256_cmp_ps(z, _mm256_set1_ps(126.f), _CMP_LE_OQ);
+  const __m256 zc = _mm256_max_ps(_mm256_min_ps(z, _mm256_set1_ps(126.f)), _mm256_set1_ps(-126.f));
+  const __m256 d = _mm256_add_ps(exp2_in_range(zc), _mm256_set1_ps(1.f));
   __m256 r = _mm256_rcp_ps(d);
   r = _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.f)));
-  return _mm256_mul_ps(y, r);
+  return _mm256_mul_ps(y, _mm256_and_ps(r, near));
 #else
   return y / (Vec(1.f) + y.neg().exp_u20());
 #endif

@@ -7,6 +7,7 @@ Every op takes ``out=`` (a preallocated result, PyTorch's convention) and ``back
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -29,6 +30,7 @@ __all__ = [
 ]
 
 _PREDICTION_CODE = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+_MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last)
 _VARIANCE_CODE = {"fixed_small": 0, "fixed_large": 1}
 
 
@@ -89,16 +91,15 @@ def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, coefficients
     s = C.schedule(schedule)
     x0 = C.tensor("x0", x0)
     B = x0.shape[0]
-    if noise is not None:
-        C.like("noise", noise, x0, "x0")
-    if out is not None:
-        C.like("out", out, x0, "x0")
+    C.alike({"x0": x0, "noise": noise, "out": out})
     drawn = noise is None
     seed = C.seed_value(seed) if drawn else 0
     sample_offset = C.sample_offset(sample_offset, B)
     backend = resolve("q_sample", backend, x0.device, _needs_grad(x0, noise), x0.dtype)
-    t = C.timesteps(t, B, len(s), _timestep_device(backend, t, x0.device))
+    given = {"x0": x0, "noise": noise, "t": t, "coefficients": coefficients}
+    t = C.timesteps(t, B, len(s), _timestep_device(backend, t, x0.device), data=("x0", x0.device))
     coefficients = C.coefficient_table("coefficients", coefficients, B, 2)
+    C.outputs({"out": out}, given, in_place=("x0", "noise"))  # elementwise: out may be x0 or noise
     if backend == "torch":
         result = ref.q_sample(x0, t, noise, s, seed=seed, sample_offset=sample_offset, coefficients=coefficients)
         x_t = result[0] if drawn else result
@@ -174,13 +175,8 @@ def ddpm_step(
     """
     s = C.schedule(schedule)
     x_t = C.tensor("x_t", x_t)
-    C.like("model_output", model_output, x_t, "x_t")
-    if noise is not None:
-        C.like("noise", noise, x_t, "x_t")
-    if out is not None:
-        C.like("out", out, x_t, "x_t")
-    if x0_out is not None:
-        C.like("x0_out", x0_out, x_t, "x_t")
+    group = {"x_t": x_t, "model_output": model_output, "noise": noise, "out": out, "x0_out": x0_out}
+    C.alike(group, required=("model_output",))
     C.choice("variance_type", variance_type, C.VARIANCE_TYPES)
     C.choice("prediction_type", prediction_type, C.PREDICTION_TYPES)
     if not isinstance(clip_sample, bool):
@@ -190,10 +186,16 @@ def ddpm_step(
     seed = C.seed_value(seed) if noise is None else 0
     sample_offset = C.sample_offset(sample_offset, B)
     backend = resolve("ddpm_step", backend, x_t.device, _needs_grad(x_t, model_output, noise), x_t.dtype)
-    t = C.timesteps(t, B, len(s), _timestep_device(backend, t, x_t.device))
+    given = {"x_t": x_t, "model_output": model_output, "noise": noise, "t": t, "t_prev": t_prev}
+    given["coefficients"] = coefficients
+    data = ("x_t", x_t.device)
+    t = C.timesteps(t, B, len(s), _timestep_device(backend, t, x_t.device), data=data)
     if t_prev is not None:
-        t_prev = C.previous_timesteps(t_prev, t, len(s))
+        t_prev = C.previous_timesteps(t_prev, t, len(s), data=data)
     coefficients = C.coefficient_table("coefficients", coefficients, B, 7)
+    # elementwise (every backend reads an element's inputs before writing its outputs): out and x0_out may each be
+    # x_t, model_output or noise, but not each other
+    C.outputs({"out": out, "x0_out": x0_out}, given, in_place=("x_t", "model_output", "noise"))
     if backend == "torch":
         result, x0 = ref.ddpm_step(
             x_t,
@@ -313,12 +315,12 @@ def ddim_step(
     s = C.schedule(schedule)
     x_t = C.tensor("x_t", x_t)
     B = x_t.shape[0]
-    eta = C.number("eta", eta)
+    eta = C.number("eta", eta, finite=True)
     if eta < 0:
         raise ValueError(f"eta: expected eta >= 0, got {eta}")
     C.choice("prediction_type", prediction_type, C.PREDICTION_TYPES)
-    t = C.timesteps(t, B, len(s), "cpu")
-    t_prev = C.previous_timesteps(t_prev, t, len(s))
+    t = C.timesteps(t, B, len(s), "cpu", data=("x_t", x_t.device))  # DDIM's coefficients are computed on the host
+    t_prev = C.previous_timesteps(t_prev, t, len(s), data=("x_t", x_t.device))
     k = ref.ddim_coefficients(t, t_prev, s, prediction_type, eta, bool(use_clipped_model_output))
     return ddpm_step(
         x_t,
@@ -357,18 +359,38 @@ def keyed_normal(
     """
     if out is not None:
         C.tensor("out", out)
+        C.outputs({"out": out}, {})
         shape, dtype, device = tuple(out.shape), out.dtype, out.device
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, (tuple, list)) or any(
+        isinstance(d, bool) or not isinstance(d, numbers.Integral) for d in shape
+    ):
+        raise TypeError(f"shape: expected a tuple of ints, got {shape!r}")
     shape = tuple(int(d) for d in shape)
     if len(shape) == 0 or any(d <= 0 for d in shape):
         raise ValueError(f"shape: expected a non-empty (batch, ...) shape, got {shape}")
+    if not isinstance(dtype, torch.dtype) or dtype not in C.REFERENCE_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in C.REFERENCE_DTYPES)
+        raise TypeError(f"dtype: expected one of ({names}), got {dtype!r}")
     if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < 2**32:
         raise ValueError(f"stream: expected an int in [0, 2**32), got {stream!r}")
-    device = torch.device(device)
+    if not isinstance(memory_format, torch.memory_format) or memory_format not in _MEMORY_FORMATS:
+        raise ValueError(
+            f"memory_format: expected torch.contiguous_format or torch.channels_last, got {memory_format!r}"
+        )
+    if memory_format == torch.channels_last and len(shape) != 4:
+        raise ValueError(f"memory_format: channels_last needs a 4-d shape, got {shape}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: expected a torch.device or a device string, got {device!r}") from e
     seed = C.seed_value(seed)
     B = shape[0]
     sample_offset = C.sample_offset(sample_offset, B)
     backend = resolve("keyed_normal", backend, device, dtype=dtype)
-    t = C.timesteps(t, B, 2**32, "cpu" if backend == "cpu" else device)
+    data = ("out" if out is not None else "device", device)
+    t = C.timesteps(t, B, 2**32, "cpu" if backend == "cpu" else device, data=data)
     if backend == "torch":
         z = ref.keyed_normal(shape, seed, t, stream, sample_offset, device).to(dtype)
         if memory_format is not torch.contiguous_format:
@@ -394,26 +416,36 @@ def keyed_normal(
 def group_norm_silu(x, num_groups, weight, bias, eps=1e-5, *, silu=True, add=None, backend=None, out=None):
     """SiLU(GroupNorm(x + add[:, :, None, None]) * weight + bias) (Wu & He 2018); add and SiLU optional."""
     x = C.tensor("x", x, min_dim=2)
-    Cn = x.shape[1]
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+    C.alike({"x": x, "weight": weight, "bias": bias, "add": add, "out": out}, same=("device",))
+    C.alike({"x": x, "add": add, "out": out}, same=("dtype",))
+    B, Cn = x.shape[:2]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups <= 0:
         raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
     if Cn % num_groups:
         raise ValueError(f"num_groups: {Cn} channels are not divisible by {num_groups} groups")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None:
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(p).__name__}")
-            if tuple(p.shape) != (Cn,):
-                raise ValueError(f"{name}: expected shape ({Cn},), got {tuple(p.shape)}")
-            if p.device != x.device:
-                raise ValueError(f"{name}: on {p.device} but x is on {x.device}")
-    if add is not None:
-        C.like("add", add, x, "x", shape=x.shape[:2])
+    num_groups = int(num_groups)
+    given = [(k, p) for k, p in (("weight", weight), ("bias", bias), ("add", add)) if p is not None and p.dim()]
+    if len(given) > 1 and all(p.shape[-1] != Cn for _, p in given):
+        counts = {p.shape[-1] for _, p in given}
+        if len(counts) == 1:  # the per-channel arguments agree with each other, x alone differs
+            raise ValueError(
+                f"x: {Cn} channels (dim 1 of its shape {tuple(x.shape)}) but {C.listing(k for k, _ in given)} have "
+                f"{counts.pop()}"
+            )
+    weight = C.parameter("weight", weight, x)
+    bias = C.parameter("bias", bias, x)
+    if add is not None and tuple(add.shape) != (B, Cn):
+        raise ValueError(f"add: expected shape {(B, Cn)} (x's batch and channels), got {tuple(add.shape)}")
     C.number("eps", eps, positive=True)
-    if out is not None:
-        C.like("out", out, x, "x")
+    C.alike({"x": x, "out": out}, same=("shape",))
+    if not isinstance(silu, bool):
+        raise TypeError(f"silu: expected a bool, got {type(silu).__name__}")
+    # the statistics of a group are complete before any of its elements is written: out may be x (in place)
+    C.outputs({"out": out}, {"x": x, "weight": weight, "bias": bias, "add": add}, in_place=("x",))
     backend = resolve("group_norm_silu", backend, x.device, _needs_grad(x, weight, bias, add), x.dtype)
     if backend == "torch":
+        if x.device.type != "cpu":  # fp32 parameters beside an fp16/bf16 x: F.group_norm mixes types on CPU only
+            weight, bias = (None if p is None else p.to(x.dtype) for p in (weight, bias))
         return _finish(ref.group_norm_silu(x, num_groups, weight, bias, eps, silu=silu, add=add), out)
     C.tensor("x", x, min_dim=2, dtypes=C.FUSED_DTYPES)
     fmt = _memory_format(x)
@@ -431,29 +463,29 @@ def group_norm_silu(x, num_groups, weight, bias, eps=1e-5, *, silu=True, add=Non
 def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
     """softmax(q k^T * scale) v (+ residual) for (B, H, N, D) q, k, v of any strides; scale=None: 1/sqrt(D)."""
     q = C.tensor("q", q, min_dim=4)
-    for name, x in (("k", k), ("v", v)):
-        C.tensor(name, x, min_dim=4)
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name}: dtype {x.dtype} does not match q's {q.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{name}: on {x.device} but q is on {q.device}")
-        if x.dim() != 4 or x.shape[:2] != q.shape[:2]:
-            raise ValueError(
-                f"{name}: expected shape (B, H, N, D) with (B, H) = {tuple(q.shape[:2])}, got {tuple(x.shape)}"
-            )
     if q.dim() != 4:
         raise ValueError(f"q: expected shape (B, H, N, D), got {tuple(q.shape)}")
+    C.alike({"q": q, "k": k, "v": v, "residual": residual, "out": out}, same=("device", "dtype"), required=("k", "v"))
+    for name, x in (("k", k), ("v", v)):
+        C.tensor(name, x, min_dim=4)
+        if x.dim() != 4 or x.shape[:2] != q.shape[:2]:
+            raise ValueError(
+                f"{name}: expected shape (B, H, M, D) with (B, H) = {tuple(q.shape[:2])} as q's, got {tuple(x.shape)}"
+            )
     if k.shape[3] != q.shape[3]:
         raise ValueError(f"k: head dim {k.shape[3]} does not match q's {q.shape[3]}")
     if v.shape[2] != k.shape[2]:
         raise ValueError(f"v: {v.shape[2]} keys/values but k has {k.shape[2]}")
     out_shape = (*q.shape[:3], v.shape[3])
-    if residual is not None:
-        C.like("residual", residual, q, "q", shape=out_shape)
+    for name, x in (("residual", residual), ("out", out)):
+        if x is not None and tuple(x.shape) != out_shape:
+            raise ValueError(
+                f"{name}: expected shape {out_shape} (q's B, H, N and v's head dim {v.shape[3]}), got {tuple(x.shape)}"
+            )
     if scale is not None:
-        scale = C.number("scale", scale, positive=True)
-    if out is not None:
-        C.like("out", out, q, "q", shape=out_shape)
+        scale = C.number("scale", scale, positive=True, finite=True)
+    # out may be the residual (added elementwise in the epilogue), never q, k or v: other rows still read them
+    C.outputs({"out": out}, {"q": q, "k": k, "v": v, "residual": residual}, in_place=("residual",))
     requested = backend
     backend = resolve("attention", backend, q.device, _needs_grad(q, k, v, residual), q.dtype)
     if backend == "torch":
@@ -522,20 +554,30 @@ def conv3x3(x, weight, bias=None, residual=None, *, packed=None, backend=None, o
     x = C.tensor("x", x, min_dim=4)
     if x.dim() != 4:
         raise ValueError(f"x: expected shape (N, C, H, W), got {tuple(x.shape)}")
+    group = {"x": x, "weight": weight, "bias": bias, "residual": residual, "out": out}
+    C.alike(group, same=("device", "dtype"), required=("weight",))
     weight = C.tensor("weight", weight, min_dim=4)
     N, Cin, H, W = x.shape
     if weight.dim() != 4 or tuple(weight.shape[1:]) != (Cin, 3, 3):
-        raise ValueError(f"weight: expected shape (K, {Cin}, 3, 3), got {tuple(weight.shape)}")
+        raise ValueError(f"weight: expected shape (K, {Cin}, 3, 3) (x has {Cin} channels), got {tuple(weight.shape)}")
     K = weight.shape[0]
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and (p.dtype != x.dtype or p.device != x.device):
-            raise TypeError(f"{name}: expected {x.dtype} on {x.device} like x, got {p.dtype} on {p.device}")
     if bias is not None and tuple(bias.shape) != (K,):
-        raise ValueError(f"bias: expected shape ({K},), got {tuple(bias.shape)}")
-    if residual is not None:
-        C.like("residual", residual, x, "x", shape=(N, K, H, W))
-    if out is not None:
-        C.like("out", out, x, "x", shape=(N, K, H, W))
+        raise ValueError(f"bias: expected shape ({K},) (weight's {K} output channels), got {tuple(bias.shape)}")
+    for name, y in (("residual", residual), ("out", out)):
+        if y is not None and tuple(y.shape) != (N, K, H, W):
+            raise ValueError(
+                f"{name}: expected shape {(N, K, H, W)} (x's N, H, W and weight's K), got {tuple(y.shape)}"
+            )
+    if packed is not None:
+        C.tensor("packed", packed, dtypes=(torch.float32,))
+        if packed.device.type != "cpu" or tuple(packed.shape) != (16, Cin, K):
+            raise ValueError(
+                f"packed: expected winograd_weight(weight), a CPU tensor of shape (16, {Cin}, {K}), "
+                f"got shape {tuple(packed.shape)} on {packed.device}"
+            )
+    # out may be the residual (added elementwise) or x (the kernel then writes a buffer of its own)
+    inputs = {"x": x, "weight": weight, "bias": bias, "residual": residual, "packed": packed}
+    C.outputs({"out": out}, inputs, in_place=("x", "residual"))
     requested = backend
     backend = resolve("conv3x3", backend, x.device, _needs_grad(x, weight, bias, residual), x.dtype)
     if backend == "cpu" and x.dtype != torch.float32:
@@ -546,8 +588,6 @@ def conv3x3(x, weight, bias=None, residual=None, *, packed=None, backend=None, o
         return _finish(ref.conv3x3(x, weight, bias, residual), out)
     if packed is None:
         packed = winograd_weight(weight)
-    elif not isinstance(packed, torch.Tensor) or tuple(packed.shape) != (16, Cin, K):
-        raise ValueError(f"packed: expected winograd_weight(weight) of shape (16, {Cin}, {K})")
     cl = torch.channels_last
     xd = x.contiguous(memory_format=cl)
     res = None if residual is None else residual.contiguous(memory_format=cl)
