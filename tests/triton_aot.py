@@ -388,8 +388,21 @@ def unet_launches(quick: bool):
         yield f"graphed sampler body, batch {B} {str(dtype)[6:]}", graphed
 
 
+def gpu_check_launches(quick: bool):
+    """Every row benchmarks/gpu_check.py times that launches the package's Triton kernels (its launch_plan, the
+    one that drives its timing), on meta tensors: the quick plan with --quick, else the full one."""
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import gpu_check
+
+    for launch in gpu_check.launch_plan(quick, "meta"):
+        if launch.triton and not launch.needs:
+            yield f"gpu_check {launch.name}", launch.fn
+
+
 def all_launches(quick: bool):
-    for family in (step_launches, norm_launches, attention_launches, unet_launches):
+    for family in (step_launches, norm_launches, attention_launches, unet_launches, gpu_check_launches):
         yield from family(quick)
 
 
