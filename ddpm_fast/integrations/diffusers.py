@@ -17,6 +17,7 @@ import torch
 from .. import ops
 from ..models.loading import config_from_diffusers
 from ..models.unet import UNet
+from ..ops import _checks as C
 from ..schedule import NoiseSchedule
 
 log = logging.getLogger("ddpm_fast")
@@ -99,10 +100,12 @@ class FusedDDPMScheduler(DDPMScheduler):
 
     # ------------------------------------------------------------------ diffusers API
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
+        n = self.config.num_train_timesteps  # an out-of-range, meta or unsigned timestep: a clear error, never an index
+        data = ("sample", sample.device) if isinstance(sample, torch.Tensor) else None
+        t = int(C.timesteps(timestep, 1, n, "cpu", name="timestep", data=data)[0])
         if not self._fusable(model_output, sample):
             log.debug("ddpm_fast: FusedDDPMScheduler.step runs diffusers' code (thresholding or variance type)")
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
-        t = int(timestep)
         prev_t = int(self.previous_timestep(t))
         B = sample.shape[0]
         coefficients = self._step_coefficients(t, prev_t)
@@ -149,7 +152,13 @@ class FusedDDPMScheduler(DDPMScheduler):
             and original_samples.dim() >= 1
             and self._schedule() is not None
         )
-        t = torch.as_tensor(timesteps, device="cpu").to(torch.int64).reshape(-1)
+        if isinstance(timesteps, torch.Tensor) or not isinstance(timesteps, (list, tuple)):
+            batch = timesteps.numel() if isinstance(timesteps, torch.Tensor) and timesteps.dim() else 1
+            n = self.config.num_train_timesteps
+            data = ("original_samples", original_samples.device)
+            t = C.timesteps(timesteps, batch, n, "cpu", name="timesteps", data=data)
+        else:
+            t = torch.as_tensor(timesteps, device="cpu").to(torch.int64).reshape(-1)
         if not fusable or t.numel() not in (1, original_samples.shape[0]):
             return super().add_noise(original_samples, noise, timesteps)
         B = original_samples.shape[0]

@@ -1,7 +1,11 @@
 """Public functional ops. Validation and backend choice happen here (ops/_checks.py, ops/_dispatch.py);
 the kernels live in csrc/ (torch.ops.ddpm_fast.*) and kernels/ (Triton); ddpm_fast/reference is the spec.
 
-Every op takes ``out=`` (a preallocated result, PyTorch's convention) and ``backend=``.
+Every op takes ``out=`` (a preallocated result, PyTorch's convention) and ``backend=``. An ``out`` follows PyTorch's
+memory-overlap rules, checked before any kernel runs (ValueError): no two of its elements at one address (an
+expanded tensor), no overlap with an input unless it is that very input where the op runs in place (the
+elementwise ops, group_norm_silu on x, attention on its residual, conv3x3 on x or its residual), no overlap between
+two outputs.
 """
 
 from __future__ import annotations

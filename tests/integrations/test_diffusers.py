@@ -160,3 +160,24 @@ def test_accelerate_leaves_unsupported_models_alone():
     assert df.accelerate(unet) is unet and "forward" not in unet.__dict__
     with pytest.raises(TypeError, match="obj"):
         df.accelerate(object())
+
+
+@pytest.mark.parametrize("t", [2**40, 2**63 - 1, torch.tensor(2**40), torch.tensor(2**63 + 5, dtype=torch.uint64), -1])
+def test_scheduler_out_of_range_timestep_is_a_value_error(t):
+    """Not an IndexError from indexing the schedule, nor a wrapped uint64: a ValueError naming the timestep."""
+    sched = df.FusedDDPMScheduler()
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="^timestep: expected values in"):
+        sched.step(x, t, x)
+    with pytest.raises(ValueError, match="^timesteps: expected values in"):
+        sched.add_noise(x, x, t)
+
+
+def test_scheduler_timestep_of_unsigned_dtype_or_on_meta():
+    sched = df.FusedDDPMScheduler()
+    x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    want = sched.step(m, 37, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    got = sched.step(m, torch.tensor(37, dtype=torch.uint16), x, generator=torch.Generator().manual_seed(0)).prev_sample
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="^timestep: on the meta device"):
+        sched.step(m, torch.tensor(37, device="meta"), x)
