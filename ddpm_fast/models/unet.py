@@ -148,9 +148,11 @@ class Conv2d(nn.Conv2d):
                 list(self.dilation),
                 self.groups,
             )
+            ops.record("conv2d", "cpu", "onednn")
             if residual is None:
                 return torch.ops.mkldnn._convolution_pointwise(x, *args, "none", [], "")
             return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", 1.0, None, [], None)
+        ops.record("conv2d", "torch", "reference")
         y = super().forward(x)
         return y if residual is None else y + residual
 

@@ -20,9 +20,13 @@ from ..reference.noise import STREAM_X_T
 from . import _checks as C
 from ._dispatch import _why_unavailable, backends, resolve
 from ._tables import cached, step_table, to_device
+from ._trace import Call, FusedPathError, Trace, record, trace
 
 __all__ = [
     "attention",
+    "Call",
+    "FusedPathError",
+    "Trace",
     "backends",
     "conv3x3",
     "ddim_step",
@@ -30,12 +34,15 @@ __all__ = [
     "group_norm_silu",
     "keyed_normal",
     "q_sample",
+    "trace",
     "winograd_weight",
 ]
 
 _PREDICTION_CODE = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 _MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last)
 _VARIANCE_CODE = {"fixed_small": 0, "fixed_large": 1}
+# what serves an op on each backend, for ops.trace(): the reference, ddpm_fast's Triton kernel, or its compiled op
+_KERNEL = {"torch": "reference", "triton": "triton", "cpu": "native", "cuda": "native"}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -104,6 +111,7 @@ def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, coefficients
     t = C.timesteps(t, B, len(s), _timestep_device(backend, t, x0.device), data=("x0", x0.device))
     coefficients = C.coefficient_table("coefficients", coefficients, B, 2)
     C.outputs({"out": out}, given, in_place=("x0", "noise"))  # elementwise: out may be x0 or noise
+    record("q_sample", backend, _KERNEL[backend])
     if backend == "torch":
         result = ref.q_sample(x0, t, noise, s, seed=seed, sample_offset=sample_offset, coefficients=coefficients)
         x_t = result[0] if drawn else result
@@ -200,6 +208,7 @@ def ddpm_step(
     # elementwise (every backend reads an element's inputs before writing its outputs): out and x0_out may each be
     # x_t, model_output or noise, but not each other
     C.outputs({"out": out, "x0_out": x0_out}, given, in_place=("x_t", "model_output", "noise"))
+    record("ddpm_step", backend, _KERNEL[backend])
     if backend == "torch":
         result, x0 = ref.ddpm_step(
             x_t,
@@ -395,6 +404,7 @@ def keyed_normal(
     backend = resolve("keyed_normal", backend, device, dtype=dtype)
     data = ("out" if out is not None else "device", device)
     t = C.timesteps(t, B, 2**32, "cpu" if backend == "cpu" else device, data=data)
+    record("keyed_normal", backend, _KERNEL[backend])
     if backend == "torch":
         z = ref.keyed_normal(shape, seed, t, stream, sample_offset, device).to(dtype)
         if memory_format is not torch.contiguous_format:
@@ -447,6 +457,7 @@ def group_norm_silu(x, num_groups, weight, bias, eps=1e-5, *, silu=True, add=Non
     # the statistics of a group are complete before any of its elements is written: out may be x (in place)
     C.outputs({"out": out}, {"x": x, "weight": weight, "bias": bias, "add": add}, in_place=("x",))
     backend = resolve("group_norm_silu", backend, x.device, _needs_grad(x, weight, bias, add), x.dtype)
+    record("group_norm_silu", backend, _KERNEL[backend])
     if backend == "torch":
         if x.device.type != "cpu":  # fp32 parameters beside an fp16/bf16 x: F.group_norm mixes types on CPU only
             weight, bias = (None if p is None else p.to(x.dtype) for p in (weight, bias))
@@ -493,6 +504,7 @@ def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
     requested = backend
     backend = resolve("attention", backend, q.device, _needs_grad(q, k, v, residual), q.dtype)
     if backend == "torch":
+        record("attention", backend, _KERNEL[backend])
         return _finish(ref.attention(q, k, v, scale=scale, residual=residual), out)
     C.tensor("q", q, min_dim=4, dtypes=C.FUSED_DTYPES)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -507,6 +519,7 @@ def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
         if _cuda_attention_fits(qr, kr, vr, rr):
             fits = out is not None and out.stride(-1) == 1 and out.stride(2) % 2 == 0 and out.data_ptr() % 4 == 0
             result = out if fits else q.new_empty(B, N, H, Dv).transpose(1, 2)
+            record("attention", "cuda", "tensor_core")
             torch.ops.ddpm_fast.attention(qr, kr, vr, float(scale), rr, result)
             return _finish(result, out)
         if requested not in (None, "auto"):
@@ -515,12 +528,14 @@ def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
                 f"and even row strides; got {q.dtype}, head dims {q.shape[3]}/{v.shape[3]}"
             )
         if _why_unavailable("triton") is not None:
+            record("attention", "torch", "reference")
             return _finish(ref.attention(q, k, v, scale=scale, residual=residual), out)
         backend = "triton"  # auto: the shapes and dtypes the tensor-core kernel does not take
     if backend == "triton":  # any of the fused dtypes, fp32 accumulation inside
         from ..kernels import attention as tk
 
         result = out if out is not None and out.stride(-1) == 1 else q.new_empty(B, N, H, Dv).transpose(1, 2)
+        record("attention", "triton", "triton")
         tk.attention(rows(q), rows(k), rows(v), None if residual is None else rows(residual), result, scale)
         return _finish(result, out)
 
@@ -532,6 +547,7 @@ def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
     else:  # (B, N, H, Dv) memory: o.transpose(1, 2).reshape(B, N, H * Dv) is then a free view
         result = torch.empty(B, N, H, Dv, dtype=torch.float32, device=q.device).transpose(1, 2)
     res = None if residual is None else fp32_rows(residual)
+    record("attention", "cpu", "native")
     torch.ops.ddpm_fast.attention(fp32_rows(q), fp32_rows(k), fp32_rows(v), float(scale), res, result)
     if result.dtype != q.dtype:
         result = result.to(q.dtype)
@@ -589,6 +605,7 @@ def conv3x3(x, weight, bias=None, residual=None, *, packed=None, backend=None, o
             raise TypeError(f"x: the cpu conv3x3 kernel takes float32, got {x.dtype}")
         backend = "torch"  # auto: the Winograd kernel is fp32 only
     if backend != "cpu":
+        record("conv3x3", "torch", "reference")
         return _finish(ref.conv3x3(x, weight, bias, residual), out)
     if packed is None:
         packed = winograd_weight(weight)
@@ -599,6 +616,7 @@ def conv3x3(x, weight, bias=None, residual=None, *, packed=None, backend=None, o
         result = out
     else:
         result = torch.empty(N, K, H, W, dtype=x.dtype, device=x.device, memory_format=cl)
+    record("conv3x3", "cpu", "winograd")
     torch.ops.ddpm_fast.conv3x3(xd, packed, None if bias is None else bias.contiguous(), res, result)
     return _finish(result, out)
 
