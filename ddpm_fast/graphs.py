@@ -10,7 +10,7 @@ eagerly, which checks the tables and the kernel path on the CPU.
 
 What a replay may touch: every tensor the graph recorded must stay allocated for as long as the graph replays.
 The sampler's own tensors (tables, step index, x, t) live as long as it does; the U-Net's reused intermediates
-(``models.unet.Scratch``) are never freed once handed out during a capture; the model's parameters and the
+(``ops.Scratch``) are never freed once handed out during a capture; the model's parameters and the
 weights derived from them (the attention block's stacked projection) are checked before each sample: when one
 was replaced or changed in place since the capture, the step is captured again rather than replayed on freed or
 stale memory.

@@ -321,7 +321,7 @@ def _device(device) -> torch.device:
 
 def _backend(backend, dev: torch.device, dtype: torch.dtype) -> str:
     """The backend that runs the sampler's steps (None: the one chosen automatically), or ValueError why not."""
-    from .ops._dispatch import resolve
+    from .ops._registry import resolve
 
     if backend is not None and backend not in ("torch", "cpu", "triton", "cuda"):
         raise ValueError(f"backend: expected torch, cpu, triton or cuda, got {backend!r}")
@@ -530,7 +530,7 @@ def _assemble(out, num_chunks, counts, shape_hwc, grid, run_id) -> str:
 
 # ---------------------------------------------------------------------------------------------- command line
 def build_parser(prog: str = "python -m ddpm_fast.sample") -> argparse.ArgumentParser:
-    from .cli import Parser
+    from ._console import Parser
 
     p = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", "--checkpoint", dest="model", required=True, help="checkpoint file or diffusers folder")
@@ -552,7 +552,7 @@ def build_parser(prog: str = "python -m ddpm_fast.sample") -> argparse.ArgumentP
 
 
 def main(argv=None, prog: str = "python -m ddpm_fast.sample") -> None:
-    from .cli import USER_ERRORS, one_line_warnings
+    from ._console import USER_ERRORS, one_line_warnings
 
     args = build_parser(prog).parse_args(argv)
     one_line_warnings()

@@ -7,15 +7,22 @@ Per-sample coefficients come from a (B, 9) fp32 table computed on the host in fl
 CPU kernels use); z is given or drawn in the kernel from the keyed Philox stream 0.
 """
 
+import torch
 import triton
 import triton.language as tl
-
-from ddpm_fast.ops._tables import step_table as coefficient_table  # noqa: F401 - (B, 7) -> (B, 9)
 
 from .grid import batch_slices
 from .philox import KEY_ARGS, block_size, keyed_normal_of, split_seed
 
 NOISE_NONE, NOISE_GIVEN, NOISE_KEYED = 0, 1, 2
+
+
+def coefficient_table(step_coeffs: torch.Tensor) -> torch.Tensor:
+    """(B, 7) [px, pm, q, c0, c1, cm, sigma] -> the kernel's (B, 9) fp32 [px, pm, q, c0, c1, cm, kx, km, sigma],
+    with the no-clip path's kx = c0 q px + c1 and km = c0 q pm + cm folded in float64."""
+    c = step_coeffs.to(torch.float64)
+    px, pm, q, c0, c1, cm, sigma = c.unbind(1)
+    return torch.stack([px, pm, q, c0, c1, cm, c0 * q * px + c1, c0 * q * pm + cm, sigma], dim=1).to(torch.float32)
 
 
 @triton.jit(do_not_specialize=KEY_ARGS)

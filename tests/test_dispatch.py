@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import ddpm_fast as df
-from ddpm_fast.ops._dispatch import resolve
+from ddpm_fast.ops._registry import resolve
 from tests.helpers import run_python
 
 needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")

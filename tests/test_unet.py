@@ -142,7 +142,7 @@ def test_attention_block_reuses_its_buffers_safely(head_dim, onednn_linear, monk
     # shape: a later call must not change an earlier result, and switching between inference_mode and no_grad must
     # not write into an inference tensor outside it
     if not onednn_linear:
-        monkeypatch.setattr(df.models.unet, "_onednn_linear", lambda x: False)
+        monkeypatch.setattr(df.ops._cpu, "_linear_onednn", lambda: False)
     torch.manual_seed(0)
     blk = df.models.unet.AttnBlock(64, df.UNetConfig(attention_head_dim=head_dim, eps=1e-6)).eval()
     blk.backend = "cpu"
@@ -257,7 +257,7 @@ def test_scratch_keeps_each_attention_shape_alive(monkeypatch, head_dim):
 
 def test_scratch_never_frees_a_buffer_handed_out_while_capturing(monkeypatch):
     """Buffers handed out during a CUDA-graph capture stay for the Scratch's lifetime; the others are bounded."""
-    scratch = df.models.unet.Scratch()
+    scratch = df.ops.Scratch()
     capturing = [True]
     monkeypatch.setattr(scratch, "_capturing", lambda like: capturing[0])
     like = torch.empty(0)

@@ -225,14 +225,14 @@ class _Recorder:
 @contextlib.contextmanager
 def triton_on_meta():
     """ddpm_fast's dispatch with the Triton backend available for meta tensors (nothing else changes)."""
-    from ddpm_fast.ops import _dispatch
+    from ddpm_fast.ops import _triton
 
-    original = _dispatch._why_unavailable
-    _dispatch._why_unavailable = lambda name: None if name == "triton" else original(name)
+    original = _triton.unavailable
+    _triton.unavailable = lambda: None
     try:
         yield
     finally:
-        _dispatch._why_unavailable = original
+        _triton.unavailable = original
 
 
 # ------------------------------------------------------------------------------------------ launch configurations

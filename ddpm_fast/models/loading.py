@@ -313,12 +313,14 @@ def _scheduler_from_config(cfg: dict):
 
 def _check_sampling(sampling, schedule, where: str) -> dict:
     """The sampling options, checked as GaussianDiffusion would, with errors naming ``where``."""
-    from ..diffusion import GaussianDiffusion
+    from ..ops import _checks as C
 
     if not isinstance(sampling, dict) or set(sampling) - set(SAMPLING_KEYS):
         raise ValueError(f"{where}: its sampling options {sampling!r} are not some of {SAMPLING_KEYS}")
-    try:
-        GaussianDiffusion(lambda x, t: x, schedule, **sampling)
+    try:  # as GaussianDiffusion checks them
+        C.choice("prediction_type", sampling.get("prediction_type", "epsilon"), C.PREDICTION_TYPES)
+        C.choice("variance_type", sampling.get("variance_type", "fixed_small"), C.VARIANCE_TYPES)
+        C.number("clip_range", sampling.get("clip_range", 1.0), positive=True)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: its sampling options are not valid ({e})") from None
     return dict(sampling)

@@ -1,94 +1,55 @@
-"""Public functional ops. Validation and backend choice happen here (ops/_checks.py, ops/_dispatch.py);
-the kernels live in csrc/ (torch.ops.ddpm_fast.*) and kernels/ (Triton); ddpm_fast/reference is the spec.
+"""Public functional ops: their signatures, their documentation and the validation of their arguments.
+
+Each op validates its arguments (ops/_checks.py: a ValueError/TypeError naming the argument, before any kernel
+runs), resolves its backend once (ops/_registry.py: per-op capability rules) and makes one call into that backend's
+module (``_torch`` the reference, ``_cpu``, ``_triton``, ``_cuda``: the same functions in each). The kernels live in
+csrc/ (torch.ops.ddpm_fast.*) and kernels/ (Triton); ddpm_fast/reference is the spec. ``trace()`` records which
+backend and kernel served each call.
 
 Every op takes ``out=`` (a preallocated result, PyTorch's convention) and ``backend=``. An ``out`` follows PyTorch's
 memory-overlap rules, checked before any kernel runs (ValueError): no two of its elements at one address (an
 expanded tensor), no overlap with an input unless it is that very input where the op runs in place (the
-elementwise ops, group_norm_silu on x, attention on its residual, conv3x3 on x or its residual), no overlap between
-two outputs.
+elementwise ops, group_norm_silu on x, attention on its residual, conv3x3/conv2d on x or its residual), no overlap
+between two outputs.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 
-from .. import reference as ref
+from ..reference.ddim_step import ddim_coefficients
 from ..reference.noise import STREAM_X_T
 from . import _checks as C
-from ._dispatch import _why_unavailable, backends, resolve
-from ._tables import cached, step_table, to_device
-from ._trace import Call, FusedPathError, Trace, record, trace
+from ._layout import MEMORY_FORMATS
+from ._prepared import Prepared, Scratch, ScratchSlot
+from ._registry import backends, module, resolve
+from ._trace import Call, FusedPathError, Trace, trace
 
 __all__ = [
-    "attention",
     "Call",
     "FusedPathError",
+    "Prepared",
+    "Scratch",
     "Trace",
+    "attention",
     "backends",
+    "conv2d",
     "conv3x3",
     "ddim_step",
     "ddpm_step",
     "group_norm_silu",
     "keyed_normal",
+    "linear",
     "q_sample",
     "trace",
     "winograd_weight",
 ]
 
-_PREDICTION_CODE = {"epsilon": 0, "sample": 1, "v_prediction": 2}
-_MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last)
-_VARIANCE_CODE = {"fixed_small": 0, "fixed_large": 1}
-# what serves an op on each backend, for ops.trace(): the reference, ddpm_fast's Triton kernel, or its compiled op
-_KERNEL = {"torch": "reference", "triton": "triton", "cpu": "native", "cuda": "native"}
 
-
-# ----------------------------------------------------------------------------------------------- helpers
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tensors)
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The dense layout the fused kernels run in: x's own if it has one, else contiguous."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _dense(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    return x if x.is_contiguous(memory_format=fmt) else x.contiguous(memory_format=fmt)
-
-
-def _result_buffer(out, like: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    """Where a kernel writes: ``out`` itself when it has the layout, else a fresh tensor copied into out later."""
-    if out is not None and out.is_contiguous(memory_format=fmt):
-        return out
-    return torch.empty_like(like, memory_format=fmt)
-
-
-def _finish(result: torch.Tensor, out) -> torch.Tensor:
-    if out is None or out is result:
-        return result if out is None else out
-    return out.copy_(result)
-
-
-def _signed64(seed: int) -> int:
-    """A uint64 seed as the int64 the op schema carries (same bits)."""
-    return seed - 2**64 if seed >= 2**63 else seed
-
-
-def _timestep_device(backend: str, t, device: torch.device):
-    """Where an op's t is prepared: the host for the cpu and cuda kernels (their glue reads it there); for Triton
-    where it already is (an int or a CPU tensor: the host, so per-sample coefficients are computed there and sent
-    without a synchronisation; a GPU tensor stays on the GPU and is never read back); for the reference, the data's
-    device."""
-    if backend in ("cpu", "cuda"):
-        return "cpu"
-    if backend == "triton" and not (isinstance(t, torch.Tensor) and t.device.type != "cpu"):
-        return "cpu"
-    return device
 
 
 # ----------------------------------------------------------------------------------------------- noising
@@ -107,52 +68,14 @@ def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, coefficients
     seed = C.seed_value(seed) if drawn else 0
     sample_offset = C.sample_offset(sample_offset, B)
     backend = resolve("q_sample", backend, x0.device, _needs_grad(x0, noise), x0.dtype)
+    be = module(backend)
     given = {"x0": x0, "noise": noise, "t": t, "coefficients": coefficients}
-    t = C.timesteps(t, B, len(s), _timestep_device(backend, t, x0.device), data=("x0", x0.device))
+    t = C.timesteps(t, B, len(s), be.timestep_device(t, x0.device), data=("x0", x0.device))
     coefficients = C.coefficient_table("coefficients", coefficients, B, 2)
     C.outputs({"out": out}, given, in_place=("x0", "noise"))  # elementwise: out may be x0 or noise
-    record("q_sample", backend, _KERNEL[backend])
-    if backend == "torch":
-        result = ref.q_sample(x0, t, noise, s, seed=seed, sample_offset=sample_offset, coefficients=coefficients)
-        x_t = result[0] if drawn else result
-        x_t = _finish(x_t, out)
-        return (x_t, result[1]) if drawn else x_t
-    C.tensor("x0", x0, dtypes=C.FUSED_DTYPES)
-    fmt = _memory_format(x0)
-    x0d = _dense(x0, fmt)
-    eps = torch.empty_like(x0d, memory_format=fmt) if drawn else _dense(noise, fmt)
-    x_t = _result_buffer(out, x0d, fmt)
-    if backend == "triton":  # the Triton kernel reads a (B, 2) coefficient table from device memory
-        from ..kernels import q_sample as tk
-
-        t = to_device(t, x0.device)
-        if coefficients is None:  # the schedule's [sqrt(abar), sqrt(1 - abar)] for every t, gathered on the device
-            table = cached(s, ("q_sample",), x0.device, lambda: _q_sample_rows(s)).index_select(0, t)
-        else:
-            table = to_device(coefficients, x0.device)
-        tk.q_sample(x0d, eps, x_t, table, t, drawn, seed, sample_offset, fmt == torch.channels_last)
-        x_t = _finish(x_t, out)
-        return (x_t, eps) if drawn else x_t
-    # cpu and cuda: t, the schedule and any coefficient table go on the host; the kernels' glue computes each
-    # sample's coefficients with csrc/common/coefficients.h
-    torch.ops.ddpm_fast.q_sample(
-        x0d,
-        t,
-        s.table("alphas_cumprod", torch.float64, "cpu"),
-        coefficients,
-        eps,
-        drawn,
-        _signed64(seed),
-        sample_offset,
-        x_t,
-    )
-    x_t = _finish(x_t, out)
-    return (x_t, eps) if drawn else x_t
-
-
-def _q_sample_rows(s) -> torch.Tensor:
-    abar = s.alphas_cumprod
-    return torch.stack([abar.sqrt(), (1 - abar).sqrt()], dim=1).float()
+    if backend != "torch":
+        C.tensor("x0", x0, dtypes=C.FUSED_DTYPES)
+    return be.q_sample(x0, t, None if drawn else noise, s, seed, sample_offset, coefficients, out)
 
 
 # ----------------------------------------------------------------------------------------------- reverse step
@@ -198,108 +121,36 @@ def ddpm_step(
     seed = C.seed_value(seed) if noise is None else 0
     sample_offset = C.sample_offset(sample_offset, B)
     backend = resolve("ddpm_step", backend, x_t.device, _needs_grad(x_t, model_output, noise), x_t.dtype)
+    be = module(backend)
     given = {"x_t": x_t, "model_output": model_output, "noise": noise, "t": t, "t_prev": t_prev}
     given["coefficients"] = coefficients
     data = ("x_t", x_t.device)
-    t = C.timesteps(t, B, len(s), _timestep_device(backend, t, x_t.device), data=data)
+    t = C.timesteps(t, B, len(s), be.timestep_device(t, x_t.device), data=data)
     if t_prev is not None:
         t_prev = C.previous_timesteps(t_prev, t, len(s), data=data)
     coefficients = C.coefficient_table("coefficients", coefficients, B, 7)
     # elementwise (every backend reads an element's inputs before writing its outputs): out and x0_out may each be
     # x_t, model_output or noise, but not each other
     C.outputs({"out": out, "x0_out": x0_out}, given, in_place=("x_t", "model_output", "noise"))
-    record("ddpm_step", backend, _KERNEL[backend])
-    if backend == "torch":
-        result, x0 = ref.ddpm_step(
-            x_t,
-            model_output,
-            t,
-            s,
-            noise,
-            seed=seed,
-            sample_offset=sample_offset,
-            variance_type=variance_type,
-            prediction_type=prediction_type,
-            clip_sample=clip_sample,
-            clip_range=clip_range,
-            t_prev=t_prev,
-            coefficients=None if coefficients is None else coefficients.to(torch.float64),
-            return_x0=True,
-        )
-        if x0_out is not None:
-            x0_out.copy_(x0)
-        return _finish(result, out)
-    C.tensor("x_t", x_t, dtypes=C.FUSED_DTYPES)
-    fmt = _memory_format(x_t)
-    xd = _dense(x_t, fmt)
-    result = _result_buffer(out, xd, fmt)
-    x0_result = None if x0_out is None else _result_buffer(x0_out, xd, fmt)
-    if backend == "triton":  # the Triton kernel reads a (B, 9) coefficient table from device memory
-        from ..kernels import ddpm_step as tk
-
-        table, noise_mode = _triton_step_table(t, t_prev, coefficients, s, prediction_type, variance_type, noise)
-        tk.ddpm_step(
-            xd,
-            _dense(model_output, fmt),
-            None if noise is None else _dense(noise, fmt),
-            result,
-            x0_result,
-            to_device(table, x_t.device),
-            to_device(t, x_t.device),
-            seed,
-            sample_offset,
-            clip_sample,
-            clip_range,
-            fmt == torch.channels_last,
-            noise_mode=noise_mode,
-        )
-        if x0_out is not None:
-            _finish(x0_result, x0_out)
-        return _finish(result, out)
-    # cpu and cuda: t, t_prev, the schedule and any coefficient table go on the host; the kernels' glue computes
-    # each sample's coefficients with csrc/common/coefficients.h
-    torch.ops.ddpm_fast.ddpm_step(
-        xd,
-        _dense(model_output, fmt),
+    if backend != "torch":
+        C.tensor("x_t", x_t, dtypes=C.FUSED_DTYPES)
+    return be.ddpm_step(
+        x_t,
+        model_output,
+        noise,
         t,
         t_prev,
-        s.table("alphas_cumprod", torch.float64, "cpu"),
-        coefficients,
-        None if noise is None else _dense(noise, fmt),
-        _signed64(seed),
-        sample_offset,
-        _PREDICTION_CODE[prediction_type],
-        _VARIANCE_CODE[variance_type],
-        clip_sample,
-        clip_range,
-        result,
-        x0_result,
+        s,
+        seed=seed,
+        sample_offset=sample_offset,
+        variance_type=variance_type,
+        prediction_type=prediction_type,
+        clip_sample=clip_sample,
+        clip_range=clip_range,
+        coefficients=coefficients,
+        out=out,
+        x0_out=x0_out,
     )
-    if x0_out is not None:
-        _finish(x0_result, x0_out)
-    return _finish(result, out)
-
-
-def _triton_step_table(t, t_prev, coefficients, s, prediction_type, variance_type, noise):
-    """The (B, 9) coefficient table of a Triton reverse step and its noise mode, computed where t lies: on the
-    host for host timesteps (sent asynchronously), on the device for device timesteps (a gather from the whole
-    schedule's table); never a read of a device value on the host."""
-    from ..kernels import ddpm_step as tk
-
-    if coefficients is not None:  # sigma only where t > 0, as the schedule's own rows
-        k = to_device(coefficients, t.device).to(torch.float64)
-        table = step_table(torch.cat([k[:, :6], k[:, 6:] * (t > 0).unsqueeze(1)], dim=1))
-    elif t_prev is None and t.device.type != "cpu":
-        key = ("ddpm_step", prediction_type, variance_type)
-        rows = lambda: step_table(ref.step_coefficients(torch.arange(len(s)), None, s, prediction_type, variance_type))  # noqa: E731
-        table = cached(s, key, t.device, rows).index_select(0, t)
-    else:
-        table = step_table(ref.step_coefficients(t, t_prev, s, prediction_type, variance_type))
-    if noise is not None:
-        return table, tk.NOISE_GIVEN
-    if table.device.type == "cpu" and not bool((table[:, 8] != 0).any()):  # a host table: free to read
-        return table, tk.NOISE_NONE
-    return table, tk.NOISE_KEYED  # rows with sigma = 0 add 0 * z
 
 
 def ddim_step(
@@ -334,7 +185,7 @@ def ddim_step(
     C.choice("prediction_type", prediction_type, C.PREDICTION_TYPES)
     t = C.timesteps(t, B, len(s), "cpu", data=("x_t", x_t.device))  # DDIM's coefficients are computed on the host
     t_prev = C.previous_timesteps(t_prev, t, len(s), data=("x_t", x_t.device))
-    k = ref.ddim_coefficients(t, t_prev, s, prediction_type, eta, bool(use_clipped_model_output))
+    k = ddim_coefficients(t, t_prev, s, prediction_type, eta, bool(use_clipped_model_output))
     return ddpm_step(
         x_t,
         model_output,
@@ -388,7 +239,7 @@ def keyed_normal(
         raise TypeError(f"dtype: expected one of ({names}), got {dtype!r}")
     if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < 2**32:
         raise ValueError(f"stream: expected an int in [0, 2**32), got {stream!r}")
-    if not isinstance(memory_format, torch.memory_format) or memory_format not in _MEMORY_FORMATS:
+    if not isinstance(memory_format, torch.memory_format) or memory_format not in MEMORY_FORMATS:
         raise ValueError(
             f"memory_format: expected torch.contiguous_format or torch.channels_last, got {memory_format!r}"
         )
@@ -402,28 +253,12 @@ def keyed_normal(
     B = shape[0]
     sample_offset = C.sample_offset(sample_offset, B)
     backend = resolve("keyed_normal", backend, device, dtype=dtype)
+    be = module(backend)
     data = ("out" if out is not None else "device", device)
-    t = C.timesteps(t, B, 2**32, "cpu" if backend == "cpu" else device, data=data)
-    record("keyed_normal", backend, _KERNEL[backend])
-    if backend == "torch":
-        z = ref.keyed_normal(shape, seed, t, stream, sample_offset, device).to(dtype)
-        if memory_format is not torch.contiguous_format:
-            z = z.contiguous(memory_format=memory_format)
-        return _finish(z, out)
-    if dtype not in C.FUSED_DTYPES:
+    t = C.timesteps(t, B, 2**32, be.timestep_device(t, device), data=data)
+    if backend != "torch" and dtype not in C.FUSED_DTYPES:
         raise TypeError(f"dtype: the {backend} backend supports float32/float16/bfloat16, got {dtype}")
-    if out is not None:
-        fmt = _memory_format(out)
-        result = _result_buffer(out, out, fmt)
-    else:
-        result = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-    if backend == "triton":
-        from ..kernels import q_sample as tk
-
-        tk.keyed_normal(result, t, seed, sample_offset, int(stream), _memory_format(result) == torch.channels_last)
-    else:
-        torch.ops.ddpm_fast.keyed_normal(t, _signed64(seed), sample_offset, int(stream), result)
-    return _finish(result, out)
+    return be.keyed_normal(shape, t, seed, int(stream), sample_offset, dtype, device, memory_format, out)
 
 
 # ----------------------------------------------------------------------------------------------- U-Net ops
@@ -457,22 +292,9 @@ def group_norm_silu(x, num_groups, weight, bias, eps=1e-5, *, silu=True, add=Non
     # the statistics of a group are complete before any of its elements is written: out may be x (in place)
     C.outputs({"out": out}, {"x": x, "weight": weight, "bias": bias, "add": add}, in_place=("x",))
     backend = resolve("group_norm_silu", backend, x.device, _needs_grad(x, weight, bias, add), x.dtype)
-    record("group_norm_silu", backend, _KERNEL[backend])
-    if backend == "torch":
-        if x.device.type != "cpu":  # fp32 parameters beside an fp16/bf16 x: F.group_norm mixes types on CPU only
-            weight, bias = (None if p is None else p.to(x.dtype) for p in (weight, bias))
-        return _finish(ref.group_norm_silu(x, num_groups, weight, bias, eps, silu=silu, add=add), out)
-    C.tensor("x", x, min_dim=2, dtypes=C.FUSED_DTYPES)
-    fmt = _memory_format(x)
-    xd = _dense(x, fmt)
-    result = _result_buffer(out, xd, fmt)
-    if backend == "triton":
-        from ..kernels import group_norm as tk
-
-        tk.group_norm_silu(xd, result, num_groups, weight, bias, add, eps, bool(silu), fmt == torch.channels_last)
-    else:
-        torch.ops.ddpm_fast.group_norm_silu(xd, num_groups, weight, bias, add, float(eps), bool(silu), result)
-    return _finish(result, out)
+    if backend != "torch":
+        C.tensor("x", x, min_dim=2, dtypes=C.FUSED_DTYPES)
+    return module(backend).group_norm_silu(x, num_groups, weight, bias, eps, bool(silu), add, out)
 
 
 def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
@@ -501,57 +323,11 @@ def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
         scale = C.number("scale", scale, positive=True, finite=True)
     # out may be the residual (added elementwise in the epilogue), never q, k or v: other rows still read them
     C.outputs({"out": out}, {"q": q, "k": k, "v": v, "residual": residual}, in_place=("residual",))
-    requested = backend
-    backend = resolve("attention", backend, q.device, _needs_grad(q, k, v, residual), q.dtype)
-    if backend == "torch":
-        record("attention", backend, _KERNEL[backend])
-        return _finish(ref.attention(q, k, v, scale=scale, residual=residual), out)
-    C.tensor("q", q, min_dim=4, dtypes=C.FUSED_DTYPES)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-
-    def rows(x):  # the kernels read rows through any outer strides
-        return x if x.stride(-1) == 1 else x.contiguous()
-
-    B, H, N, Dv = out_shape
-    if backend == "cuda":
-        qr, kr, vr = rows(q), rows(k), rows(v)
-        rr = None if residual is None else rows(residual)
-        if _cuda_attention_fits(qr, kr, vr, rr):
-            fits = out is not None and out.stride(-1) == 1 and out.stride(2) % 2 == 0 and out.data_ptr() % 4 == 0
-            result = out if fits else q.new_empty(B, N, H, Dv).transpose(1, 2)
-            record("attention", "cuda", "tensor_core")
-            torch.ops.ddpm_fast.attention(qr, kr, vr, float(scale), rr, result)
-            return _finish(result, out)
-        if requested not in (None, "auto"):
-            raise TypeError(
-                "q: the cuda attention kernel runs float16/bfloat16 with head dims 64, 128 or 256 (v's equal to q's) "
-                f"and even row strides; got {q.dtype}, head dims {q.shape[3]}/{v.shape[3]}"
-            )
-        if _why_unavailable("triton") is not None:
-            record("attention", "torch", "reference")
-            return _finish(ref.attention(q, k, v, scale=scale, residual=residual), out)
-        backend = "triton"  # auto: the shapes and dtypes the tensor-core kernel does not take
-    if backend == "triton":  # any of the fused dtypes, fp32 accumulation inside
-        from ..kernels import attention as tk
-
-        result = out if out is not None and out.stride(-1) == 1 else q.new_empty(B, N, H, Dv).transpose(1, 2)
-        record("attention", "triton", "triton")
-        tk.attention(rows(q), rows(k), rows(v), None if residual is None else rows(residual), result, scale)
-        return _finish(result, out)
-
-    def fp32_rows(x):  # the CPU kernel reads fp32 rows
-        return rows(x if x.dtype == torch.float32 else x.float())
-
-    if out is not None and out.dtype == torch.float32 and out.stride(-1) == 1:
-        result = out
-    else:  # (B, N, H, Dv) memory: o.transpose(1, 2).reshape(B, N, H * Dv) is then a free view
-        result = torch.empty(B, N, H, Dv, dtype=torch.float32, device=q.device).transpose(1, 2)
-    res = None if residual is None else fp32_rows(residual)
-    record("attention", "cpu", "native")
-    torch.ops.ddpm_fast.attention(fp32_rows(q), fp32_rows(k), fp32_rows(v), float(scale), res, result)
-    if result.dtype != q.dtype:
-        result = result.to(q.dtype)
-    return _finish(result, out)
+    tensors = {"q": q, "k": k, "v": v, "residual": residual}
+    backend = resolve("attention", backend, q.device, _needs_grad(q, k, v, residual), q.dtype, **tensors)
+    if backend != "torch":
+        C.tensor("q", q, min_dim=4, dtypes=C.FUSED_DTYPES)
+    return module(backend).attention(q, k, v, scale, residual, out)
 
 
 def winograd_weight(weight):
@@ -562,7 +338,7 @@ def winograd_weight(weight):
         raise ValueError(f"weight: expected shape (K, C, 3, 3), got {tuple(weight.shape)}")
     if weight.device.type != "cpu":
         raise ValueError(f"weight: the Winograd kernel runs on the CPU, got a weight on {weight.device}")
-    return torch.ops.ddpm_fast.winograd_weight(weight.detach())
+    return module("cpu").winograd_weight(weight)
 
 
 def conv3x3(x, weight, bias=None, residual=None, *, packed=None, backend=None, out=None):
@@ -598,50 +374,126 @@ def conv3x3(x, weight, bias=None, residual=None, *, packed=None, backend=None, o
     # out may be the residual (added elementwise) or x (the kernel then writes a buffer of its own)
     inputs = {"x": x, "weight": weight, "bias": bias, "residual": residual, "packed": packed}
     C.outputs({"out": out}, inputs, in_place=("x", "residual"))
-    requested = backend
     backend = resolve("conv3x3", backend, x.device, _needs_grad(x, weight, bias, residual), x.dtype)
-    if backend == "cpu" and x.dtype != torch.float32:
-        if requested not in (None, "auto"):
-            raise TypeError(f"x: the cpu conv3x3 kernel takes float32, got {x.dtype}")
-        backend = "torch"  # auto: the Winograd kernel is fp32 only
-    if backend != "cpu":
-        record("conv3x3", "torch", "reference")
-        return _finish(ref.conv3x3(x, weight, bias, residual), out)
-    if packed is None:
-        packed = winograd_weight(weight)
-    cl = torch.channels_last
-    xd = x.contiguous(memory_format=cl)
-    res = None if residual is None else residual.contiguous(memory_format=cl)
-    if out is not None and out.is_contiguous(memory_format=cl) and not _overlaps(out, xd):
-        result = out
+    return module(backend).conv3x3(x, weight, bias, residual, packed, out)
+
+
+def _pair(name: str, value, *, minimum: int) -> tuple[int, int]:
+    items = value if isinstance(value, (tuple, list)) else (value, value)
+    if len(items) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in items):
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
+    if any(v < minimum for v in items):
+        raise ValueError(f"{name}: expected values >= {minimum}, got {value!r}")
+    return int(items[0]), int(items[1])
+
+
+def conv2d(
+    x,
+    weight,
+    bias=None,
+    residual=None,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    prepared=None,
+    backend=None,
+    out=None,
+):
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual``, zero padding.
+
+    The ``cpu`` backend runs 3x3 stride-1 convolutions with at least 16 channels a side in Winograd F(2x2, 3x3)
+    (:func:`conv3x3`) and the others in oneDNN with a reordered weight, on channels_last fp32 activations (other
+    layouts are copied to channels_last once); the GPU backends run cuDNN. ``prepared``: an :class:`Prepared` the
+    backend keeps its transformed weight in between calls (rebuilt when the weight changes). ``padding`` may be
+    ``"valid"`` or ``"same"`` (the reference then runs).
+    """
+    x = C.tensor("x", x, min_dim=4)
+    if x.dim() != 4:
+        raise ValueError(f"x: expected shape (N, C, H, W), got {tuple(x.shape)}")
+    group = {"x": x, "weight": weight, "bias": bias, "residual": residual, "out": out}
+    C.alike(group, same=("device", "dtype"), required=("weight",))
+    weight = C.tensor("weight", weight, min_dim=4)
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups <= 0:
+        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+    groups = int(groups)
+    N, Cin, H, W = x.shape
+    if Cin % groups:
+        raise ValueError(f"groups: x's {Cin} channels are not divisible by groups={groups}")
+    if weight.dim() != 4 or weight.shape[1] * groups != Cin or weight.shape[0] % groups:
+        raise ValueError(
+            f"weight: expected shape (K, {Cin} / groups, kh, kw) with K divisible by groups={groups} "
+            f"(x has {Cin} channels), got {tuple(weight.shape)}"
+        )
+    K, _, kh, kw = weight.shape
+    if bias is not None and tuple(bias.shape) != (K,):
+        raise ValueError(f"bias: expected shape ({K},) (weight's {K} output channels), got {tuple(bias.shape)}")
+    stride = _pair("stride", stride, minimum=1)
+    dilation = _pair("dilation", dilation, minimum=1)
+    if isinstance(padding, str):
+        if padding not in ("valid", "same"):
+            raise ValueError(f"padding: expected an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+        if padding == "same" and stride != (1, 1):
+            raise ValueError(f"padding: 'same' needs stride 1, got stride {stride}")
+        pad = (0, 0) if padding == "valid" else None
     else:
-        result = torch.empty(N, K, H, W, dtype=x.dtype, device=x.device, memory_format=cl)
-    record("conv3x3", "cpu", "winograd")
-    torch.ops.ddpm_fast.conv3x3(xd, packed, None if bias is None else bias.contiguous(), res, result)
-    return _finish(result, out)
+        padding = pad = _pair("padding", padding, minimum=0)
+    if pad is None:
+        out_hw = (H, W)
+    else:
+        out_hw = tuple(
+            (n + 2 * p - d * (k - 1) - 1) // st + 1 for n, p, d, k, st in zip((H, W), pad, dilation, (kh, kw), stride)
+        )
+    if min(out_hw) <= 0:
+        raise ValueError(f"x: {H}x{W} is smaller than the {kh}x{kw} kernel (dilation {dilation}) after padding {pad}")
+    for name, y in (("residual", residual), ("out", out)):
+        if y is not None and tuple(y.shape) != (N, K, *out_hw):
+            raise ValueError(
+                f"{name}: expected shape {(N, K, *out_hw)} (the convolution's output), got {tuple(y.shape)}"
+            )
+    if prepared is not None and not isinstance(prepared, Prepared):
+        raise TypeError(f"prepared: expected a ddpm_fast.ops.Prepared, got {type(prepared).__name__}")
+    # out may be the residual (added elementwise) or x (the kernels then write a buffer of their own)
+    C.outputs({"out": out}, {"x": x, "weight": weight, "bias": bias, "residual": residual}, in_place=("x", "residual"))
+    backend = resolve("conv2d", backend, x.device, _needs_grad(x, weight, bias, residual), x.dtype, padding=padding)
+    return module(backend).conv2d(x, weight, bias, residual, stride, padding, dilation, groups, prepared, out)
 
 
-def _overlaps(a, b) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+def linear(x, weight, bias=None, residual=None, *, scratch=None, backend=None, out=None):
+    """``F.linear(x, weight, bias) + residual``: x (..., in), weight (out, in), one GEMM.
 
-
-def _cuda_attention_fits(q, k, v, residual) -> bool:
-    """What the tensor-core kernel (csrc/cuda/attention.cu) takes; other cases go to Triton."""
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in (64, 128, 256) or v.shape[3] != q.shape[3]:
-        return False
-    return all(
-        t.stride(-1) == 1 and t.stride(2) % 2 == 0 and t.data_ptr() % 4 == 0
-        for t in (q, k, v) + (() if residual is None else (residual,))
+    The ``cpu`` backend runs fp32 in oneDNN's linear (the residual as its post-op) where the extension runs its
+    GEMMs in oneDNN, else in the BLAS torch links; the GPU backends in cuBLAS. ``scratch``: a
+    :meth:`Scratch.slot` the op may return its result in instead of a fresh tensor (valid until that slot's next
+    use; inference only), or None.
+    """
+    x = C.tensor("x", x, min_dim=1)
+    C.alike(
+        {"x": x, "weight": weight, "bias": bias, "residual": residual, "out": out},
+        same=("device", "dtype"),
+        required=("weight",),
     )
-
-
-def _register_fakes() -> None:
-    """Shape functions of the compiled ops, so torch.compile can trace through them."""
-    if not hasattr(torch.ops.ddpm_fast, "ddpm_step"):
-        return
-    for name in ("ddpm_step", "q_sample", "keyed_normal", "group_norm_silu", "attention", "conv3x3"):
-        torch.library.register_fake(f"ddpm_fast::{name}")(lambda *args, **kwargs: None)
-    torch.library.register_fake("ddpm_fast::winograd_weight")(lambda w: w.new_empty(16, w.shape[1], w.shape[0]))
-
-
-_register_fakes()
+    weight = C.tensor("weight", weight, min_dim=2)
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"weight: expected shape (out_features, {x.shape[-1]}) (x's last dim), got {tuple(weight.shape)}"
+        )
+    K = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (K,):
+        raise ValueError(f"bias: expected shape ({K},) (weight's {K} output features), got {tuple(bias.shape)}")
+    out_shape = (*x.shape[:-1], K)
+    for name, y in (("residual", residual), ("out", out)):
+        if y is not None and tuple(y.shape) != out_shape:
+            raise ValueError(
+                f"{name}: expected shape {out_shape} (x's leading dims and {K} features), got {tuple(y.shape)}"
+            )
+    if scratch is not None and not isinstance(scratch, ScratchSlot):
+        raise TypeError(
+            f"scratch: expected a slot of a ddpm_fast.ops.Scratch (Scratch.slot(name)), got {type(scratch).__name__}"
+        )
+    # out may be the residual (added elementwise), never x or weight: the GEMM reads them all while it writes
+    C.outputs({"out": out}, {"x": x, "weight": weight, "bias": bias, "residual": residual}, in_place=("residual",))
+    needs_grad = _needs_grad(x, weight, bias, residual)
+    backend = resolve("linear", backend, x.device, needs_grad, x.dtype)
+    return module(backend).linear(x, weight, bias, residual, None if needs_grad else scratch, out)

@@ -8,9 +8,8 @@ import numbers
 import torch
 
 from ..schedule import NoiseSchedule
-from ._dispatch import FUSED_DTYPES
+from ._layout import FUSED_DTYPES, REFERENCE_DTYPES  # noqa: F401 - FUSED_DTYPES used as C.FUSED_DTYPES
 
-REFERENCE_DTYPES = FUSED_DTYPES + (torch.float64,)
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 META = torch.device("meta")

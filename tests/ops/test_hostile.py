@@ -145,6 +145,20 @@ def _conv_strided_over_x(be):
     df.ops.conv3x3(buf[..., :5], torch.randn(4, 4, 3, 3), backend=be, out=buf[..., 2:])
 
 
+def _conv2d_over_weight(be):
+    w = torch.randn(2 * 4 * 3 * 5)
+    df.ops.conv2d(torch.randn(2, 4, 3, 5), w[:36].view(1, 4, 3, 3), padding=1, backend=be, out=w[4:34].view(2, 1, 3, 5))
+
+
+def _linear_out_is_x(be):
+    x = torch.randn(3, 4)
+    df.ops.linear(x, torch.randn(4, 4), backend=be, out=x)
+
+
+def _linear_expanded(be):
+    df.ops.linear(torch.randn(3, 4), torch.randn(5, 4), backend=be, out=torch.empty(1, 5).expand(3, 5))
+
+
 def _keyed_expanded(be):
     df.ops.keyed_normal(SHAPE, seed=1, backend=be, out=_expanded())
 
@@ -166,6 +180,9 @@ OVERLAPS = [  # (case, call taking a backend, pattern the ValueError must match)
     ("attention out partly over v", _attention_over_v, "out: overlaps v"),
     ("attention expanded out", _attention_expanded, "out: more than one"),
     ("conv3x3 strided out over strided x", _conv_strided_over_x, "out: overlaps x"),
+    ("conv2d out partly over weight", _conv2d_over_weight, "out: overlaps weight"),
+    ("linear out is x", _linear_out_is_x, "out: is x itself"),
+    ("linear expanded out", _linear_expanded, "out: more than one"),
     ("keyed_normal expanded out", _keyed_expanded, "out: more than one"),
 ]
 
@@ -435,6 +452,23 @@ def _naming_cases():
         TypeError,
         "packed",
     )
+    c2 = df.ops.conv2d
+    yield "conv2d x alone on meta", lambda be: c2(x.to(meta), cw, cb, padding=1, backend=be), ValueError, "x"
+    yield "conv2d bias list", lambda be: c2(x, cw, cb.tolist(), padding=1, backend=be), TypeError, "bias"
+    yield "conv2d weight float64", lambda be: c2(x, cw.to(f64), cb, padding=1, backend=be), TypeError, "weight"
+    yield "conv2d stride 0", lambda be: c2(x, cw, cb, stride=0, backend=be), ValueError, "stride"
+    yield "conv2d padding str", lambda be: c2(x, cw, cb, padding="full", backend=be), ValueError, "padding"
+    yield "conv2d groups 3", lambda be: c2(x, cw, cb, groups=3, backend=be), ValueError, "groups"
+    yield "conv2d residual shape", lambda be: c2(x, cw, cb, cr, backend=be), ValueError, "residual"
+    yield "conv2d prepared dict", lambda be: c2(x, cw, cb, padding=1, prepared={}, backend=be), TypeError, "prepared"
+    yield "conv2d kernel too big", lambda be: c2(x[..., :1, :1], cw, cb, backend=be), ValueError, "x"
+    lw, lb = torch.randn(6, 5), torch.randn(6)
+    li = df.ops.linear
+    yield "linear weight shape", lambda be: li(x, lw.t(), lb, backend=be), ValueError, "weight"
+    yield "linear bias shape", lambda be: li(x, lw, lb[:5], backend=be), ValueError, "bias"
+    yield "linear x int", lambda be: li(x.long(), lw, lb, backend=be), TypeError, "x"
+    yield "linear residual shape", lambda be: li(x, lw, lb, x, backend=be), ValueError, "residual"
+    yield "linear scratch tensor", lambda be: li(x, lw, lb, scratch=x, backend=be), TypeError, "scratch"
     kn = df.ops.keyed_normal
     yield "keyed_normal dtype int64", lambda be: kn(SHAPE, seed=1, dtype=torch.int64, backend=be), TypeError, "dtype"
     yield "keyed_normal shape str", lambda be: kn(("a", 3), seed=1, backend=be), TypeError, "shape"
@@ -518,7 +552,9 @@ def test_cases_cover_every_public_op_with_out():
     """Every public op taking out= has overlap cases above."""
     import inspect
 
-    with_out = {n for n in df.ops.__all__ if "out" in inspect.signature(getattr(df.ops, n)).parameters}
+    ops = [n for n in df.ops.__all__ if inspect.isfunction(getattr(df.ops, n))]
+    with_out = {n for n in ops if "out" in inspect.signature(getattr(df.ops, n)).parameters}
+    print(sorted(with_out))
     covered = {c[0].split()[0] for c in OVERLAPS}
     assert with_out <= covered, with_out - covered
 

@@ -1,0 +1,280 @@
+"""The cpu backend: ddpm_fast's C++ kernels (csrc/cpu, ``torch.ops.ddpm_fast.*``), and for the U-Net's other
+products oneDNN (JIT-compiled for the widest ISA on any vendor's CPU) or the BLAS torch links.
+
+The kernels' glue reads t, the schedule and any coefficient table on the host and computes each sample's
+coefficients with csrc/common/coefficients.h. The Winograd convolution's products run in oneDNN's brgemm or the
+BLAS (``DDPM_FAST_GEMM``, see ddpm_fast/_ext.py); the linear layers follow the same choice: oneDNN's linear where
+the Winograd products run in oneDNN (MKL takes its AVX2 path on AMD CPUs: at the attention block's projection,
+2048 x 256 -> 768 on a 2-core AMD EPYC with AVX-512, oneDNN's linear ran 2.1x MKL's addmm, its freshly allocated
+result included), else the BLAS into a reused buffer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _ext
+from ._layout import dense, finish, memory_format, result_buffer, rows, signed64
+from ._trace import record
+
+NAME = "cpu"
+OPS = frozenset(
+    {"q_sample", "ddpm_step", "keyed_normal", "group_norm_silu", "attention", "conv3x3", "conv2d", "linear"}
+)
+_PREDICTION_CODE = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+_VARIANCE_CODE = {"fixed_small": 0, "fixed_large": 1}
+# below this many channels a side, Winograd's transforms cost more than the products they save
+WINOGRAD_MIN_CHANNELS = 16
+
+
+def unavailable() -> str | None:
+    return _ext.cpu_unavailable_reason()
+
+
+def describe() -> str:
+    return f"available ({_ext.cpu_capability()} build, {_ext.gemm_library()} GEMMs)"
+
+
+def _mkldnn() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
+def refuses(op: str, dtype=None, padding=None, **facts) -> str | None:
+    """The calls the cpu kernels do not take (auto then runs the reference; by name, a TypeError)."""
+    if op in ("conv3x3", "conv2d", "linear") and dtype is not None and dtype != torch.float32:
+        return f"x: the cpu {op} kernel takes float32, got {dtype}"
+    if op == "conv2d":
+        if isinstance(padding, str):
+            return f"padding: the cpu conv2d kernels take explicit padding, got {padding!r}"
+        if not _mkldnn():
+            return "x: the cpu conv2d kernels need oneDNN (torch.backends.mkldnn), which is unavailable or disabled"
+    return None
+
+
+def check_device(device: torch.device) -> None:
+    if device.type != "cpu":
+        raise ValueError(f"backend 'cpu' needs CPU tensors, got tensors on {device}")
+
+
+def timestep_device(t, device: torch.device):
+    return "cpu"  # the kernels' glue reads t on the host
+
+
+def _linear_onednn() -> bool:
+    return _ext.gemm_library() == "onednn" and _mkldnn()
+
+
+# ----------------------------------------------------------------------------------------------- DDPM ops
+def q_sample(x0, t, noise, s, seed, sample_offset, coefficients, out, _name=NAME):
+    record("q_sample", _name, "native")
+    drawn = noise is None
+    fmt = memory_format(x0)
+    x0d = dense(x0, fmt)
+    eps = torch.empty_like(x0d, memory_format=fmt) if drawn else dense(noise, fmt)
+    x_t = result_buffer(out, x0d, fmt)
+    alphas_cumprod = s.table("alphas_cumprod", torch.float64, "cpu")
+    torch.ops.ddpm_fast.q_sample(x0d, t, alphas_cumprod, coefficients, eps, drawn, signed64(seed), sample_offset, x_t)
+    x_t = finish(x_t, out)
+    return (x_t, eps) if drawn else x_t
+
+
+def ddpm_step(
+    x_t,
+    model_output,
+    noise,
+    t,
+    t_prev,
+    s,
+    *,
+    seed,
+    sample_offset,
+    variance_type,
+    prediction_type,
+    clip_sample,
+    clip_range,
+    coefficients,
+    out,
+    x0_out,
+    _name=NAME,
+):
+    record("ddpm_step", _name, "native")
+    fmt = memory_format(x_t)
+    xd = dense(x_t, fmt)
+    result = result_buffer(out, xd, fmt)
+    x0_result = None if x0_out is None else result_buffer(x0_out, xd, fmt)
+    torch.ops.ddpm_fast.ddpm_step(
+        xd,
+        dense(model_output, fmt),
+        t,
+        t_prev,
+        s.table("alphas_cumprod", torch.float64, "cpu"),
+        coefficients,
+        None if noise is None else dense(noise, fmt),
+        signed64(seed),
+        sample_offset,
+        _PREDICTION_CODE[prediction_type],
+        _VARIANCE_CODE[variance_type],
+        clip_sample,
+        clip_range,
+        result,
+        x0_result,
+    )
+    if x0_out is not None:
+        finish(x0_result, x0_out)
+    return finish(result, out)
+
+
+def keyed_normal(shape, t, seed, stream, sample_offset, dtype, device, memory_format_, out, _name=NAME):
+    record("keyed_normal", _name, "native")
+    if out is not None:
+        result = result_buffer(out, out, memory_format(out))
+    else:
+        result = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format_)
+    torch.ops.ddpm_fast.keyed_normal(t, signed64(seed), sample_offset, int(stream), result)
+    return finish(result, out)
+
+
+# ----------------------------------------------------------------------------------------------- U-Net ops
+def group_norm_silu(x, num_groups, weight, bias, eps, silu, add, out, _name=NAME):
+    record("group_norm_silu", _name, "native")
+    fmt = memory_format(x)
+    xd = dense(x, fmt)
+    result = result_buffer(out, xd, fmt)
+    torch.ops.ddpm_fast.group_norm_silu(xd, num_groups, weight, bias, add, float(eps), bool(silu), result)
+    return finish(result, out)
+
+
+def attention(q, k, v, scale, residual, out):
+    """The CPU kernel reads fp32 rows (fp16/bf16 inputs are converted) and writes (B, N, H, Dv) memory, so that
+    o.transpose(1, 2).reshape(B, N, H * Dv) is a free view."""
+    record("attention", NAME, "native")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    B, H, N, _ = q.shape
+    Dv = v.shape[3]
+
+    def fp32_rows(x):
+        return rows(x if x.dtype == torch.float32 else x.float())
+
+    if out is not None and out.dtype == torch.float32 and out.stride(-1) == 1:
+        result = out
+    else:
+        result = torch.empty(B, N, H, Dv, dtype=torch.float32, device=q.device).transpose(1, 2)
+    res = None if residual is None else fp32_rows(residual)
+    torch.ops.ddpm_fast.attention(fp32_rows(q), fp32_rows(k), fp32_rows(v), float(scale), res, result)
+    if result.dtype != q.dtype:
+        result = result.to(q.dtype)
+    return finish(result, out)
+
+
+def winograd_weight(weight):
+    return torch.ops.ddpm_fast.winograd_weight(weight.detach())
+
+
+def conv3x3(x, weight, bias, residual, packed, out):
+    """Winograd F(2x2, 3x3) on fp32 channels_last activations (other layouts copied to channels_last once)."""
+    record("conv3x3", NAME, "winograd")
+    return _winograd_conv(x, weight, bias, residual, packed, out)
+
+
+def _winograd_conv(x, weight, bias, residual, packed, out):
+    if packed is None:
+        packed = winograd_weight(weight)
+    N, _, H, W = x.shape
+    K = weight.shape[0]
+    cl = torch.channels_last
+    xd = x.contiguous(memory_format=cl)
+    res = None if residual is None else residual.contiguous(memory_format=cl)
+    same_storage = out is not None and out.untyped_storage().data_ptr() == xd.untyped_storage().data_ptr()
+    if out is not None and out.is_contiguous(memory_format=cl) and not same_storage:
+        result = out
+    else:
+        result = torch.empty(N, K, H, W, dtype=x.dtype, device=x.device, memory_format=cl)
+    torch.ops.ddpm_fast.conv3x3(xd, packed, None if bias is None else bias.contiguous(), res, result)
+    return finish(result, out)
+
+
+def _winograd(weight, stride, padding, dilation, groups) -> bool:
+    K, Cin, kh, kw = weight.shape
+    return (
+        (kh, kw) == (3, 3)
+        and tuple(stride) == (1, 1)
+        and tuple(padding) == (1, 1)
+        and tuple(dilation) == (1, 1)
+        and groups == 1
+        and min(Cin, K) >= WINOGRAD_MIN_CHANNELS
+    )
+
+
+def conv2d(x, weight, bias, residual, stride, padding, dilation, groups, prepared, out):
+    """3x3 stride-1 convolutions with enough channels: Winograd (:func:`conv3x3`, 2.25x fewer multiply-adds than
+    a direct convolution); the others (1x1 shortcuts, strided downsampling, the 3-channel ends): oneDNN with its
+    weight reordered for the input's shape. ``prepared`` (an ops.Prepared) keeps the transformed weight."""
+    cl = torch.channels_last
+    xd = x.contiguous(memory_format=cl)
+    res = None if residual is None else residual.contiguous(memory_format=cl)
+    w = weight.detach()
+    if _winograd(weight, stride, padding, dilation, groups):
+        build = lambda: winograd_weight(w)  # noqa: E731
+        packed = build() if prepared is None else prepared.get((weight,), "winograd", build)
+        record("conv2d", NAME, "winograd")
+        return _winograd_conv(xd, weight, bias, res, packed, out)
+    record("conv2d", NAME, "onednn")
+
+    def reorder():
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(
+            w.to_mkldnn(), list(padding), list(stride), list(dilation), groups, list(xd.shape)
+        )
+
+    packed = reorder() if prepared is None else prepared.get((weight,), ("onednn", tuple(xd.shape)), reorder)
+    args = (packed, bias, list(padding), list(stride), list(dilation), groups)
+    if res is None:
+        y = torch.ops.mkldnn._convolution_pointwise(xd, *args, "none", [], "")
+    else:
+        y = torch.ops.mkldnn._convolution_pointwise.binary(xd, res, *args, "add", 1.0, None, [], None)
+    return finish(y, out)
+
+
+def linear(x, weight, bias, residual, scratch, out):
+    """x W^T + b (+ residual) by one GEMM: oneDNN's linear (the residual as its post-op), or the BLAS (into
+    ``scratch``'s buffer, or accumulated onto residual + b in place)."""
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, n_in)
+    K = weight.shape[0]
+    if _linear_onednn():
+        record("linear", NAME, "onednn")
+        if residual is None:
+            y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+        else:
+            y = torch.ops.mkldnn._linear_pointwise.binary(x2, residual.reshape(-1, K), weight, bias, "add")
+        return finish(y.view(*lead, K), out)
+    record("linear", NAME, "blas")
+    if residual is not None:  # (residual + b) in one pass, then x W^T accumulated onto it in place (beta = 1)
+        y = residual.reshape(-1, K) + (0 if bias is None else bias)
+        y.addmm_(x2, weight.t())
+        return finish(y.view(*lead, K), out)
+    if out is not None and out.is_contiguous():
+        y = out.view(-1, K)
+    elif scratch is not None:
+        y = scratch.get(x, (x2.shape[0], K))
+    else:
+        y = x2.new_empty(x2.shape[0], K)
+    if bias is None:
+        torch.mm(x2, weight.t(), out=y)
+    else:
+        torch.addmm(bias, x2, weight.t(), out=y)
+    return finish(y.view(*lead, K), out)
+
+
+def _register_fakes() -> None:
+    """Shape functions of the compiled ops (their schemas are the CPU extension's), so torch.compile can trace
+    through them."""
+    if not hasattr(torch.ops.ddpm_fast, "ddpm_step"):
+        return
+    for name in ("ddpm_step", "q_sample", "keyed_normal", "group_norm_silu", "attention", "conv3x3"):
+        torch.library.register_fake(f"ddpm_fast::{name}")(lambda *args, **kwargs: None)
+    torch.library.register_fake("ddpm_fast::winograd_weight")(lambda w: w.new_empty(16, w.shape[1], w.shape[0]))
+
+
+_register_fakes()

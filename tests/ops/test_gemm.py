@@ -1,0 +1,131 @@
+"""conv2d and linear (the U-Net's products behind ops): each backend against float64 truth, the kernel each call
+took (ops.trace), prepared weights rebuilt when a weight changes, the reference in training."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ddpm_fast as df
+
+needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
+
+FP32_ATOL, FP32_RTOL = 2e-5, 1e-5  # DESIGN.md's fp32 tolerance for reductions, against float64
+
+
+def _close(name, got, exact, torch_fp32):
+    err = (got.double() - exact).abs().max().item()
+    torch_err = (torch_fp32.double() - exact).abs().max().item()
+    print(f"{name}: max err {err:.3g} vs float64 (torch fp32 {torch_err:.3g})")
+    assert got.shape == exact.shape
+    assert err <= FP32_ATOL + FP32_RTOL * exact.abs().max().item()
+
+
+CONVS = [  # (N, C, K, H, W, kernel, stride, padding): the U-Net's kinds and odd ones
+    (2, 16, 32, 8, 8, 3, 1, 1),  # Winograd
+    (1, 32, 16, 7, 5, 3, 1, 1),  # Winograd, odd sizes
+    (2, 3, 16, 8, 8, 3, 1, 1),  # 3 channels in: oneDNN
+    (2, 16, 3, 6, 6, 3, 1, 1),  # 3 channels out: oneDNN
+    (2, 16, 32, 8, 8, 1, 1, 0),  # 1x1 shortcut
+    (2, 16, 16, 9, 9, 3, 2, 0),  # strided downsampling
+    (1, 8, 8, 5, 7, 3, 1, 2),  # more padding than Winograd takes
+]
+
+
+@needs_cpu
+@pytest.mark.parametrize("N, C, K, H, W, k, stride, padding", CONVS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_conv2d_cpu_matches_float64(N, C, K, H, W, k, stride, padding, layout, with_residual):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, C, H, W, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(K, C, k, k, generator=g) / (k * C**0.5)
+    b = torch.randn(K, generator=g)
+    y_ref = F.conv2d(x, w, b, stride, padding)
+    r = torch.randn(y_ref.shape, generator=g) if with_residual else None
+    prepared = df.ops.Prepared()
+    with df.ops.trace() as calls:
+        got = df.ops.conv2d(x, w, b, r, stride=stride, padding=padding, prepared=prepared)
+        again = df.ops.conv2d(x, w, b, r, stride=stride, padding=padding, prepared=prepared)  # prepared weight
+    winograd = k == 3 and stride == 1 and padding == 1 and min(C, K) >= 16
+    assert [(c.backend, c.kernel) for c in calls] == [("cpu", "winograd" if winograd else "onednn")] * 2
+    exact = F.conv2d(x.double(), w.double(), b.double(), stride, padding)
+    if r is not None:
+        exact, y_ref = exact + r.double(), y_ref + r
+    _close(f"conv2d {(N, C, K, H, W)} k{k} s{stride} p{padding} {layout}", got, exact, y_ref)
+    torch.testing.assert_close(again, got, atol=0, rtol=0)
+
+
+@needs_cpu
+def test_conv2d_prepared_weight_follows_the_weight():
+    x = torch.randn(1, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    for k, p in ((3, 1), (1, 0)):  # Winograd transform, oneDNN reorder
+        w = torch.randn(16, 16, k, k)
+        prepared = df.ops.Prepared()
+        df.ops.conv2d(x, w, padding=p, prepared=prepared)
+        w.mul_(2)  # in place: the version counter moves, the transform is rebuilt
+        got = df.ops.conv2d(x, w, padding=p, prepared=prepared)
+        torch.testing.assert_close(got, F.conv2d(x, w, padding=p), atol=1e-4, rtol=1e-4)  # stale: 2x off
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_conv2d_other_dtypes_and_training_run_the_reference(dtype):
+    x, w = torch.randn(2, 16, 5, 5, dtype=dtype), torch.randn(16, 16, 3, 3, dtype=dtype)
+    with df.ops.trace() as calls:
+        got = df.ops.conv2d(x, w, padding=1)
+    assert [c.backend for c in calls] == ["torch"]
+    torch.testing.assert_close(got, F.conv2d(x, w, padding=1))
+    wg = torch.randn(16, 16, 3, 3, requires_grad=True)
+    with df.ops.trace() as calls:
+        df.ops.conv2d(torch.randn(2, 16, 5, 5), wg, padding=1).sum().backward()
+    assert [c.backend for c in calls] == ["torch"] and wg.grad is not None
+
+
+@needs_cpu
+def test_conv2d_named_cpu_backend_refuses_what_it_cannot_run():
+    with pytest.raises(TypeError, match="^x: the cpu conv2d kernel takes float32"):
+        df.ops.conv2d(torch.randn(1, 4, 5, 5, dtype=torch.bfloat16), torch.randn(4, 4, 3, 3).bfloat16(), backend="cpu")
+    with pytest.raises(TypeError, match="^padding: "):
+        df.ops.conv2d(torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3), padding="same", backend="cpu")
+    torch.testing.assert_close(  # auto: the reference takes padding="same"
+        df.ops.conv2d(torch.randn(1, 4, 5, 5), torch.ones(4, 4, 3, 3), padding="same").shape, (1, 4, 5, 5)
+    )
+
+
+LINEARS = [(7, 16, 24), (1, 3, 5), (64, 256, 768)]  # (rows, in, out)
+
+
+@needs_cpu
+@pytest.mark.parametrize("rows, n_in, n_out", LINEARS)
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("library", ["onednn", "blas"])
+def test_linear_cpu_matches_float64(rows, n_in, n_out, with_residual, library, monkeypatch):
+    if library == "blas":
+        monkeypatch.setattr(df.ops._cpu, "_linear_onednn", lambda: False)
+    elif not df.ops._cpu._linear_onednn():
+        pytest.skip("the extension runs its GEMMs in the BLAS here (DDPM_FAST_GEMM=blas or no oneDNN)")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, rows, n_in, generator=g)
+    w = torch.randn(n_out, n_in, generator=g) / n_in**0.5
+    b = torch.randn(n_out, generator=g)
+    r = torch.randn(2, rows, n_out, generator=g) if with_residual else None
+    scratch = df.ops.Scratch()
+    with torch.inference_mode(), df.ops.trace() as calls:
+        got = df.ops.linear(x, w, b, r, scratch=scratch.slot("y"))
+    assert [(c.backend, c.kernel) for c in calls] == [("cpu", library)]
+    exact = F.linear(x.double(), w.double(), b.double()) + (0 if r is None else r.double())
+    _close(f"linear {(rows, n_in, n_out)} {library}", got, exact, F.linear(x, w, b) + (0 if r is None else r))
+
+
+@needs_cpu
+def test_linear_out_and_the_reference_in_training():
+    x, w, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(6)
+    out = torch.empty(5, 6)
+    assert df.ops.linear(x, w, b, out=out) is out
+    torch.testing.assert_close(out, F.linear(x, w, b))
+    wg = w.clone().requires_grad_()
+    with df.ops.trace() as calls:
+        df.ops.linear(x, wg, b).sum().backward()
+    assert [c.backend for c in calls] == ["torch"]
+    torch.testing.assert_close(wg.grad, torch.ones(5, 6).t() @ x)
