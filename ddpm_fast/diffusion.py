@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import numbers
 
@@ -25,6 +27,23 @@ class NonFiniteSampleError(FloatingPointError):
     def __init__(self, message: str, step: int | None = None, timestep: int | None = None, where: str | None = None):
         super().__init__(message)
         self.step, self.timestep, self.where = step, timestep, where
+
+
+def _model_in_eval_mode(method):
+    """Run ``method`` with ``self.model`` in eval mode (dropout off), restoring its mode after: sampling is
+    inference, and keyed noise promises the same images whatever mode the model was left in."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        model = self.model
+        training = bool(getattr(model, "training", False))
+        with contextlib.ExitStack() as stack:
+            if training:
+                model.eval()
+                stack.callback(model.train)
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class GaussianDiffusion:
@@ -90,6 +109,7 @@ class GaussianDiffusion:
         return cache[key]
 
     # ------------------------------------------------------------------ Algorithm 2
+    @_model_in_eval_mode
     @torch.inference_mode()
     def sample(
         self,
@@ -125,6 +145,8 @@ class GaussianDiffusion:
         or inf, naming the first step (1-based, and its t) where it did. Each step's check runs on the device and
         is read back once, after the chain (no per-step synchronisation); with ``cuda_graph`` only the result is
         checked. ``check_finite=False`` returns whatever the chain gives.
+
+        The model runs in eval mode (dropout off) and is returned to the mode it was in.
         """
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
             raise ValueError(f"n: expected a positive int, got {n!r}")

@@ -117,7 +117,7 @@ import torch
 
 import ddpm_fast
 from ddpm_fast import _ext
-from ddpm_fast.ops._dispatch import _IMPLEMENTS
+from ddpm_fast.ops._cuda import NATIVE_OPS
 
 
 def cpp_strings(call):  # the concatenated C++ string literals of one call's argument
@@ -141,9 +141,9 @@ impl_block = re.search(r"TORCH_LIBRARY_IMPL\(ddpm_fast, CUDA, m\) \{(.*?)\n\}", 
 implemented = re.findall(r'm\.impl\("(\w+)"', impl_block)
 
 problems = []
-if set(implemented) != _IMPLEMENTS["cuda"]:
-    problems.append(f"csrc/cuda_bindings.cpp implements {sorted(implemented)}, _dispatch says {sorted(_IMPLEMENTS['cuda'])}")
-ops = sorted(set(implemented) | _IMPLEMENTS["cuda"])
+if set(implemented) != NATIVE_OPS:
+    problems.append(f"csrc/cuda_bindings.cpp implements {sorted(implemented)}, ops/_cuda.py says {sorted(NATIVE_OPS)}")
+ops = sorted(set(implemented) | NATIVE_OPS)
 missing = []
 for op in ops:
     name = f"ddpm_fast::{op}"

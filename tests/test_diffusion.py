@@ -119,3 +119,14 @@ def test_respaced_chains_fused_equal_reference():
         err = (runs[0] - runs[1]).abs().max().item()
         print(f"respaced {method}: fused vs reference max err {err:.3g}")
         assert err <= 1e-3 * max(1.0, runs[0].abs().max().item())
+
+
+def test_sampling_runs_the_model_in_eval_mode_and_restores_its_mode():
+    """Dropout in train mode would break keyed noise's promise (the same images for the same seed)."""
+    model = df.UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.5, sample_size=8, num_groups=8)
+    d = df.GaussianDiffusion(model.train(), df.NoiseSchedule.linear(4, 1e-4, 0.02))
+    first = d.sample(2, seed=7, progress=False)
+    assert model.training
+    assert torch.equal(first, d.sample(2, seed=7, progress=False))
+    assert not model.eval().training and not d.sample(1, seed=7, progress=False).isnan().any()
+    assert not model.training

@@ -146,23 +146,18 @@ def test_cli_mistakes_are_one_line(tmp_path, args, message):
 
 
 @pytest.mark.skipif(df.backends()["triton"] != "available", reason=df.backends()["triton"])
-def test_a_plan_launch_runs_the_fused_kernels_as_the_timed_row_does(monkeypatch):
+def test_a_plan_launch_runs_the_fused_kernels_as_the_timed_row_does():
     """A Launch runs its row as the timing does (the sampler under inference_mode): every norm and attention of the
     U-Net goes to the Triton kernels, not to the reference that autograd would pick."""
     g = _gpu_check()
-    served = []
-    resolve = df.ops.resolve
-
-    def recording(op, *args, **kwargs):
-        served.append((op, resolve(op, *args, **kwargs)))
-        return served[-1][1]
-
-    monkeypatch.setattr(df.ops, "resolve", recording)
     plan = {launch.name: launch for launch in g.launch_plan(True, "cpu", smoke=True, unet_backend="triton")}
     launch = plan["sampler float32: sampler_step batch=1 dtype=torch.float32 ddpm_fast"]
-    out = launch.fn()
-    print(f"{len(served)} op calls: {sorted(set(served))}")
+    with df.ops.trace() as calls:
+        out = launch.fn()
+    print(calls.summary())
     assert out.shape == (1, 3, 8, 8) and torch.isfinite(out).all()
-    fused = [(op, backend) for op, backend in served if op != "conv3x3"]  # CPU convolutions: the CPU kernels
-    assert {op for op, _ in fused} == {"group_norm_silu", "attention", "ddpm_step"}
-    assert {backend for _, backend in fused} == {"triton"}
+    calls.require_fused("the sampler row", ops={"group_norm_silu", "attention", "ddpm_step", "conv2d", "linear"})
+    # CPU tensors: the convolutions and linear layers run on the CPU kernels, everything else on Triton's.
+    gemm = {"conv2d", "linear"}
+    assert {c.backend for c in calls if c.op not in gemm} == {"triton"}
+    assert {c.backend for c in calls if c.op in gemm} == {"cpu"}

@@ -15,7 +15,9 @@ from ._layout import finish
 from ._trace import record
 
 NAME = "cuda"
-OPS = frozenset({"q_sample", "ddpm_step", "keyed_normal", "group_norm_silu", "attention", "conv2d", "linear"})
+# The ops csrc/cuda_bindings.cpp registers CUDA kernels for; conv2d and linear run in cuDNN/cuBLAS through ATen.
+NATIVE_OPS = frozenset({"q_sample", "ddpm_step", "keyed_normal", "group_norm_silu", "attention"})
+OPS = NATIVE_OPS | {"conv2d", "linear"}
 ATTENTION_HEAD_DIMS = (64, 128, 256)
 
 
