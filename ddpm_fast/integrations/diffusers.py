@@ -5,7 +5,10 @@ scale_model_input, previous_timestep, custom timesteps) whose ``step`` and ``add
 kernels. Each step's scalar coefficients are computed from diffusers' own float32 ``alphas_cumprod`` in
 diffusers' order of operations and handed to the kernel, and the noise is drawn exactly as diffusers draws it
 (``randn_tensor`` with the generator), so results match diffusers up to the kernel's rounding. What it cannot
-fuse (thresholding, learned or log variances) runs diffusers' own code.
+fuse (thresholding, learned or log variances) runs diffusers' own code; ``unfused_reason`` says why.
+
+accelerate() swaps a pipeline's U-Net and scheduler for ddpm_fast's, or raises AccelerateError saying what it cannot
+swap (strict, the default); it returns an AccelerateReport.
 """
 
 from __future__ import annotations
@@ -247,8 +250,34 @@ def _install_unet(unet2d, ours: UNet) -> None:
     unet2d.forward = forward  # an instance attribute: UNet2DModel.__call__ dispatches to it
 
 
-def _is_unet2d(obj) -> bool:
-    return hasattr(obj, "config") and hasattr(obj, "down_blocks")
+def _plan_unet(unet2d, report: AccelerateReport) -> UNet | None:
+    """The ddpm_fast.UNet to install in ``unet2d``, or None (installed before, or left: the report says why)."""
+    if "_ddpm_fast_forward" in unet2d.__dict__:
+        report.swapped["unet"] = "ddpm_fast.UNet (accelerated before)"
+        return None
+    try:
+        ours = _tied_unet(unet2d)
+    except (ValueError, KeyError) as e:
+        report.left["unet"] = f"{type(unet2d).__name__} cannot run as ddpm_fast.UNet: {e}"
+        return None
+    report.swapped["unet"] = "ddpm_fast.UNet"
+    return ours
+
+
+def _plan_scheduler(sched, report: AccelerateReport) -> FusedDDPMScheduler | None:
+    """The FusedDDPMScheduler to put in place of ``sched``, or None (none needed, or left: the report says why)."""
+    if sched is None:
+        return None
+    if not isinstance(sched, FusedDDPMScheduler) and type(sched) is not DDPMScheduler:
+        report.left["scheduler"] = f"{type(sched).__name__}: ddpm_fast's drop-in replaces DDPMScheduler only"
+        return None
+    fused = sched if isinstance(sched, FusedDDPMScheduler) else FusedDDPMScheduler.from_config(sched.config)
+    why = fused.config_unfused_reason()
+    if why is not None:
+        report.left["scheduler"] = f"{type(sched).__name__}: {why}"
+        return None
+    report.swapped["scheduler"] = "FusedDDPMScheduler" + (" (accelerated before)" if fused is sched else "")
+    return None if fused is sched else fused
 
 
 def accelerate(obj, backend: str | None = None, *, strict: bool = True) -> AccelerateReport:
@@ -267,7 +296,7 @@ def accelerate(obj, backend: str | None = None, *, strict: bool = True) -> Accel
     The check of the backend looks at the model's device now; moving the model later moves ddpm_fast's U-Net too.
     """
     unet = getattr(obj, "unet", None)
-    if unet is None and _is_unet2d(obj):
+    if unet is None and hasattr(obj, "config") and hasattr(obj, "down_blocks"):
         unet, sched = obj, None
     elif unet is None:
         raise TypeError(f"obj: expected a diffusers pipeline with a unet or a UNet2DModel, got {type(obj).__name__}")
@@ -276,34 +305,13 @@ def accelerate(obj, backend: str | None = None, *, strict: bool = True) -> Accel
     report = AccelerateReport(obj, backend)
     param = next(unet.parameters(), None)
     why = ops.why_not_fused(param.device if param is not None else torch.device("cpu"), backend)
-    ours = fused = None
     if why is not None:
-        report.left["unet"] = why
-        if sched is not None:
-            report.left["scheduler"] = why
+        report.left.update({"unet": why} if sched is None else {"unet": why, "scheduler": why})
+        ours = fused = None
     else:
-        if "_ddpm_fast_forward" in unet.__dict__:
-            report.swapped["unet"] = "ddpm_fast.UNet (accelerated before)"
-        else:
-            try:
-                ours = _tied_unet(unet)
-                report.swapped["unet"] = "ddpm_fast.UNet"
-            except (ValueError, KeyError) as e:
-                report.left["unet"] = f"{type(unet).__name__} cannot run as ddpm_fast.UNet: {e}"
-        if isinstance(sched, FusedDDPMScheduler) or type(sched) is DDPMScheduler:
-            candidate = sched if isinstance(sched, FusedDDPMScheduler) else FusedDDPMScheduler.from_config(sched.config)
-            reason = candidate.config_unfused_reason()
-            if reason is not None:
-                report.left["scheduler"] = f"{type(sched).__name__}: {reason}"
-            elif candidate is sched:
-                report.swapped["scheduler"] = "FusedDDPMScheduler (accelerated before)"
-            else:
-                fused = candidate
-                report.swapped["scheduler"] = "FusedDDPMScheduler"
-        elif sched is not None:
-            report.left["scheduler"] = f"{type(sched).__name__}: ddpm_fast's drop-in replaces DDPMScheduler only"
+        ours, fused = _plan_unet(unet, report), _plan_scheduler(sched, report)
     if report.left and strict:
-        reasons = "; ".join(f"{part}: {why}" for part, why in report.left.items())
+        reasons = "; ".join(f"{part}: {reason}" for part, reason in report.left.items())
         raise AccelerateError(f"accelerate({type(obj).__name__}): {reasons} (strict=False leaves them as they are)")
     if ours is not None:
         _install_unet(unet, ours.set_backend(backend))
