@@ -101,9 +101,6 @@ class FusedDDPMScheduler(DDPMScheduler):
                 return _nonfinite(t)
         return None
 
-    def _fusable(self, model_output: torch.Tensor, sample: torch.Tensor) -> bool:
-        return self.unfused_reason(model_output, sample) is None
-
     def _step_coefficients(self, t: int, prev_t: int) -> torch.Tensor:
         """[px, pm, q, c0, c1, cm, sigma] in float32, computed as DDPMScheduler.step computes its terms."""
         acp = self.alphas_cumprod
