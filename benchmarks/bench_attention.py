@@ -31,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     best_sgemm,
+    fused_row,
     interleaved_medians,
     machine,
     paired_ratio,
@@ -94,21 +95,27 @@ def bench_heads(heads, B, C, S, sgemm, rounds):
     tq, tk = torch.randn(tiles, 128, d), torch.randn(tiles, d, N)
     tp, tv = torch.randn(tiles, 128, N), torch.randn(tiles, N, d)
     ts, to = torch.empty(tiles, 128, N), torch.empty(tiles, 128, d)
+    providers = {
+        **sgemm,
+        "MKL attention tiles": lambda: (torch.bmm(tq, tk, out=ts), torch.bmm(tp, tv, out=to)),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+        "fused": lambda: df.ops.attention(q, k, v, backend="cpu", out=out),
+        "diffusers block": lambda: theirs(x),
+        "ddpm_fast block": lambda: ours(x_cl),
+    }
     with torch.inference_mode():
         err_op = (df.ops.attention(q, k, v, backend="cpu") - F.scaled_dot_product_attention(q, k, v)).abs().max()
         err_block = (ours(x_cl) - theirs(x)).abs().max()
-        res = interleaved_medians(
-            {
-                **sgemm,
-                "MKL attention tiles": lambda: (torch.bmm(tq, tk, out=ts), torch.bmm(tp, tv, out=to)),
-                "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
-                "fused": lambda: df.ops.attention(q, k, v, backend="cpu", out=out),
-                "diffusers block": lambda: theirs(x),
-                "ddpm_fast block": lambda: ours(x_cl),
-            },
-            rounds,
-            min_time=0.2,
-        )
+        provenance = {
+            "fused": fused_row(f"fused attention, {heads} head(s)", providers["fused"], "cpu", ["attention"]),
+            "ddpm_fast block": fused_row(
+                f"ddpm_fast attention block, {heads} head(s)",
+                providers["ddpm_fast block"],
+                "cpu",
+                ["group_norm_silu", "linear", "attention"],
+            ),
+        }
+        res = interleaved_medians(providers, rounds, min_time=0.2)
     flops = {name: 2 * 1024**3 for name in sgemm}
     flops.update({name: 4 * B * heads * N * N * d for name in ("MKL attention tiles", "sdpa", "fused")})
     ceiling = best_sgemm(res, sgemm)
@@ -138,6 +145,7 @@ def bench_heads(heads, B, C, S, sgemm, rounds):
                 pct_sgemm_paired=paired,
                 pct_sgemm_fastest_rounds=fastest,
                 speedup=speed,
+                served=provenance.get(name),
                 **r,
             )
         )

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_medians, machine, write_json  # noqa: E402
+from common import fused_row, interleaved_medians, machine, write_json  # noqa: E402
 
 import ddpm_fast as df  # noqa: E402
 
@@ -55,7 +55,9 @@ def bench(N, C, K, H, repeats):
         "winograd": lambda: df.ops.conv3x3(xcl, w, b, packed=packed, backend="cpu"),
     }
     with torch.inference_mode():
+        what = fused_row(f"winograd {C}->{K} @ {H}x{H}", providers["winograd"], backend="cpu", ops=["conv3x3"])
         res = interleaved_medians(providers, repeats)
+        res["winograd"]["served"] = what
         err = (providers["winograd"]() - F.conv2d(x, w, b, padding=1)).abs().max().item()
     flops = 2 * N * H * H * C * K * 9
     for r in res.values():

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_medians, machine, steady_malloc, write_json  # noqa: E402
+from common import fused_row, interleaved_medians, machine, steady_malloc, write_json  # noqa: E402
 
 import ddpm_fast as df  # noqa: E402
 
@@ -49,7 +49,10 @@ def bench(shape, groups, channels_last, dtype, with_add, repeats):
         "torch": torch_eager,
         "fused": lambda: df.ops.group_norm_silu(x, groups, w, b, 1e-6, add=add, backend="cpu", out=out),
     }
+    label = f"group_norm_silu {'x'.join(map(str, shape))} {'channels_last' if channels_last else 'NCHW'} {dtype} fused"
+    what = fused_row(label, providers["fused"], backend="cpu", ops=["group_norm_silu"])
     res = interleaved_medians(providers, repeats)
+    res["fused"]["served"] = what
     nbytes = 2 * x.numel() * x.element_size()
     for r in res.values():
         r["gbs"] = nbytes / r["median_s"] / 1e9

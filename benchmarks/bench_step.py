@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_medians, machine, write_json  # noqa: E402
+from common import fused_row, interleaved_medians, machine, served, write_json  # noqa: E402
 
 import ddpm_fast as df  # noqa: E402
 
@@ -42,7 +42,14 @@ def bench_case(shape, dtype, keyed: bool, repeats: int, with_diffusers: bool):
         sched = DDPMScheduler()
         scheduling_ddpm.randn_tensor = lambda *a, **k: z  # same given noise, no RNG cost in the comparison
         providers["diffusers"] = lambda: sched.step(m, t, x).prev_sample
+    label = f"ddpm_step {'x'.join(map(str, shape))} {dtype} {'keyed' if keyed else 'given'} noise, fused"
+    provenance = {
+        "fused": fused_row(label, providers["fused"], backend="cpu", ops=["ddpm_step"]),
+        "reference": served(providers["reference"]),
+    }
     res = interleaved_medians(providers, repeats)
+    for name, what in provenance.items():
+        res[name]["served"] = what
     tensors = 3 if keyed else 4  # x, m, (z), out
     nbytes = tensors * x.numel() * x.element_size()
     for name, r in res.items():
@@ -69,7 +76,14 @@ def bench_q_sample(shape, repeats):
         "reference": lambda: df.ops.q_sample(x0, t, eps, s, backend="torch", out=out),
         "fused": lambda: df.ops.q_sample(x0, t, eps, s, backend="cpu", out=out),
     }
+    label = f"q_sample {'x'.join(map(str, shape))} fused"
+    provenance = {
+        "fused": fused_row(label, providers["fused"], backend="cpu", ops=["q_sample"]),
+        "reference": served(providers["reference"]),
+    }
     res = interleaved_medians(providers, repeats)
+    for name, what in provenance.items():
+        res[name]["served"] = what
     for name, r in res.items():
         r["gbs"] = (2 if name == "copy" else 3) * x0.numel() * 4 / r["median_s"] / 1e9
     return res

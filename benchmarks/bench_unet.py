@@ -17,12 +17,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_medians, machine, write_json  # noqa: E402
+from common import fused_row, interleaved_medians, machine, served, write_json  # noqa: E402
 
 import ddpm_fast as df  # noqa: E402
 from ddpm_fast.models.loading import DIFFUSERS_CIFAR10_CONFIG  # noqa: E402
 
 CIFAR10 = DIFFUSERS_CIFAR10_CONFIG
+UNET_OPS = ["conv2d", "linear", "group_norm_silu", "attention"]
 
 
 def main():
@@ -39,7 +40,7 @@ def main():
     ref = UNet2DModel(**CIFAR10).eval()
     x = torch.randn(args.batch, 3, 32, 32)
     t = torch.full((args.batch,), 500)
-    providers, first = {}, {}
+    providers, first, provenance = {}, {}, {}
 
     with torch.inference_mode():
         expected = ref(x, t).sample
@@ -51,9 +52,11 @@ def main():
         first["ddpm_fast cpu"] = time.perf_counter() - t0
         err = (out - expected).abs().max().item()
         providers["ddpm_fast cpu"] = lambda: ours(x, t)
+        provenance["ddpm_fast cpu"] = fused_row("ddpm_fast cpu", providers["ddpm_fast cpu"], "cpu", UNET_OPS)
 
         ours_ref = df.UNet.from_diffusers(ref).eval().set_backend("torch")
         providers["ddpm_fast reference"] = lambda: ours_ref(x, t)
+        provenance["ddpm_fast reference"] = served(providers["ddpm_fast reference"])
 
     if not args.no_compile:
         twin = UNet2DModel(**CIFAR10).eval()
@@ -79,7 +82,9 @@ def main():
             f"{name:26} {r['median_s'] * 1e3:12.1f} {r['q1_s'] * 1e3:7.1f}-{r['q3_s'] * 1e3:<8.1f} {speed:18.2f}x "
             f"{'' if f is None else f'{f:14.1f}'}"
         )
-        rows.append(dict(provider=name, speedup_vs_diffusers_eager=speed, first_output_s=f, **r))
+        rows.append(
+            dict(provider=name, speedup_vs_diffusers_eager=speed, first_output_s=f, served=provenance.get(name), **r)
+        )
     if args.json:
         write_json(
             args.json,

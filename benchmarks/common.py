@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmarks: interleaved repeats, medians, machine facts, JSON records."""
+"""Timing helpers shared by the benchmarks: interleaved repeats, medians, machine facts, JSON records, and the check
+that a row labelled fused (ddpm_fast) was served by ddpm_fast's kernels, not by the reference."""
 
 from __future__ import annotations
 
@@ -82,6 +83,37 @@ def sgemm_providers(n: int = 1024) -> dict:
 def best_sgemm(res: dict, names, stat: str = "median_s") -> str:
     """The fastest of the providers `names` (sgemm_providers' keys) in interleaved_medians' result, by `stat`."""
     return min(names, key=lambda n: res[n][stat])
+
+
+def check_fused(label: str, calls, backend: str | None = None, ops=None) -> str:
+    """What served a fused row (``calls``: the ``ops.trace()`` of one run of it), as the row's ``served``. A row the
+    reference served (any op of it), that ran no ddpm_fast op, or, where given, ran on another backend than
+    ``backend`` or without one of ``ops``, ends the benchmark: non-zero exit, one line naming the row."""
+    from ddpm_fast.ops import FusedPathError
+
+    try:
+        calls.require_fused(label, backend=backend, ops=ops)
+    except FusedPathError as e:
+        raise SystemExit(f"benchmark row not fused: {e}") from None
+    return calls.summary()
+
+
+def fused_row(label: str, fn, backend: str | None = None, ops=None) -> str:
+    """Run a fused row's timed callable once under ``ops.trace()``: :func:`check_fused` of that run."""
+    from ddpm_fast import ops as dops
+
+    with dops.trace() as calls:
+        fn()
+    return check_fused(label, calls, backend, ops)
+
+
+def served(fn) -> str:
+    """What served one run of fn() (a reference row's ``served``)."""
+    from ddpm_fast import ops as dops
+
+    with dops.trace() as calls:
+        fn()
+    return calls.summary()
 
 
 def machine() -> dict:

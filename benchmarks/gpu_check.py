@@ -8,7 +8,10 @@ device name.
 
 Run by benchmarks/gpu_check.sh after the install. Memory-bound ops report GB/s next to the device's copy
 bandwidth measured in the same rounds; attention reports GFLOP/s; rows whose output has a reference in the same
-case carry max_err against it. CUDA events, medians of interleaved rounds.
+case carry max_err against it. CUDA events, medians of interleaved rounds. Each row of ddpm_fast's kernels carries
+``served``: what ``ops.trace()`` recorded over its setup and first run (a CUDA-graph row's ops run at its capture;
+replaying a graph captured by an earlier case records only the noise draw); a row the reference served, or another
+backend than its own, is an error row and the others still run.
 
 Sections run in order (the op rows, the sampler per dtype, then the torch.compile rows, whose first compile
 takes about a minute each) and each case (one shape/dtype of one op) is wrapped: a provider that fails records
@@ -62,6 +65,7 @@ class Provider(NamedTuple):
     ref: str | None = None  # the provider whose output this one's is compared with (max_err)
     check: Callable[[Any, object], dict] | None = None  # (inputs, output) -> extra fields, once, after the warm-up
     setup_op: str | None = None  # the op name of a row reporting make()'s seconds (a capture, a compile)
+    fused: bool | str = False  # a row of ddpm_fast's kernels (True: any fused backend; a name: that backend)
 
 
 class Case:
@@ -237,10 +241,10 @@ def _ddpm_step_case(dev, shape, iters) -> Case:
     providers = {
         "copy": Provider(lambda v: lambda: v.dst.copy_(v.x)),
         "torch eager": Provider(torch_step),
-        "triton": Provider(step("triton", False), triton=True, ref="torch eager"),
-        "triton keyed": Provider(step("triton", True), triton=True),
-        "cuda": Provider(step("cuda", False), frozenset({CUDA_EXT}), ref="torch eager"),
-        "cuda keyed": Provider(step("cuda", True), frozenset({CUDA_EXT}), ref="triton keyed"),
+        "triton": Provider(step("triton", False), triton=True, ref="torch eager", fused="triton"),
+        "triton keyed": Provider(step("triton", True), triton=True, fused="triton"),
+        "cuda": Provider(step("cuda", False), frozenset({CUDA_EXT}), ref="torch eager", fused="cuda"),
+        "cuda keyed": Provider(step("cuda", True), frozenset({CUDA_EXT}), ref="triton keyed", fused="cuda"),
     }
     nbytes = _numel(shape) * 4
     report = _bandwidth({"copy": 2, "triton keyed": 3, "cuda keyed": 3, "*": 4}, nbytes)
@@ -274,20 +278,25 @@ def _q_sample_case(dev, shape, iters) -> Case:
             lambda v: lambda: df.ops.q_sample(v.x, v.t, v.z, s, backend="triton", out=v.out),
             triton=True,
             ref="torch eager",
+            fused="triton",
         ),
         "triton keyed": Provider(
-            lambda v: lambda: df.ops.q_sample(v.x, v.t, None, s, seed=SEED, backend="triton"), triton=True
+            lambda v: lambda: df.ops.q_sample(v.x, v.t, None, s, seed=SEED, backend="triton"),
+            triton=True,
+            fused="triton",
         ),
         # the CUDA kernels' glue reads t on the host: given a host t, as their callers do
         "cuda": Provider(
             lambda v: lambda: df.ops.q_sample(v.x, v.t_host, v.z, s, backend="cuda", out=v.out),
             frozenset({CUDA_EXT}),
             ref="torch eager",
+            fused="cuda",
         ),
         "cuda keyed": Provider(
             lambda v: lambda: df.ops.q_sample(v.x, v.t_host, None, s, seed=SEED, backend="cuda"),
             frozenset({CUDA_EXT}),
             ref="triton keyed",
+            fused="cuda",
         ),
     }
     nbytes = _numel(shape) * 4
@@ -309,8 +318,8 @@ def _group_norm_case(dev, shape, channels_last, iters) -> Case:
     providers = {
         "copy": Provider(lambda v: lambda: v.dst.copy_(v.x)),
         "torch eager": Provider(lambda v: lambda: F.silu(F.group_norm(v.x, 32, v.w, v.b))),
-        "triton": Provider(fused("triton"), triton=True, ref="torch eager"),
-        "cuda": Provider(fused("cuda"), frozenset({CUDA_EXT}), ref="torch eager"),
+        "triton": Provider(fused("triton"), triton=True, ref="torch eager", fused="triton"),
+        "cuda": Provider(fused("cuda"), frozenset({CUDA_EXT}), ref="torch eager", fused="cuda"),
     }
     fields = dict(op="group_norm_silu", shape=list(shape), channels_last=channels_last)
     return Case("ops", "ops", fields, setup, providers, _bandwidth({"*": 2}, _numel(shape) * 4), iters, 10)
@@ -325,12 +334,15 @@ def _attention_case(dev, B, heads, dtype, C, N, iters) -> Case:
     providers = {
         "sdpa": Provider(lambda v: lambda: F.scaled_dot_product_attention(v.q, v.k, v.v)),
         "triton": Provider(
-            lambda v: lambda: df.ops.attention(v.q, v.k, v.v, backend="triton"), triton=True, ref="sdpa"
+            lambda v: lambda: df.ops.attention(v.q, v.k, v.v, backend="triton"), triton=True, ref="sdpa", fused="triton"
         ),
     }
     if dtype != torch.float32:  # the tensor-core kernel runs fp16/bf16 only
         providers["cuda"] = Provider(
-            lambda v: lambda: df.ops.attention(v.q, v.k, v.v, backend="cuda"), frozenset({CUDA_EXT}), ref="sdpa"
+            lambda v: lambda: df.ops.attention(v.q, v.k, v.v, backend="cuda"),
+            frozenset({CUDA_EXT}),
+            ref="sdpa",
+            fused="cuda",
         )
     flops = 4 * B * N * N * C
 
@@ -434,9 +446,9 @@ def _sampler_providers(models, dtype, B) -> dict[str, Provider]:
         return dict(max_err_vs_eager_body=(out.float() - want.float()).abs().max().item())
 
     return {
-        "ddpm_fast": Provider(ours_step, triton=True, check=unet_vs_diffusers),
+        "ddpm_fast": Provider(ours_step, triton=True, check=unet_vs_diffusers, fused=True),
         "ddpm_fast + CUDA graph": Provider(
-            graphed, triton=True, steps=GRAPH_STEPS, check=graph_vs_eager, setup_op="graph_capture"
+            graphed, triton=True, steps=GRAPH_STEPS, check=graph_vs_eager, setup_op="graph_capture", fused=True
         ),
         "diffusers eager": Provider(
             lambda v: lambda: v.sched.step(v.ref(v.x, v.t).sample, 500, v.x).prev_sample, frozenset({DIFFUSERS})
@@ -525,7 +537,7 @@ def _output(o):
 def time_case(case: Case, rounds: int, unavailable: dict[str, str], log) -> tuple[list[dict], list[dict]]:
     """(rows, skipped): each provider warmed up (its setup and outputs checked), then timed in interleaved
     rounds; a provider that raises gets its error in its row and leaves the rounds."""
-    rows, skipped, fns, errors, extra = [], [], {}, {}, {}
+    rows, skipped, fns, errors, extra, served = [], [], {}, {}, {}, {}
     dev = case.inputs().device
     with case.grad_mode():
         outputs = {}
@@ -535,9 +547,14 @@ def time_case(case: Case, rounds: int, unavailable: dict[str, str], log) -> tupl
                 skipped.append(dict(case=case.label, provider=name, reason="; ".join(unavailable[n] for n in missing)))
                 continue
             try:
-                fn = case.fn(name)
-                out = _output(fn())
+                with df.ops.trace() as calls:  # the setup too: a CUDA-graph row's ops run at its capture
+                    fn = case.fn(name)
+                    out = _output(fn())
                 synchronize(dev)
+                if p.fused:  # a fused row the reference served fails (its error in its row), not the run
+                    served[name] = calls.summary()
+                    backend = p.fused if isinstance(p.fused, str) else None
+                    calls.require_fused(f"{case.label} {name}", backend=backend)
                 fns[name], extra[name] = fn, {}
                 if p.setup_op is not None:
                     rows.append(dict(op=p.setup_op, **_fields_but_op(case), seconds=case.setup_s[name]))
@@ -572,6 +589,8 @@ def time_case(case: Case, rounds: int, unavailable: dict[str, str], log) -> tupl
             row = dict(**case.fields, provider=name, error=errors[name])
         else:
             continue
+        if name in served:
+            row["served"] = served[name]
         rows.append(row)
     return rows, skipped
 

@@ -15,6 +15,7 @@ peak memory. Installs and builds what it needs first (pip install --no-build-iso
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -41,6 +42,8 @@ def ensure_installed() -> None:
     subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "-e", ROOT])
     os.execv(sys.executable, [sys.executable, *sys.argv])  # restart so the fresh build is imported
 
+
+SAMPLER_OPS = ["ddpm_step", "conv2d", "group_norm_silu", "attention"]  # what every fused sampling row must run
 
 # diffusers UNet2DModel configurations; ddpm_fast loads the same weights (UNet.from_diffusers)
 MODELS = {
@@ -90,7 +93,7 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from common import PeakMemory, machine, write_json
+    from common import PeakMemory, check_fused, machine, write_json
 
     import ddpm_fast as df
 
@@ -132,7 +135,7 @@ def main() -> None:
             unet.load_state_dict(unet2d.state_dict())
             pipes[name] = diffusers.DDPMPipeline(unet=unet, scheduler=sched)
             pipes[name].set_progress_bar_config(disable=True)
-        df.accelerate(pipes["diffusers+accelerate"])
+        accelerated = str(df.accelerate(pipes["diffusers+accelerate"]))  # strict: an AccelerateError if it cannot
         if args.compile:  # compiled lazily: the first round's time includes the compile (time to first image)
             pipes["diffusers+compile"].unet = torch.compile(pipes["diffusers+compile"].unet)
         providers += list(pipes)
@@ -158,13 +161,18 @@ def main() -> None:
     )
     times = {p: [] for p in providers}
     peak = {p: 0.0 for p in providers}
-    images = {}
+    images, served = {}, {}
+    ours = [*fused, *(p for p in pipes if p == "diffusers+accelerate")]  # rows that must run on fused kernels
     for r in range(args.repeats + 1):  # round 0 is cold: its times are the time to the first images
         for prov in providers:
-            with PeakMemory(args.device) as mem:
+            # the cold round is traced: what served each provider; a fused row the reference served ends the run
+            traced = df.ops.trace() if r == 0 else contextlib.nullcontext()
+            with PeakMemory(args.device) as mem, traced as calls:
                 t0 = time.perf_counter()
                 images[prov] = run(prov)
                 times[prov].append(time.perf_counter() - t0)
+            if r == 0:
+                served[prov] = check_fused(prov, calls, ops=SAMPLER_OPS) if prov in ours else calls.summary()
             if r and mem.peak_mb is not None:  # steady state: warm-up caches and compile workspaces left out
                 peak[prov] = max(peak[prov], mem.peak_mb)
         label = "cold round" if r == 0 else f"round {r}/{args.repeats}"
@@ -197,6 +205,7 @@ def main() -> None:
             error_against=against,
             peak_mb=peak[prov],
             times_s=times[prov],
+            served=served[prov],
         )
         rows.append(row)
         err_txt = "" if err is None else f"{err:.1e}"
@@ -215,6 +224,8 @@ def main() -> None:
         )
     )
     record = {"machine": info, "args": vars(args), "rows": rows, "command": "python " + " ".join(sys.argv)}
+    if "diffusers+accelerate" in pipes:
+        record["accelerate"] = accelerated
     if args.json:
         write_json(args.json, record)
     if args.plot:

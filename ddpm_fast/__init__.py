@@ -9,6 +9,8 @@ from .ops import backends
 from .schedule import NoiseSchedule
 
 __all__ = [
+    "AccelerateError",
+    "AccelerateReport",
     "FusedDDPMScheduler",
     "GaussianDiffusion",
     "NoiseSchedule",
@@ -25,7 +27,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # the diffusers drop-ins import diffusers, which is optional: load them on first use
-    if name in ("FusedDDPMScheduler", "accelerate", "deaccelerate"):
+    if name in ("AccelerateError", "AccelerateReport", "FusedDDPMScheduler", "accelerate", "deaccelerate"):
         from .integrations import diffusers as _integration
 
         return getattr(_integration, name)

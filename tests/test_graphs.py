@@ -33,7 +33,11 @@ def test_graphed_chain_equals_eager(method, eta, kw):
     timesteps = list(range(90, -1, -10))  # respaced to 10 steps as sample(steps=10) does
     g = GraphedSampler(d, 3, (1, 8, 8), timesteps, method=method, eta=eta, device=DEV)
     for offset in (0, 5):
-        got = g.sample(seed=11, sample_offset=offset)
+        with df.ops.trace() as calls:
+            got = g.sample(seed=11, sample_offset=offset)
+        calls.require_fused("graphed sampler", ops=["keyed_normal", f"{method}_step"])  # a graph: at its capture
+        if not g.capture:  # eager: one step kernel per timestep
+            assert calls.counts()[(f"{method}_step", "triton", "triton")] == len(timesteps), calls.summary()
         want = d.sample(3, seed=11, sample_offset=offset, steps=10, method=method, eta=eta, progress=False)
         err = (got - want).abs().max().item()
         print(f"graphed {method} eta={eta} {kw} offset={offset}: max err {err:.2e} (capture={g.capture})")

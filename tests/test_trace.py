@@ -101,3 +101,18 @@ def test_cuda_attention_capability_rule():
     assert _cuda.refuses("attention", dtype=torch.float16, **qkv(torch.float16, 64)) is None
     assert _cuda.refuses("attention", dtype=torch.float32, **qkv(torch.float32, 64)).startswith("q: ")
     assert _cuda.refuses("attention", dtype=torch.bfloat16, **qkv(torch.bfloat16, 48)).startswith("q: ")
+
+
+@needs_cpu
+def test_why_not_fused_says_why_only_the_reference_would_run(monkeypatch):
+    assert ops.why_not_fused("cpu") is None and ops.why_not_fused(torch.device("cpu"), "cpu") is None
+    assert ops.why_not_fused("cpu", "torch") == "backend 'torch' is the reference"
+    assert ops.why_not_fused("cpu", "cuda") is not None  # not built, no GPU, or CPU tensors
+    assert ops.why_not_fused("meta") == "no fused backend for meta tensors"
+    with pytest.raises(ValueError, match="^backend: expected one of"):
+        ops.why_not_fused("cpu", "tpu")
+    monkeypatch.setenv("DDPM_FAST_BACKEND", "torch")
+    assert ops.why_not_fused("cpu") == "backend 'torch' is the reference"
+    monkeypatch.delenv("DDPM_FAST_BACKEND")
+    monkeypatch.setattr(ops._cpu, "unavailable", lambda: "hidden for this test")
+    assert ops.why_not_fused("cpu") == "no fused backend for cpu tensors (cpu: hidden for this test)"

@@ -5,12 +5,17 @@ scale_model_input, previous_timestep, custom timesteps) whose ``step`` and ``add
 kernels. Each step's scalar coefficients are computed from diffusers' own float32 ``alphas_cumprod`` in
 diffusers' order of operations and handed to the kernel, and the noise is drawn exactly as diffusers draws it
 (``randn_tensor`` with the generator), so results match diffusers up to the kernel's rounding. What it cannot
-fuse (thresholding, learned or log variances) runs diffusers' own code.
+fuse (thresholding, learned or log variances) runs diffusers' own code; ``unfused_reason`` says why.
+
+accelerate() swaps a pipeline's U-Net and scheduler for ddpm_fast's, or raises AccelerateError saying what it cannot
+swap (strict, the default); it returns an AccelerateReport.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +35,10 @@ except ImportError as e:  # pragma: no cover - diffusers is an optional dependen
     raise ImportError("ddpm_fast.integrations.diffusers needs diffusers: pip install diffusers") from e
 
 _FUSED_VARIANCES = ("fixed_small", "fixed_large")
+
+
+def _nonfinite(t: int) -> str:
+    return f"timestep {t}: non-finite coefficients (abar underflows at these betas); diffusers' own inf/nan maths runs"
 
 
 class FusedDDPMScheduler(DDPMScheduler):
@@ -62,17 +71,35 @@ class FusedDDPMScheduler(DDPMScheduler):
             self.__dict__["_df_schedule"] = cached
         return cached[1]
 
-    def _fusable(self, model_output: torch.Tensor, sample: torch.Tensor) -> bool:
-        c = self.config
-        return (
-            not c.thresholding
-            and self.variance_type in _FUSED_VARIANCES
-            and model_output.shape == sample.shape
-            and model_output.dtype == sample.dtype
-            and sample.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and sample.dim() >= 1
-            and self._schedule() is not None
-        )
+    def config_unfused_reason(self) -> str | None:
+        """None when this configuration's steps can run the fused kernel, else why they all run diffusers' code."""
+        if self.config.thresholding:
+            return "thresholding=True: dynamic thresholding (per-sample quantiles) runs diffusers' code"
+        if self.variance_type not in _FUSED_VARIANCES:
+            return f"variance_type={self.variance_type!r}: the kernel takes {' or '.join(_FUSED_VARIANCES)}"
+        if self._schedule() is None:
+            return "betas: not a valid schedule (outside (0, 1]); diffusers' own maths runs"
+        return None
+
+    def unfused_reason(self, model_output: torch.Tensor, sample: torch.Tensor, timestep=None) -> str | None:
+        """None when ``step(model_output, timestep, sample)`` runs the fused ddpm_step kernel, else why it runs
+        diffusers' code instead (the configuration, these tensors, or with ``timestep`` that step's coefficients)."""
+        why = self.config_unfused_reason()
+        if why is not None:
+            return why
+        if model_output.shape != sample.shape:
+            return f"model_output: shape {tuple(model_output.shape)} differs from the sample's {tuple(sample.shape)}"
+        if model_output.dtype != sample.dtype:
+            return f"model_output: dtype {model_output.dtype} differs from the sample's {sample.dtype}"
+        if sample.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"sample: dtype {sample.dtype}; the kernel takes float32, float16 or bfloat16"
+        if sample.dim() < 1:
+            return "sample: a 0-d tensor"
+        if timestep is not None:
+            t = int(C.timesteps(timestep, 1, self.config.num_train_timesteps, "cpu", name="timestep")[0])
+            if not torch.isfinite(self._step_coefficients(t, int(self.previous_timestep(t)))).all():
+                return _nonfinite(t)
+        return None
 
     def _step_coefficients(self, t: int, prev_t: int) -> torch.Tensor:
         """[px, pm, q, c0, c1, cm, sigma] in float32, computed as DDPMScheduler.step computes its terms."""
@@ -103,15 +130,15 @@ class FusedDDPMScheduler(DDPMScheduler):
         n = self.config.num_train_timesteps  # an out-of-range, meta or unsigned timestep: a clear error, never an index
         data = ("sample", sample.device) if isinstance(sample, torch.Tensor) else None
         t = int(C.timesteps(timestep, 1, n, "cpu", name="timestep", data=data)[0])
-        if not self._fusable(model_output, sample):
-            log.debug("ddpm_fast: FusedDDPMScheduler.step runs diffusers' code (thresholding or variance type)")
+        why = self.unfused_reason(model_output, sample)
+        if why is None:
+            coefficients = self._step_coefficients(t, int(self.previous_timestep(t)))
+            if not torch.isfinite(coefficients).all():
+                why = _nonfinite(t)
+        if why is not None:
+            log.debug("ddpm_fast: FusedDDPMScheduler.step runs diffusers' code (%s)", why)
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
-        prev_t = int(self.previous_timestep(t))
         B = sample.shape[0]
-        coefficients = self._step_coefficients(t, prev_t)
-        if not torch.isfinite(coefficients).all():  # abar underflows (extreme betas): diffusers' own inf/nan maths
-            log.debug("ddpm_fast: FusedDDPMScheduler.step runs diffusers' code (non-finite coefficients at t=%d)", t)
-            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
         coefficients = coefficients.expand(B, 7)
         noise, seed = None, None
         if t > 0:
@@ -182,17 +209,32 @@ def _tied_unet(unet2d) -> UNet:
     return ours.train(unet2d.training)
 
 
-def _accelerate_unet(unet2d, backend) -> bool:
-    from diffusers.models.unets.unet_2d import UNet2DOutput
+class AccelerateError(ValueError):
+    """accelerate() was asked to run a part on ddpm_fast's kernels and cannot (the reason is in the message)."""
 
-    if "_ddpm_fast_forward" in unet2d.__dict__:
-        return True
-    try:
-        ours = _tied_unet(unet2d)
-    except (ValueError, KeyError) as e:
-        log.debug("ddpm_fast: %s left as it is: %s", type(unet2d).__name__, e)
-        return False
-    ours.set_backend(backend)
+
+@dataclass
+class AccelerateReport:
+    """What :func:`accelerate` replaced (part -> what runs it now) and what it left as it was (part -> why)."""
+
+    obj: object = field(repr=False)
+    backend: str | None
+    swapped: dict[str, str] = field(default_factory=dict)
+    left: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def accelerated(self) -> bool:
+        """Every part it looked at now runs on ddpm_fast."""
+        return bool(self.swapped) and not self.left
+
+    def __str__(self) -> str:
+        parts = [f"{part} -> {what}" for part, what in self.swapped.items()]
+        parts += [f"{part} left as it is: {why}" for part, why in self.left.items()]
+        return "; ".join(parts) or "nothing to accelerate"
+
+
+def _install_unet(unet2d, ours: UNet) -> None:
+    from diffusers.models.unets.unet_2d import UNet2DOutput
 
     def forward(sample, timestep, class_labels=None, return_dict=True, **kwargs):
         if class_labels is not None or kwargs:
@@ -203,33 +245,80 @@ def _accelerate_unet(unet2d, backend) -> bool:
 
     unet2d.__dict__["_ddpm_fast_forward"] = (ours, unet2d.__dict__.get("forward"))
     unet2d.forward = forward  # an instance attribute: UNet2DModel.__call__ dispatches to it
-    return True
 
 
-def accelerate(obj, backend: str | None = None):
+def _plan_unet(unet2d, report: AccelerateReport) -> UNet | None:
+    """The ddpm_fast.UNet to install in ``unet2d``, or None (installed before, or left: the report says why)."""
+    if "_ddpm_fast_forward" in unet2d.__dict__:
+        report.swapped["unet"] = "ddpm_fast.UNet (accelerated before)"
+        return None
+    try:
+        ours = _tied_unet(unet2d)
+    except (ValueError, KeyError) as e:
+        report.left["unet"] = f"{type(unet2d).__name__} cannot run as ddpm_fast.UNet: {e}"
+        return None
+    report.swapped["unet"] = "ddpm_fast.UNet"
+    return ours
+
+
+def _plan_scheduler(sched, report: AccelerateReport) -> FusedDDPMScheduler | None:
+    """The FusedDDPMScheduler to put in place of ``sched``, or None (none needed, or left: the report says why)."""
+    if sched is None:
+        return None
+    if not isinstance(sched, FusedDDPMScheduler) and type(sched) is not DDPMScheduler:
+        report.left["scheduler"] = f"{type(sched).__name__}: ddpm_fast's drop-in replaces DDPMScheduler only"
+        return None
+    fused = sched if isinstance(sched, FusedDDPMScheduler) else FusedDDPMScheduler.from_config(sched.config)
+    why = fused.config_unfused_reason()
+    if why is not None:
+        report.left["scheduler"] = f"{type(sched).__name__}: {why}"
+        return None
+    report.swapped["scheduler"] = "FusedDDPMScheduler" + (" (accelerated before)" if fused is sched else "")
+    return None if fused is sched else fused
+
+
+def accelerate(obj, backend: str | None = None, *, strict: bool = True) -> AccelerateReport:
     """Make a diffusers ``DDPMPipeline`` or ``UNet2DModel`` (classic DDPM blocks) run on ddpm_fast, in place.
 
     A pipeline's DDPMScheduler becomes a FusedDDPMScheduler with the same config, and its U-Net (or the given
     UNet2DModel) runs ddpm_fast's U-Net on the same Parameter objects: fused GroupNorm+SiLU and attention, and on
-    the CPU channels_last with prepacked oneDNN convolutions. Unsupported parts are left as they are (listed at
-    debug level). Returns ``obj``; :func:`deaccelerate` undoes it.
+    the CPU channels_last with prepacked oneDNN convolutions. Returns an :class:`AccelerateReport` of what was
+    swapped and what was left and why; :func:`deaccelerate` undoes it.
+
+    ``strict=True`` (the default): a part that cannot run on ddpm_fast (a U-Net whose blocks ddpm_fast's UNet does
+    not have, a scheduler other than DDPMScheduler or one whose configuration runs diffusers' code, no fused
+    backend for the model's device) raises :class:`AccelerateError` naming the reason, and nothing is changed: who
+    asks for acceleration expects an error, not a pipeline that quietly runs as slowly as before.
+    ``strict=False`` swaps what it can, leaves the rest as it is, says so in the report and warns in one line.
+    The check of the backend looks at the model's device now; moving the model later moves ddpm_fast's U-Net too.
     """
     unet = getattr(obj, "unet", None)
     if unet is None and hasattr(obj, "config") and hasattr(obj, "down_blocks"):
-        _accelerate_unet(obj, backend)
-        return obj
-    if unet is None:
+        unet, sched = obj, None
+    elif unet is None:
         raise TypeError(f"obj: expected a diffusers pipeline with a unet or a UNet2DModel, got {type(obj).__name__}")
-    _accelerate_unet(unet, backend)
-    sched = getattr(obj, "scheduler", None)
-    if type(sched) is DDPMScheduler:
-        fused = FusedDDPMScheduler.from_config(sched.config)
+    else:
+        sched = getattr(obj, "scheduler", None)
+    report = AccelerateReport(obj, backend)
+    param = next(unet.parameters(), None)
+    why = ops.why_not_fused(param.device if param is not None else torch.device("cpu"), backend)
+    if why is not None:
+        report.left.update({"unet": why} if sched is None else {"unet": why, "scheduler": why})
+        ours = fused = None
+    else:
+        ours, fused = _plan_unet(unet, report), _plan_scheduler(sched, report)
+    if report.left and strict:
+        reasons = "; ".join(f"{part}: {reason}" for part, reason in report.left.items())
+        raise AccelerateError(f"accelerate({type(obj).__name__}): {reasons} (strict=False leaves them as they are)")
+    if ours is not None:
+        _install_unet(unet, ours.set_backend(backend))
+    if fused is not None:
         fused.backend = backend
         obj.__dict__["_ddpm_fast_scheduler"] = sched
         obj.scheduler = fused
-    elif sched is not None and not isinstance(sched, FusedDDPMScheduler):
-        log.debug("ddpm_fast: scheduler %s left as it is", type(sched).__name__)
-    return obj
+    if report.left:
+        warnings.warn(f"ddpm_fast.accelerate: {report}", stacklevel=2)
+    return report
 
 
 def deaccelerate(obj):

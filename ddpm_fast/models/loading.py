@@ -301,7 +301,10 @@ def _scheduler_from_config(cfg: dict):
     if variance not in ("fixed_small", "fixed_large"):
         raise ValueError(f"config: variance_type={variance!r} is not supported by the fused sampler")
     if cfg.get("thresholding", False):
-        raise ValueError("config: thresholding=True is not supported by the fused sampler (use accelerate())")
+        raise ValueError(
+            "config: thresholding=True is not supported by the fused sampler (accelerate(pipe, strict=False) runs "
+            "the U-Net on ddpm_fast and keeps diffusers' scheduler)"
+        )
     sampling = dict(
         prediction_type=cfg.get("prediction_type", "epsilon"),
         variance_type=variance,

@@ -24,7 +24,7 @@ from ..reference.noise import STREAM_X_T
 from . import _checks as C
 from ._layout import MEMORY_FORMATS
 from ._prepared import Prepared, Scratch, ScratchSlot
-from ._registry import backends, module, resolve
+from ._registry import backends, module, resolve, why_not_fused
 from ._trace import Call, FusedPathError, Trace, trace
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "linear",
     "q_sample",
     "trace",
+    "why_not_fused",
     "winograd_weight",
 ]
 

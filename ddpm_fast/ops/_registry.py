@@ -52,6 +52,29 @@ def why_unavailable(name: str) -> str | None:
     return _MODULES[name].unavailable()
 
 
+def why_not_fused(device: torch.device, requested: str | None = None) -> str | None:
+    """None when ops on tensors on ``device`` can run on a fused backend (``requested``, or with None/"auto" any
+    backend auto would pick there), else why every such call would run the reference."""
+    device = torch.device(device)
+    name = requested if requested not in (None, "auto") else os.environ.get("DDPM_FAST_BACKEND") or "auto"
+    if name == REFERENCE:
+        return "backend 'torch' is the reference"
+    if name != "auto":
+        why = why_unavailable(name)
+        if why is not None:
+            return f"backend {name!r} is unavailable: {why}"
+        try:
+            _MODULES[name].check_device(device)
+        except ValueError as e:
+            return str(e)
+        return None
+    reasons = {c: _MODULES[c].unavailable() for c in _AUTO_ORDER.get(device.type, ()) if c != REFERENCE}
+    if any(why is None for why in reasons.values()):
+        return None
+    listed = "; ".join(f"{c}: {why}" for c, why in reasons.items())
+    return f"no fused backend for {device.type} tensors" + (f" ({listed})" if listed else "")
+
+
 def backends() -> dict[str, str]:
     """Each backend and 'available' (with what it runs on) or why it is not."""
     report = {}

@@ -1,8 +1,9 @@
 """FusedDDPMScheduler through the behaviours diffusers' own DDPMScheduler test-suite checks, with diffusers'
-DDPMScheduler as the oracle: every config its suite sweeps (including degenerate ones the fused path must hand
-back to diffusers' code), save/load, the public API, custom timesteps errors, trained betas, attribute access,
-compatibles, and its three full loops side by side."""
+DDPMScheduler as the oracle: every config its suite sweeps (each declaring whether its steps run the fused kernel or
+hand back to diffusers' code, asserted through ops.trace()), save/load, the public API, custom timesteps errors,
+trained betas, attribute access, compatibles, and its three full loops side by side."""
 
+import collections
 import inspect
 import warnings
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import ddpm_fast as df
+from ddpm_fast import ops
 
 diffusers = pytest.importorskip("diffusers")
 needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
@@ -23,23 +25,32 @@ BASE = dict(
     variance_type="fixed_small",
     clip_sample=True,
 )
-# the sweeps of diffusers' DDPM scheduler tests, plus learned variances and a clip range
+# the sweeps of diffusers' DDPM scheduler tests, plus learned variances and a clip range, each with the path its steps
+# are expected to take: FUSED (every step runs ddpm_step on a fused backend), FALLBACK (every step runs diffusers'
+# code: thresholding, log or learned variances, betas that are no schedule) or PARTIAL (fused but for the steps
+# whose coefficients are not finite: abar underflows at 1000 steps of betas up to 0.2)
+FUSED, PARTIAL, FALLBACK = "fused", "partial", "fallback"
 CONFIGS = (
-    [dict(num_train_timesteps=n) for n in (1, 5, 100, 1000)]
-    + [dict(beta_start=s, beta_end=e) for s, e in zip([0.0001, 0.001, 0.01, 0.1], [0.002, 0.02, 0.2, 2])]
-    + [dict(beta_schedule=s) for s in ("linear", "squaredcos_cap_v2", "scaled_linear", "sigmoid")]
-    + [dict(variance_type=v) for v in ("fixed_small", "fixed_large", "fixed_small_log", "fixed_large_log", "other")]
-    + [dict(variance_type=v) for v in ("learned", "learned_range")]
-    + [dict(clip_sample=c, clip_sample_range=r) for c in (True, False) for r in (1.0, 0.5)]
-    + [dict(thresholding=False)]
+    [(dict(num_train_timesteps=n), FUSED) for n in (1, 5, 100, 1000)]
     + [
-        dict(thresholding=True, prediction_type=p, sample_max_value=v)
+        (dict(beta_start=s, beta_end=e), path)
+        for s, e, path in zip([0.0001, 0.001, 0.01, 0.1], [0.002, 0.02, 0.2, 2], [FUSED, FUSED, PARTIAL, FALLBACK])
+    ]
+    + [(dict(beta_schedule=s), FUSED) for s in ("linear", "squaredcos_cap_v2", "scaled_linear", "sigmoid")]
+    + [(dict(variance_type=v), FUSED) for v in ("fixed_small", "fixed_large")]
+    + [(dict(variance_type=v), FALLBACK) for v in ("fixed_small_log", "fixed_large_log", "other")]
+    + [(dict(variance_type=v), FALLBACK) for v in ("learned", "learned_range")]
+    + [(dict(clip_sample=c, clip_sample_range=r), FUSED) for c in (True, False) for r in (1.0, 0.5)]
+    + [(dict(thresholding=False), FUSED)]
+    + [
+        (dict(thresholding=True, prediction_type=p, sample_max_value=v), FALLBACK)
         for v in (0.5, 1.0, 2.0)
         for p in ("epsilon", "sample", "v_prediction")
     ]
-    + [dict(prediction_type=p) for p in ("epsilon", "sample", "v_prediction")]
-    + [dict(timestep_spacing=s, steps_offset=1) for s in ("leading", "trailing", "linspace")]
+    + [(dict(prediction_type=p), FUSED) for p in ("epsilon", "sample", "v_prediction")]
+    + [(dict(timestep_spacing=s, steps_offset=1), FUSED) for s in ("leading", "trailing", "linspace")]
 )
+IDS = [",".join(f"{k}={v}" for k, v in c.items()) for c, _ in CONFIGS]
 
 
 def _pair(**config):
@@ -57,15 +68,27 @@ def _close(a, b, tol=1e-6):
     return bool(torch.isclose(a, b, rtol=tol, atol=tol, equal_nan=True).all())
 
 
+def test_every_config_declares_its_path():
+    counts = collections.Counter(path for _, path in CONFIGS)
+    print(f"{len(CONFIGS)} configs: {counts[FUSED]} fused, {counts[PARTIAL]} partial, {counts[FALLBACK]} fallback")
+    assert (counts[FUSED], counts[PARTIAL], counts[FALLBACK]) == (23, 1, 15)
+    for config, path in CONFIGS:  # a whole-config fallback is the configuration's, and says so without tensors
+        why = df.FusedDDPMScheduler(**{**BASE, **config}).config_unfused_reason()
+        assert (why is not None) == (path == FALLBACK), (config, why)
+
+
 @needs_cpu
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_step_equals_diffusers_for_every_config(config, tmp_path):
+@pytest.mark.parametrize("config, path", CONFIGS, ids=IDS)
+def test_step_equals_diffusers_for_every_config(config, path, tmp_path):
+    """Each step matches diffusers and takes the declared path: a fused step records ddpm_step on a fused backend,
+    a fallback step records no ddpm_fast op and unfused_reason says why."""
     theirs, ours = _pair(**config)
     T = ours.config.num_train_timesteps
     sample = _sample()
     residual = 0.1 * sample
     if ours.config.variance_type in ("learned", "learned_range"):
         residual = torch.cat([residual, residual.flip(0) * 0.3], dim=1)
+    fused, reasons = [], set()
     for spacing in (None, min(T, 10)):
         if spacing:
             theirs.set_timesteps(spacing)
@@ -73,10 +96,21 @@ def test_step_equals_diffusers_for_every_config(config, tmp_path):
         ts = [int(t) for t in ours.timesteps[:: max(1, len(ours.timesteps) // 4)]] + [int(ours.timesteps[-1])]
         for t in ts:
             a = theirs.step(residual, t, sample, generator=torch.manual_seed(t))
-            b = ours.step(residual, t, sample, generator=torch.manual_seed(t))
+            with ops.trace() as calls:
+                b = ours.step(residual, t, sample, generator=torch.manual_seed(t))
+            why = ours.unfused_reason(residual, sample, t)
+            if why is None:
+                calls.require_fused(f"t={t}", ops=["ddpm_step"])
+            else:
+                assert not calls, f"t={t} runs diffusers' code ({why}) but {calls.summary()}"
+                reasons.add(why)
+            fused.append(why is None)
             assert type(a) is type(b)
             assert _close(b.prev_sample, a.prev_sample), f"t={t}: {(b.prev_sample - a.prev_sample).abs().max()}"
             assert _close(b.pred_original_sample, a.pred_original_sample)
+    print(f"{path}: {sum(fused)} of {len(fused)} steps fused; fallback: {sorted(reasons) or '-'}")
+    expected = {FUSED: all(fused), FALLBACK: not any(fused), PARTIAL: any(fused) and not all(fused)}[path]
+    assert expected, f"declared {path}, but {sum(fused)} of {len(fused)} steps fused ({sorted(reasons)})"
     # save / load keeps the class and the outputs (diffusers' check_over_configs)
     ours = df.FusedDDPMScheduler(**{**BASE, **config})
     ours.save_config(tmp_path)
@@ -193,11 +227,14 @@ def test_full_loops_match_diffusers(loop):
     else:
         ts = theirs.timesteps
     out = []
-    for sched in (theirs, ours):
-        x, g = start.clone(), torch.manual_seed(0)
-        for t in ts:
-            x = sched.step(x * t / (t + 1), t, x, generator=g).prev_sample
-        out.append(x)
+    with ops.trace() as calls:  # diffusers' scheduler runs no ddpm_fast op: every call is ours
+        for sched in (theirs, ours):
+            x, g = start.clone(), torch.manual_seed(0)
+            for t in ts:
+                x = sched.step(x * t / (t + 1), t, x, generator=g).prev_sample
+            out.append(x)
+    calls.require_fused(f"{loop} loop", ops=["ddpm_step"])
+    assert len(calls) == len(ts)
     err = (out[1] - out[0]).abs().max().item()
     print(f"{loop}: sum |x| {out[1].abs().sum():.4f} (diffusers {out[0].abs().sum():.4f}), max err {err:.2e}")
     assert err < 1e-4 and abs(out[1].abs().sum() - out[0].abs().sum()) < 1e-2
