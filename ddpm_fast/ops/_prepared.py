@@ -89,6 +89,8 @@ class Scratch:
 
     def slot(self, name: str) -> ScratchSlot:
         """A named place an op may return its result in (``ops.linear(..., scratch=)``)."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name: expected a non-empty str, got {name!r}")
         return ScratchSlot(self, name)
 
 

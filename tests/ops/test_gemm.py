@@ -129,3 +129,19 @@ def test_linear_out_and_the_reference_in_training():
         df.ops.linear(x, wg, b).sum().backward()
     assert [c.backend for c in calls] == ["torch"]
     torch.testing.assert_close(wg.grad, torch.ones(5, 6).t() @ x)
+
+
+def test_conv2d_in_place_on_its_input_and_scratch_names():
+    """out=x (and residual=x) for a convolution with as many outputs as inputs: the result is right, not read from
+    half-written output; a Scratch slot's name must be a str."""
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64).float()
+    w, b = torch.randn(8, 8, 3, 3), torch.randn(8)
+    want = F.conv2d(x, w, b, padding=1)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y = x.clone().contiguous(memory_format=layout)
+        assert df.ops.conv2d(y, w, b, padding=1, out=y).data_ptr() == y.data_ptr()
+        torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+        y = x.clone().contiguous(memory_format=layout)
+        torch.testing.assert_close(df.ops.conv2d(y, w, b, residual=y, padding=1, out=y), want + x, rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="name"):
+        df.ops.Scratch().slot(3)
