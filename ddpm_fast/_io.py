@@ -123,6 +123,21 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
 
 
+def _unpickle_refusal(e: BaseException) -> str:
+    """What a weights_only load refused, without torch's advice to load the file with weights_only=False."""
+    text = str(e)
+    if "Weights only load failed" not in text:
+        return _short(e)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    detail = next(
+        (line for line in lines if line.startswith(("Trying to load", "Unsupported"))),
+        lines[-2] if len(lines) > 1 else "",
+    )
+    if "GLOBAL" in detail:
+        return f"it names Python code or objects a checkpoint does not hold ({detail.rstrip('.')}); none of it ran"
+    return f"not a tensor file ({detail.rstrip('.')})"
+
+
 def load_state(path: str, what: str) -> tuple[dict, bool]:
     """``(state, checked)`` of a file written by :func:`save_state` (or an older checkpoint without a checksum).
 
@@ -140,7 +155,7 @@ def load_state(path: str, what: str) -> tuple[dict, bool]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - whatever fails to unpickle is not a checkpoint
         raise ValueError(
-            f"{what}: {path} is not a readable checkpoint (damaged, cut short, or not one: {_short(e)})"
+            f"{what}: {path} is not a readable checkpoint (damaged, cut short, or not one: {_unpickle_refusal(e)})"
         ) from None
     if not isinstance(state, dict):
         raise ValueError(f"{what}: {path} is not a ddpm_fast checkpoint (it holds a {type(state).__name__})")

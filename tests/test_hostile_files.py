@@ -77,6 +77,7 @@ def test_a_crafted_pickle_runs_no_code(tmp_path, fmt):
     code, err = _sample_cli(["--model", str(evil), "--out", str(tmp_path / "out")])
     print(err)
     assert code != 0 and str(evil) in err and "\n" not in err
+    assert "none of it ran" in err and "weights_only" not in err  # no advice to load it unsafely
     # the same file as a training folder's checkpoint: refused at resume, before any training
     run = tmp_path / "run"
     run.mkdir()
