@@ -277,3 +277,15 @@ def test_sample_check_finite_names_the_step():
     for eta in (float("nan"), float("inf"), -1.0):
         with pytest.raises(ValueError, match="eta"):
             d.sample(1, shape=(1, 2, 2), seed=0, steps=4, method="ddim", eta=eta, progress=False)
+
+
+def test_save_model_names_an_argument_of_the_wrong_type(tmp_path):
+    from ddpm_fast.models import save_model
+
+    model, schedule = df.UNet(**TINY), df.NoiseSchedule.linear(10)
+    for args, name in (((model, schedule, tmp_path / "a.pt"), "path"), ((tmp_path / "a.pt", schedule, model), "model")):
+        with pytest.raises(TypeError, match=f"^{name}:"):
+            save_model(*args)
+    with pytest.raises(TypeError, match="^schedule:"):
+        save_model(tmp_path / "a.pt", model, "linear")
+    assert not (tmp_path / "a.pt").exists()

@@ -267,7 +267,14 @@ def save_model(path: str, model: UNet, schedule, **sampling) -> None:
     import dataclasses
 
     from .._io import save_state
+    from ..schedule import NoiseSchedule
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
+    if not isinstance(model, UNet):
+        raise TypeError(f"model: expected a ddpm_fast.UNet, got {type(model).__name__}")
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule: expected a ddpm_fast.NoiseSchedule, got {type(schedule).__name__}")
     bad = sorted(set(sampling) - set(SAMPLING_KEYS))
     if bad:
         raise ValueError(f"sampling: unknown options {bad} (expected some of {SAMPLING_KEYS})")
