@@ -68,7 +68,7 @@ class GaussianDiffusion:
             raise TypeError(f"model: expected a callable model(x_t, t), got {type(model).__name__}")
         self.model = model
         self.schedule = C.schedule(schedule if schedule is not None else NoiseSchedule.linear())
-        self.backend = backend
+        self.backend = ops.check_backend(backend)
         self.prediction_type = C.choice("prediction_type", prediction_type, C.PREDICTION_TYPES)
         self.variance_type = C.choice("variance_type", variance_type, C.VARIANCE_TYPES)
         self.clip_sample = bool(clip_sample)
@@ -153,7 +153,7 @@ class GaussianDiffusion:
         if seed is not None and generator is not None:
             raise ValueError("seed, generator: give one of them, not both")
         param = next(iter(self.model.parameters()), None) if hasattr(self.model, "parameters") else None
-        device = torch.device(device) if device is not None else (param.device if param is not None else "cpu")
+        device = C.device("device", device) if device is not None else (param.device if param is not None else "cpu")
         dtype = dtype or (param.dtype if param is not None else torch.float32)
         if shape is None:
             if not hasattr(self.model, "in_channels") or not hasattr(self.model, "sample_size"):

@@ -102,6 +102,39 @@ def test_bad_input():
         _tiny(attention_head_dim=5)
 
 
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(ch=0), "ch"),
+        (dict(ch_mult=()), "ch_mult"),
+        (dict(ch_mult=(1, 0)), "ch_mult"),
+        (dict(sample_size=30), "sample_size"),  # halved three times
+        (dict(num_res_blocks=True), "num_res_blocks"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(eps=0.0), "eps"),
+        (dict(attn_resolutions=16), "attn_resolutions"),
+        (dict(attention_head_dim=0), "attention_head_dim"),
+    ],
+)
+def test_a_bad_config_is_named_before_any_layer_is_built(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name}:"):
+        df.UNet(**kwargs)
+
+
+def test_bad_forward_and_backend_are_named():
+    m = _tiny()
+    with pytest.raises(ValueError, match="^t:"):
+        m(torch.zeros(2, 3, 8, 8), torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="^x: height and width"):
+        m(torch.zeros(1, 3, 7, 7), 3)
+    with pytest.raises(ValueError, match="^backend:"):
+        m.set_backend("gpu")
+    with pytest.raises(ValueError, match="^backend:"):
+        df.GaussianDiffusion(m, backend="gpu")
+    with pytest.raises(ValueError, match="^device:"):
+        df.GaussianDiffusion(m, df.NoiseSchedule.linear(4)).sample(1, device="tpu", progress=False)
+
+
 diffusers = pytest.importorskip("diffusers")
 CIFAR10 = DIFFUSERS_CIFAR10_CONFIG  # google/ddpm-cifar10-32's configuration
 

@@ -32,6 +32,41 @@ class UNetConfig:
     num_groups: int = 32
     eps: float = 1e-6  # GroupNorm epsilon of the paper's code and of diffusers' UNet2DModel
 
+    def __post_init__(self):
+        def positive_int(name, v):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+
+        for name in ("in_channels", "out_channels", "sample_size", "ch", "num_res_blocks", "num_groups"):
+            positive_int(name, getattr(self, name))
+        self.ch_mult = tuple(self.ch_mult) if isinstance(self.ch_mult, (list, tuple)) else self.ch_mult
+        if not isinstance(self.ch_mult, tuple) or not self.ch_mult:
+            raise ValueError(f"ch_mult: expected a non-empty tuple of positive ints, got {self.ch_mult!r}")
+        for m in self.ch_mult:
+            positive_int("ch_mult", m)
+        if self.sample_size % self.downsampling:
+            raise ValueError(
+                f"sample_size: {self.sample_size} is not divisible by {self.downsampling} "
+                f"(the U-Net halves it {len(self.ch_mult) - 1} times)"
+            )
+        if isinstance(self.attn_resolutions, list):
+            self.attn_resolutions = tuple(self.attn_resolutions)
+        if not isinstance(self.attn_resolutions, tuple) or any(
+            isinstance(r, bool) or not isinstance(r, int) for r in self.attn_resolutions
+        ):
+            raise ValueError(f"attn_resolutions: expected a tuple of ints, got {self.attn_resolutions!r}")
+        if self.attention_head_dim is not None:
+            positive_int("attention_head_dim", self.attention_head_dim)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1:
+            raise ValueError(f"eps: expected a number in (0, 1), got {self.eps!r}")
+
+    @property
+    def downsampling(self) -> int:
+        """How many times smaller the lowest level is than the input: H and W must be multiples of it."""
+        return 2 ** (len(self.ch_mult) - 1)
+
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of the Transformer (Vaswani et al. 2017), as in the DDPM code: [sin, cos]."""
@@ -321,6 +356,7 @@ class UNet(nn.Module):
 
     def set_backend(self, backend: str | None) -> UNet:
         """Backend for every norm and attention inside the model (None: auto)."""
+        ops.check_backend(backend)
         for m in self.modules():
             if hasattr(m, "backend"):
                 m.backend = backend
@@ -330,8 +366,13 @@ class UNet(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.config.in_channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected shape (B, {self.config.in_channels}, H, W), got {shape}")
+        k = self.config.downsampling
+        if x.shape[2] % k or x.shape[3] % k:
+            raise ValueError(f"x: height and width must be multiples of {k} (the levels halve them), got {tuple(x.shape)}")
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t: expected a number or shape ({x.shape[0]},) (x's batch), got shape {tuple(t.shape)}")
         if self.backend != "torch" and x.device.type == "cpu" and not torch.is_grad_enabled():
             # CPU inference runs channels_last: oneDNN convolutions and the fused NHWC kernels are faster there
             x = x.contiguous(memory_format=torch.channels_last)

@@ -24,7 +24,7 @@ from ..reference.noise import STREAM_X_T
 from . import _checks as C
 from ._layout import MEMORY_FORMATS
 from ._prepared import Prepared, Scratch, ScratchSlot
-from ._registry import backends, module, resolve, why_not_fused
+from ._registry import backends, check_backend, module, resolve, why_not_fused
 from ._trace import Call, FusedPathError, Trace, trace
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "Trace",
     "attention",
     "backends",
+    "check_backend",
     "conv2d",
     "conv3x3",
     "ddim_step",

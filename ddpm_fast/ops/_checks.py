@@ -369,6 +369,16 @@ def sample_offset(offset, batch: int) -> int:
     return int(offset)
 
 
+def device(name: str, value) -> torch.device:
+    """A torch.device from a str, int or device, else a ValueError/TypeError naming the argument."""
+    if not isinstance(value, (str, int, torch.device)) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a torch.device or a str such as 'cpu' or 'cuda', got {type(value).__name__}")
+    try:
+        return torch.device(value)
+    except RuntimeError as e:
+        raise ValueError(f"{name}: {value!r} is not a device ({str(e).split(',')[0]}, ...)") from None
+
+
 def choice(name: str, value, options) -> str:
     if value not in options:
         raise ValueError(f"{name}: expected one of {options}, got {value!r}")

@@ -52,6 +52,16 @@ def why_unavailable(name: str) -> str | None:
     return _MODULES[name].unavailable()
 
 
+def check_backend(name) -> str | None:
+    """``name`` if it names a backend (or is None / "auto"), else a TypeError/ValueError naming ``backend``: for
+    settings stored before any op runs (a model's or a sampler's backend)."""
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"backend: expected a str or None, got {type(name).__name__}")
+    if name not in (None, "auto") and name not in _MODULES:
+        raise ValueError(f"backend: expected one of {BACKENDS} or 'auto', got {name!r}")
+    return name
+
+
 def why_not_fused(device: torch.device, requested: str | None = None) -> str | None:
     """None when ops on tensors on ``device`` can run on a fused backend (``requested``, or with None/"auto" any
     backend auto would pick there), else why every such call would run the reference."""
