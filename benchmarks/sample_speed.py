@@ -255,7 +255,6 @@ def add_peers(pipes: dict, unet2d, args, dtype, beta_end: float) -> tuple[dict, 
     built ones' facts ({name: info}: threads, precision, conversion time)."""
     import diffusers
     import torch
-    from diffusers.models.unets.unet_2d import UNet2DOutput
     from peers import build_peers, openvino_default_precision
 
     names = ["openvino f32", "onnxruntime"]
@@ -283,17 +282,27 @@ def add_peers(pipes: dict, unet2d, args, dtype, beta_end: float) -> tuple[dict, 
             f"{peer.info['compile_s']:.1f}s",
             flush=True,
         )
-        unet = diffusers.UNet2DModel(**unet2d.config).eval()  # config, dtype and device for the pipeline
-
-        def forward(sample, timestep, *rest, return_dict=True, peer=peer, **kwargs):
-            out = peer(sample, timestep)
-            return UNet2DOutput(sample=out) if return_dict else (out,)
-
-        unet.forward = forward
         sched = diffusers.DDPMScheduler(num_train_timesteps=args.steps, beta_start=1e-4, beta_end=beta_end)
-        pipes[name] = diffusers.DDPMPipeline(unet=unet, scheduler=sched)
-        pipes[name].set_progress_bar_config(disable=True)
+        pipes[name] = peer_pipeline(peer, unet2d, sched)
     return missing, info
+
+
+def peer_pipeline(peer, unet2d, scheduler):
+    """diffusers' DDPMPipeline around a U-Net whose forward ``peer`` serves (a copy of ``unet2d`` gives the pipeline
+    its config, dtype and device; its own weights are not used)."""
+    import diffusers
+    from diffusers.models.unets.unet_2d import UNet2DOutput
+
+    unet = diffusers.UNet2DModel(**unet2d.config).eval()
+
+    def forward(sample, timestep, *rest, return_dict=True, **kwargs):
+        out = peer(sample, timestep)
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+    unet.forward = forward
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def plot(record: dict, path: str) -> None:

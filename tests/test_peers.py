@@ -44,6 +44,11 @@ def tiny():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def cache():
+    return {}  # one ONNX export of the tiny U-Net for the tests that use it (dynamic batch)
+
+
 def _check_matches(peer, x, t, expected):
     assert peer.ok, peer.why
     out = peer(x, t)
@@ -67,12 +72,12 @@ def test_openvino_f32_matches_diffusers(tiny):
     assert "threads" in peer.label() and "f32" in peer.label()
 
 
-def test_onnxruntime_matches_diffusers_at_every_batch(tiny):
+def test_onnxruntime_matches_diffusers_at_every_batch(tiny, cache):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     peers = _peers()
     unet, x, t, expected = tiny
-    peer = peers.onnxruntime_peer(unet, x, t)
+    peer = peers.onnxruntime_peer(unet, x, t, cache=cache)
     _check_matches(peer, x, t, expected)
     assert peer.info["threads"] == torch.get_num_threads()
     with torch.no_grad():  # the export has a dynamic batch: one session serves other batch sizes
@@ -125,3 +130,26 @@ def test_bad_arguments(tiny):
         peers.openvino_peer(unet, x, t, threads=0)
     with pytest.raises(ValueError, match="names"):
         peers.build_peers(unet, x, t, names=["tensorrt"])
+
+
+def test_diffusers_pipeline_with_a_peer_serving_its_unet_gives_diffusers_images(tiny, cache):
+    # benchmarks/sample_speed.py's peer rows: diffusers' own loop, same scheduler and generator, the peer's forward
+    pytest.importorskip("onnxruntime")
+    peers = _peers()
+    import sample_speed
+
+    unet, x, t, _ = tiny
+    peer = peers.onnxruntime_peer(unet, x[:2], t[:2], cache=cache)
+    assert peer.ok, peer.why
+    images = {}
+    for name, pipe in (
+        ("diffusers", diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(num_train_timesteps=20))),
+        ("peer", sample_speed.peer_pipeline(peer, unet, diffusers.DDPMScheduler(num_train_timesteps=20))),
+    ):
+        pipe.set_progress_bar_config(disable=True)
+        g = torch.Generator().manual_seed(3)
+        images[name] = pipe(batch_size=2, generator=g, num_inference_steps=20, output_type="np").images
+    err = abs(images["peer"] - images["diffusers"]).max()
+    print(f"20-step chain, onnxruntime vs diffusers: max err {err:.3g}")
+    assert images["peer"].shape == (2, 8, 8, 3)
+    assert err <= 1e-3
