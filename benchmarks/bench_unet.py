@@ -174,7 +174,8 @@ def single(args, ref, ours, pack_s, compiled, cache) -> dict:
         rows.append(dict(provider=name, why=why))
     print(
         "# max err: against diffusers eager fp32; first output s: compile (torch.compile), conversion + compile "
-        "(peers) or weight packing (ddpm_fast), then one forward"
+        "(peers; one conversion serves both OpenVINO rows, counted in the first) or weight packing (ddpm_fast), "
+        "then one forward"
     )
     return {"batch": args.batch, "max_err_vs_diffusers": err[OURS], "rows": rows}
 
