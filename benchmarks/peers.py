@@ -138,7 +138,7 @@ def openvino_peer(unet, x, t, precision: str | None = "f32", threads=None, cache
         info["performance_hint"] = str(compiled.get_property("PERFORMANCE_HINT"))
         request = compiled.create_infer_request()
     except Exception as e:
-        return Peer(name, why=f"openvino conversion failed ({_why(e)})", info=info)
+        return Peer(name, why=f"openvino conversion or compilation failed ({_why(e)})", info=info)
     batch = x.shape[0]
 
     def run(x, t):
