@@ -1,6 +1,8 @@
 """The main job: DDPM sampling speed, ddpm_fast's fused backends against its PyTorch reference sampler and
-against diffusers' DDPMPipeline (eager, with torch.compile on its U-Net, and with ddpm_fast.accelerate) with
-the same U-Net weights, side by side in one run.
+against diffusers' DDPMPipeline (eager, with torch.compile on its U-Net, and with ddpm_fast.accelerate) and
+against the CPU runtimes a user would otherwise deploy the U-Net with (OpenVINO with the f32 hint, and ONNX Runtime:
+diffusers' pipeline loop with the U-Net forward served by the runtime; benchmarks/peers.py), with the same U-Net
+weights, side by side in one run.
 
     python benchmarks/sample_speed.py                       # CPU default, about a minute
     python benchmarks/sample_speed.py --model cifar10 --batch 8 --steps 1000 --json out.json --plot out.png
@@ -8,8 +10,9 @@ the same U-Net weights, side by side in one run.
 Every provider samples the same U-Net (random weights, fixed seed) with the same keyed noise, interleaved in
 rounds after one cold round (whose time, "first s", includes torch.compile's compile and ddpm_fast's weight
 packing); the table reports median images/s, the speedup over diffusers eager and over the reference, the max
-error against the reference's images (diffusers' variants: against diffusers' images, same generator), and
-peak memory. Installs and builds what it needs first (pip install --no-build-isolation -e .).
+error against the reference's images (diffusers' variants and the peers: against diffusers' images, same
+generator), and peak memory. The peers convert the U-Net before the first round (the time is printed and counted in
+their "first s"); --no-peers skips them, and a peer that cannot be built is a row saying why. Installs and builds what it needs first (pip install --no-build-isolation -e .).
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--no-diffusers", dest="diffusers", action="store_false", help="skip the diffusers rows")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the diffusers torch.compile row")
+    p.add_argument(
+        "--no-peers", dest="peers", action="store_false", help="skip the OpenVINO and ONNX Runtime rows (CPU, fp32)"
+    )
     p.add_argument("--json", help="write a JSON record here")
     p.add_argument("--plot", help="write a PNG bar chart here")
     args = p.parse_args()
@@ -138,7 +144,13 @@ def main() -> None:
         accelerated = str(df.accelerate(pipes["diffusers+accelerate"]))  # strict: an AccelerateError if it cannot
         if args.compile:  # compiled lazily: the first round's time includes the compile (time to first image)
             pipes["diffusers+compile"].unet = torch.compile(pipes["diffusers+compile"].unet)
-        providers += list(pipes)
+    missing, peer_info = {}, {}
+    if args.peers:
+        if diffusers is None or not args.diffusers:
+            print("# peers skipped: they run diffusers' pipeline loop (diffusers missing or --no-diffusers)")
+        else:
+            missing, peer_info = add_peers(pipes, unet2d, args, dtype, beta_end)
+    providers += list(pipes)
 
     def run(provider: str) -> torch.Tensor:
         if provider in pipes:  # diffusers' own loop (its generator noise), output in [-1, 1] as ddpm_fast's
@@ -162,6 +174,7 @@ def main() -> None:
     times = {p: [] for p in providers}
     peak = {p: 0.0 for p in providers}
     images, served = {}, {}
+    convert_s = {name: info["convert_s"] + info["compile_s"] for name, info in peer_info.items()}
     ours = [*fused, *(p for p in pipes if p == "diffusers+accelerate")]  # rows that must run on fused kernels
     for r in range(args.repeats + 1):  # round 0 is cold: its times are the time to the first images
         for prov in providers:
@@ -198,7 +211,7 @@ def main() -> None:
             backend=prov,
             images_per_s=args.batch / med,
             median_s=med,
-            first_s=times[prov][0],
+            first_s=times[prov][0] + convert_s.get(prov, 0.0),
             speedup_vs_diffusers=None if dif_time is None else dif_time / med,
             speedup_vs_reference=ref_time / med,
             max_err=err,
@@ -206,6 +219,7 @@ def main() -> None:
             peak_mb=peak[prov],
             times_s=times[prov],
             served=served[prov],
+            peer=peer_info.get(prov),
         )
         rows.append(row)
         err_txt = "" if err is None else f"{err:.1e}"
@@ -214,9 +228,12 @@ def main() -> None:
             f"{prov:22} {row['images_per_s']:9.3f} {med:8.2f} {row['first_s']:8.1f} {vs_dif:>12} "
             f"{ref_time / med:6.2f}x {err_txt:>9} {against or '':>10} {peak[prov]:8.0f}"
         )
+    for prov, why in missing.items():
+        print(f"{prov:22} unavailable: {why}")
+        rows.append(dict(backend=prov, why=why))
     print(
         f"# s/batch and images/s: medians of {args.repeats} steady rounds; first s: the cold round (compile, weight "
-        "packing, allocator warm-up); peak MB: "
+        "packing, allocator warm-up; the peers: plus their conversion and compilation); peak MB: "
         + (
             "max_memory_allocated"
             if args.device.startswith("cuda")
@@ -232,6 +249,62 @@ def main() -> None:
         plot(record, args.plot)
 
 
+def add_peers(pipes: dict, unet2d, args, dtype, beta_end: float) -> tuple[dict, dict]:
+    """Add a diffusers pipeline per peer runtime to ``pipes`` (same scheduler, same generator noise as the diffusers
+    rows) whose U-Net forward the runtime serves; return the peers that could not be built ({name: why}) and the
+    built ones' facts ({name: info}: threads, precision, conversion time)."""
+    import diffusers
+    import torch
+    from peers import build_peers, openvino_default_precision
+
+    names = ["openvino f32", "onnxruntime"]
+    default = openvino_default_precision()
+    if default not in (None, "f32"):  # the device's default is a lower precision (bf16 on AMX CPUs): a row of its own
+        names.insert(1, "openvino default")
+    if args.device != "cpu" or dtype != torch.float32:
+        why = f"CPU fp32 runtimes; this run is --device {args.device} --dtype {args.dtype}"
+        return {n: why for n in names}, {}
+    size = unet2d.config.sample_size
+    x = torch.randn(args.batch, unet2d.config.in_channels, size, size)
+    t = torch.full((args.batch,), args.steps - 1)
+    t0 = time.perf_counter()
+    built = build_peers(unet2d, x, t, names=names)
+    print(f"# peers built in {time.perf_counter() - t0:.1f}s (conversion of the U-Net, compilation):", flush=True)
+    missing, info = {}, {}
+    for name, peer in built.items():
+        if not peer.ok:
+            print(f"#   {name}: {peer.label()}")
+            missing[name] = peer.why
+            continue
+        info[name] = peer.info
+        print(
+            f"#   {name} ({peer.label()}): converted in {peer.info['convert_s']:.1f}s, compiled/loaded in "
+            f"{peer.info['compile_s']:.1f}s",
+            flush=True,
+        )
+        sched = diffusers.DDPMScheduler(num_train_timesteps=args.steps, beta_start=1e-4, beta_end=beta_end)
+        pipes[name] = peer_pipeline(peer, unet2d, sched)
+    return missing, info
+
+
+def peer_pipeline(peer, unet2d, scheduler):
+    """diffusers' DDPMPipeline around a U-Net whose forward ``peer`` serves (a copy of ``unet2d`` gives the pipeline
+    its config, dtype and device; its own weights are not used)."""
+    import diffusers
+    from diffusers.models.unets.unet_2d import UNet2DOutput
+
+    unet = diffusers.UNet2DModel(**unet2d.config).eval()
+
+    def forward(sample, timestep, *rest, return_dict=True, **kwargs):
+        out = peer(sample, timestep)
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+    unet.forward = forward
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def plot(record: dict, path: str) -> None:
     """Bar chart of images/s per backend, labelled with the speedup over diffusers eager."""
     import matplotlib
@@ -239,7 +312,7 @@ def plot(record: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, a = record["rows"], record["args"]
+    rows, a = [r for r in record["rows"] if "images_per_s" in r], record["args"]
     fig, ax = plt.subplots(figsize=(7.5, 0.5 + 0.45 * len(rows)))
     names = [r["backend"] for r in rows][::-1]
     vals = [r["images_per_s"] for r in rows][::-1]
