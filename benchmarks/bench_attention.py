@@ -13,6 +13,9 @@ the providers that allocate their result on every call (oneDNN's linear, SDPA, d
 memory instead of page-faulting a fresh block each time. 'MKL attention tiles' is MKL on exactly the products a
 blocked (flash-style) attention makes, 128 queries x 256 keys x D, batched over all tiles.
 Targets (CPU U-Net issue): >= 90% of sgemm GFLOP/s; >= 1.2x diffusers' block.
+The 'denormals' rows time the fused kernel on logits scaled by 30 (most softmax weights, and their products with
+V, denormal in fp32: a microcode assist each on x86 unless flushed) against the plain logits, side by side in the
+same rounds; 'ratio' is the median over rounds of peaked / plain (1.0: the denormals cost nothing).
 '% sgemm' compares medians of the rounds; 'paired %' the median over rounds of the ratio within each round (the
 providers of a round run back to back, so a neighbour's load that slows the whole round cancels); 'fastest %'
 the fastest round of each (this shared machine's neighbours slow some rounds by up to 2x, not every provider
@@ -57,11 +60,36 @@ def main():
     rows = []
     for heads in (1, 4):
         rows += bench_heads(heads, B, C, S, sgemm, args.rounds)
+    print("\n## denormals: logits x30 vs plain logits, fused kernel")
+    denormals = [bench_denormals(B, heads, S * S, C // heads, args.rounds) for heads in (1, 4)]
     if args.json:
-        write_json(
-            args.json,
-            {"machine": info, "rows": rows, "malloc_steady": True, "command": "python benchmarks/bench_attention.py"},
-        )
+        record = {"machine": info, "rows": rows, "denormals": denormals, "malloc_steady": True}
+        write_json(args.json, {**record, "command": "python benchmarks/bench_attention.py"})
+
+
+def bench_denormals(B, heads, N, d, rounds, min_time=0.2):
+    """The fused kernel on logits x30 against plain logits, (B, heads, N, d) self-attention, timed side by side;
+    returns the row (ratio: median over rounds of peaked / plain time)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, heads, N, d, generator=g) for _ in range(3))
+    peaked = 30 * q
+    out = torch.empty_like(q)
+    providers = {
+        "plain": lambda: df.ops.attention(q, k, v, backend="cpu", out=out),
+        "logits x30": lambda: df.ops.attention(peaked, k, v, backend="cpu", out=out),
+    }
+    with torch.inference_mode():
+        served = {
+            name: fused_row(f"fused attention, {name}, {heads} head(s)", fn, "cpu", ["attention"])
+            for name, fn in providers.items()
+        }
+        res = interleaved_medians(providers, rounds, min_time=min_time)
+    for name, what in served.items():
+        res[name]["served"] = what
+    ratio = paired_ratio(res, "logits x30", "plain")
+    plain_ms, peaked_ms = res["plain"]["median_s"] * 1e3, res["logits x30"]["median_s"] * 1e3
+    print(f"{heads} head(s) of {d}: plain {plain_ms:.3f} ms, logits x30 {peaked_ms:.3f} ms, ratio {ratio:.2f}x")
+    return dict(case="denormals", shape=[B, heads, N, d], provider="fused", ratio=ratio, providers=res)
 
 
 def bench_heads(heads, B, C, S, sgemm, rounds):

@@ -4,6 +4,9 @@ copy bandwidth of the same tensor measured in the same rounds.
     python benchmarks/bench_group_norm.py [--quick] [--steady-malloc] [--json benchmarks/results/group_norm_cpu.json]
 
 Targets (CPU U-Net issue): >= 1.5x in NCHW and >= 2x in channels_last, fp32, at the U-Net's shapes.
+The 'denormals' rows time the fused kernel with weights of 300 (SiLU's reciprocals of its denominators denormal in
+fp32: a microcode assist each on x86 unless clamped and flushed) against weights of 1, side by side in the same
+rounds; 'ratio' is the median over rounds of the two times (1.0: the denormals cost nothing).
 
 Eager torch allocates its intermediates and its result afresh on every call; above glibc's mmap threshold
 those come from mmap and page-fault on first touch, which makes its time bimodal here (about 1 ms or 5-6 ms at
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fused_row, interleaved_medians, machine, steady_malloc, write_json  # noqa: E402
+from common import fused_row, interleaved_medians, machine, paired_ratio, steady_malloc, write_json  # noqa: E402
 
 import ddpm_fast as df  # noqa: E402
 
@@ -62,6 +65,30 @@ def bench(shape, groups, channels_last, dtype, with_add, repeats):
         .max()
     )
     return res, err.item()
+
+
+def bench_denormals(shape, groups, channels_last, repeats):
+    """The fused kernel with weights of 300 against weights of 1 (bias 0), fp32, timed side by side; returns the row
+    (ratio: median over rounds of the two times, 300 / 1)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    C = shape[1]
+    ones, large, b, out = torch.ones(C), torch.full((C,), 300.0), torch.zeros(C), torch.empty_like(x)
+    providers = {
+        "weights 1": lambda: df.ops.group_norm_silu(x, groups, ones, b, backend="cpu", out=out),
+        "weights 300": lambda: df.ops.group_norm_silu(x, groups, large, b, backend="cpu", out=out),
+    }
+    layout = "channels_last" if channels_last else "NCHW"
+    served = {
+        name: fused_row(f"group_norm_silu {name}, {layout}", fn, backend="cpu", ops=["group_norm_silu"])
+        for name, fn in providers.items()
+    }
+    res = interleaved_medians(providers, repeats)
+    for name, what in served.items():
+        res[name]["served"] = what
+    row = dict(case="denormals", shape=shape, groups=groups, layout=layout, dtype=str(torch.float32))
+    return dict(row, ratio=paired_ratio(res, "weights 300", "weights 1"), providers=res)
 
 
 def main():
@@ -106,9 +133,20 @@ def main():
                 providers=res,
             )
         )
+    print("\ndenormals: fused, weights 300 vs weights 1")
+    denormals = []
+    for cl in (False, True):
+        row = bench_denormals((8, 128, 32, 32), 32, cl, repeats)
+        one, large = (row["providers"][k]["median_s"] * 1e3 for k in ("weights 1", "weights 300"))
+        shape = "x".join(map(str, row["shape"]))
+        print(
+            f"{shape:>16} {row['layout']:>13}: weights 1 {one:.3f} ms, weights 300 {large:.3f} ms, {row['ratio']:.2f}x"
+        )
+        denormals.append(row)
     if args.json:
         command = "python benchmarks/bench_group_norm.py" + (" --steady-malloc" if steady else "")
-        write_json(args.json, {"machine": info, "malloc_steady": steady, "rows": rows, "command": command})
+        record = {"machine": info, "malloc_steady": steady, "rows": rows, "denormals": denormals}
+        write_json(args.json, {**record, "command": command})
 
 
 if __name__ == "__main__":

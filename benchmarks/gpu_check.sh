@@ -72,7 +72,8 @@ log "gpu_check.py exit ${PIPESTATUS[0]}"
 t=$(cap 100000 5)
 if [ "$t" -gt 20 ]; then
   log "GPU tests, ${t} s (log: gpu_tests.log)"
-  timeout "$t" "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/ops/test_cuda_backend.py \
+  # the Triton tests still run if the CPU build failed (logged above); tests/conftest.py would stop the session
+  DDPM_FAST_ALLOW_NO_EXT=1 timeout "$t" "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/ops/test_cuda_backend.py \
     tests/ops/test_triton.py 2>&1 | tee "$OUT/gpu_tests.log"
   log "GPU tests exit ${PIPESTATUS[0]} (124: cut at the time limit)"
 else

@@ -1,12 +1,48 @@
-"""Tolerances of shared/DESIGN.md, with the error printed before every assertion."""
+"""What the tests share: the backends' skip markers, the scheduler option grid, the tolerances of the design
+(with the error printed before every assertion), known answers, and a fresh-process runner."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import platform
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
+
+import ddpm_fast as df
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the GPU backends' tests put their tensors
+
+# Each backend's marker skips with the backend's own reason (what is missing, and why). tests/conftest.py fails the
+# session when the CPU extension is missing where it should have been built (cpu_extension_unbuildable), so
+# needs_cpu skips only where it cannot have been built or the run opted out (DDPM_FAST_ALLOW_NO_EXT=1).
+BACKEND_STATUS = df.backends()
+HAS_CPU = BACKEND_STATUS["cpu"].startswith("available")
+HAS_TRITON = BACKEND_STATUS["triton"] == "available"
+HAS_CUDA = BACKEND_STATUS["cuda"] == "available"
+needs_cpu = pytest.mark.skipif(not HAS_CPU, reason=f"cpu backend: {BACKEND_STATUS['cpu']}")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason=f"triton backend: {BACKEND_STATUS['triton']}")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason=f"cuda backend: {BACKEND_STATUS['cuda']}")
+
+
+def cpu_extension_unbuildable() -> str | None:
+    """Why the CPU extension cannot have been built on this machine, or None where it should have been: setup.py
+    builds ddpm_fast._C on x86-64 and ARM, with the C++ compiler torch's build uses (CXX, else c++)."""
+    machine, compiler = platform.machine(), os.environ.get("CXX", "c++")
+    if machine.lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
+        return f"setup.py builds no CPU extension for a {machine} machine"
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) to build the CPU extension"
+    return None
+
+
+# (prediction_type, variance_type, clip_sample): every combination the reverse step supports
+OPTIONS = list(itertools.product(["epsilon", "sample", "v_prediction"], ["fixed_small", "fixed_large"], [False, True]))
 
 LOWP_ATOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -71,21 +107,6 @@ def diffusers_float64(scheduler_cls, **config):
     if hasattr(sched, "final_alpha_cumprod"):
         sched.final_alpha_cumprod = one
     return sched
-
-
-def median_ms(f, rounds: int = 5, reps: int = 3) -> float:
-    """Median over rounds of f's mean time in ms (after one warm-up call): for ratios taken side by side."""
-    import statistics
-    import time
-
-    f()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            f()
-        times.append((time.perf_counter() - t0) / reps)
-    return 1e3 * statistics.median(times)
 
 
 def run_python(code: str, *args: str, **env: str) -> int:

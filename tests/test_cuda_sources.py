@@ -11,9 +11,8 @@ import torch
 import ddpm_fast as df
 from ddpm_fast import _ext
 from ddpm_fast.reference.noise import keyed_normal
-from tests.helpers import PHILOX_KNOWN_ANSWERS
+from tests.helpers import PHILOX_KNOWN_ANSWERS, ROOT, needs_cpu
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 SOURCES = sorted(f for f in os.listdir(CUDA_DIR) if f.endswith(".cu"))
 
@@ -43,9 +42,6 @@ def test_cuda_source_compiles_for_sm80_and_sm90(source, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     print(r.stdout[-3000:], r.stderr[-3000:])
     assert r.returncode == 0
-
-
-needs_cpu = pytest.mark.skipif(_ext.cpu_module() is None, reason="cpu extension not built")
 
 
 @needs_cpu

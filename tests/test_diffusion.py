@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import ddpm_fast as df
+from tests.helpers import needs_cpu
 
-needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
 S = df.NoiseSchedule.linear(40, 1e-4, 0.3)
 
 
@@ -123,7 +123,9 @@ def test_respaced_chains_fused_equal_reference():
 
 def test_sampling_runs_the_model_in_eval_mode_and_restores_its_mode():
     """Dropout in train mode would break keyed noise's promise (the same images for the same seed)."""
-    model = df.UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.5, sample_size=8, num_groups=8)
+    model = df.UNet(
+        ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.5, sample_size=8, num_groups=8
+    )
     d = df.GaussianDiffusion(model.train(), df.NoiseSchedule.linear(4, 1e-4, 0.02))
     first = d.sample(2, seed=7, progress=False)
     assert model.training

@@ -3,9 +3,8 @@ import torch
 
 import ddpm_fast as df
 from ddpm_fast.ops._registry import resolve
-from tests.helpers import run_python
+from tests.helpers import needs_cpu, run_python
 
-needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
 S = df.NoiseSchedule.linear(10, 1e-3, 0.2)
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import ddpm_fast as df
+from tests.helpers import ROOT, needs_cpu, needs_triton
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.py")
 
 
@@ -25,7 +25,7 @@ def _gpu_check():
     return module
 
 
-@pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
+@needs_cpu
 def test_gpu_check_smoke(tmp_path):
     pytest.importorskip("triton")
     out = tmp_path / "gpu_check.json"
@@ -145,7 +145,7 @@ def test_cli_mistakes_are_one_line(tmp_path, args, message):
     assert r.returncode != 0 and r.stderr.strip().startswith(message) and len(r.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.skipif(df.backends()["triton"] != "available", reason=df.backends()["triton"])
+@needs_triton
 def test_a_plan_launch_runs_the_fused_kernels_as_the_timed_row_does():
     """A Launch runs its row as the timing does (the sampler under inference_mode): every norm and attention of the
     U-Net goes to the Triton kernels, not to the reference that autograd would pick."""

@@ -10,10 +10,9 @@ import torch
 
 import ddpm_fast as df
 from ddpm_fast.graphs import GraphedSampler
+from tests.helpers import DEV, needs_triton
 
 pytest.importorskip("triton")
-needs_triton = pytest.mark.skipif(df.backends()["triton"] != "available", reason=df.backends()["triton"])
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _diffusion(**kw):

@@ -10,9 +10,9 @@ import torch
 
 import ddpm_fast as df
 from ddpm_fast import ops
+from tests.helpers import needs_cpu
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
 TINY = dict(ch=32, ch_mult=(1, 2), attn_resolutions=(8,), sample_size=16, num_res_blocks=1)
 UNET_OPS = ["conv2d", "linear", "group_norm_silu", "attention"]
 

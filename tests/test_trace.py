@@ -7,8 +7,8 @@ import torch
 
 import ddpm_fast as df
 from ddpm_fast import ops
+from tests.helpers import needs_cpu
 
-needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
 S = df.NoiseSchedule.linear(10, 1e-3, 0.2)
 TINY = dict(ch=32, ch_mult=(1, 2), attn_resolutions=(8,), sample_size=16, num_res_blocks=1)
 

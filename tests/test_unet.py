@@ -3,7 +3,7 @@ import torch
 
 import ddpm_fast as df
 from ddpm_fast.models.loading import DIFFUSERS_CIFAR10_CONFIG
-from tests.helpers import run_python
+from tests.helpers import needs_cpu, run_python
 
 
 def _tiny(**kw):
@@ -84,7 +84,7 @@ for head_dim in (16, 64):  # four heads (out projection as a GEMM with the resid
 """
 
 
-@pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
+@needs_cpu
 @pytest.mark.parametrize("library", ["onednn", "blas"])
 def test_inference_with_each_gemm_library_matches_the_reference(library):
     """The inference path's linear layers and Winograd products through oneDNN (the default) and through MKL
@@ -167,7 +167,7 @@ def test_from_diffusers_rejects_other_architectures(tmp_path):
         df.UNet.from_diffusers(3)
 
 
-@pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
+@needs_cpu
 @pytest.mark.parametrize("head_dim", [16, 64])  # four heads; one head (output projection folded into v)
 @pytest.mark.parametrize("onednn_linear", [True, False])  # the projections by oneDNN's linear, or MKL into buffers
 def test_attention_block_reuses_its_buffers_safely(head_dim, onednn_linear, monkeypatch):
@@ -201,7 +201,7 @@ def test_attention_block_reuses_its_buffers_safely(head_dim, onednn_linear, monk
         torch.testing.assert_close(blk(x3), want3, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
+@needs_cpu
 def test_attention_block_buffers_are_per_thread():
     # two threads running the same block at once each get their own intermediates (a server may share a model)
     import threading

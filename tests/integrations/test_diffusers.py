@@ -6,18 +6,15 @@ diffusers' own code gives the same numbers, so only the trace tells them apart. 
 fused path on purpose and show those checks then fail.
 """
 
-import itertools
-
 import pytest
 import torch
 
 import ddpm_fast as df
 from ddpm_fast import ops
 from ddpm_fast.integrations import diffusers as integration
+from tests.helpers import OPTIONS, needs_cpu
 
 diffusers = pytest.importorskip("diffusers")
-needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
-OPTIONS = list(itertools.product(["epsilon", "sample", "v_prediction"], ["fixed_small", "fixed_large"], [False, True]))
 UNET_OPS = ["conv2d", "linear", "group_norm_silu", "attention"]
 
 

@@ -13,9 +13,9 @@ import torch
 
 import ddpm_fast as df
 from ddpm_fast import ops
+from tests.helpers import needs_cpu
 
 diffusers = pytest.importorskip("diffusers")
-needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
 
 BASE = dict(
     num_train_timesteps=1000,

@@ -6,9 +6,7 @@ import torch.nn.functional as F
 
 import ddpm_fast as df
 from ddpm_fast import reference as ref
-from tests.helpers import run_python
-
-needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
+from tests.helpers import needs_cpu, run_python
 
 
 def _case(N, C, K, H, W, seed=0):

@@ -5,18 +5,15 @@ machine). On this repository's CPU machines the same sources are compiled for sm
 type-checked against torch's headers (tests/test_cuda_sources.py).
 """
 
-import itertools
-
 import pytest
 import torch
 
 import ddpm_fast as df
 from ddpm_fast import reference as ref
-from tests.helpers import assert_fp32_close, assert_lowp_close
+from tests.helpers import OPTIONS, assert_fp32_close, assert_lowp_close, needs_cuda
 
-pytestmark = pytest.mark.skipif(df.backends()["cuda"] != "available", reason=f"cuda backend: {df.backends()['cuda']}")
+pytestmark = needs_cuda
 S = df.NoiseSchedule.linear(1000, 1e-4, 0.02)
-OPTIONS = list(itertools.product(["epsilon", "sample", "v_prediction"], ["fixed_small", "fixed_large"], [False, True]))
 
 
 def _inputs(shape, dtype=torch.float32, seed=0):

@@ -7,9 +7,8 @@ import torch
 
 import ddpm_fast as df
 from ddpm_fast import reference as ref
-from tests.helpers import assert_fp32_close, diffusers_float64
+from tests.helpers import assert_fp32_close, diffusers_float64, needs_cpu
 
-needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
 diffusers = pytest.importorskip("diffusers")
 S = df.NoiseSchedule.linear(1000, 1e-4, 0.02)
 

@@ -1,15 +1,11 @@
-import itertools
-
 import pytest
 import torch
 
 import ddpm_fast as df
 from ddpm_fast import reference as ref
-from tests.helpers import assert_fp32_close, assert_lowp_close, diffusers_float64, layout_cases
+from tests.helpers import OPTIONS, assert_fp32_close, assert_lowp_close, diffusers_float64, layout_cases, needs_cpu
 
-needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
 S = df.NoiseSchedule.linear(1000, 1e-4, 0.02)
-OPTIONS = list(itertools.product(["epsilon", "sample", "v_prediction"], ["fixed_small", "fixed_large"], [False, True]))
 SHAPES = [(5, 3, 17, 9), (1, 1, 1, 1), (2, 7, 1, 1), (3, 40), (4, 3, 32, 32)]
 
 

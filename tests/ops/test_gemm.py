@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import ddpm_fast as df
-
-needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
+from tests.helpers import needs_cpu
 
 FP32_ATOL, FP32_RTOL = 2e-5, 1e-5  # DESIGN.md's fp32 tolerance for reductions, against float64
 

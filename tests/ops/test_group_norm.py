@@ -6,9 +6,8 @@ import torch.nn.functional as F
 
 import ddpm_fast as df
 from ddpm_fast import reference as ref
-from tests.helpers import assert_fp32_close, assert_lowp_close, median_ms
+from tests.helpers import assert_fp32_close, assert_lowp_close, needs_cpu
 
-needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
 FUSED_SHAPES = [
     ((2, 64, 8, 8), 32),
     ((1, 6, 1, 1), 3),
@@ -165,17 +164,15 @@ def test_bad_input(kwargs, err, match):
 
 
 @needs_cpu
-def test_fused_cpu_large_weights_are_not_slowed_by_denormals():
-    """Weights of 300 send SiLU's denominators to 2^126 and their reciprocals to the denormals, each a microcode
-    assist on x86 (measured 10x slower) until the kernel clamped and flushed them."""
+def test_fused_cpu_large_weights_flush_denormals_only_inside():
+    """Weights of 300 send SiLU's denominators to 2^126 and their reciprocals to the denormals, which the kernel
+    clamps and flushes in its threads (a microcode assist each on x86 otherwise: benchmarks/bench_group_norm.py
+    reports the time against weights of 1). The result still matches float64, and the thread's floating-point mode
+    is restored, so denormals still exist for the caller."""
     x = torch.randn(4, 64, 32, 32, generator=torch.Generator().manual_seed(0)).contiguous(
         memory_format=torch.channels_last
     )
-    b, out = torch.zeros(64), torch.empty_like(x)
-    plain = median_ms(lambda: df.ops.group_norm_silu(x, 32, torch.ones(64), b, backend="cpu", out=out))
-    large = median_ms(lambda: df.ops.group_norm_silu(x, 32, torch.full((64,), 300.0), b, backend="cpu", out=out))
-    print(f"weights 1: {plain:.3f} ms, weights 300: {large:.3f} ms")
-    assert large < 3 * plain
+    b = torch.zeros(64)
     # outputs reach 1.4e3, where one fp32 ulp is 1.2e-4: against float64, within 1e-6 of the largest output (the
     # fp32 reference itself is 4e-7 of it away; the fused kernel 6e-7 at this seed)
     w = torch.full((64,), 300.0)
@@ -184,3 +181,4 @@ def test_fused_cpu_large_weights_are_not_slowed_by_denormals():
     err_ref = (ref.group_norm_silu(x, 32, w, b).double() - exact).abs().max().item()
     print(f"max err vs float64: fused {err:.2e}, fp32 reference {err_ref:.2e}, max |out| {exact.abs().max():.0f}")
     assert err <= 1e-6 * exact.abs().max().item() + 1e-5
+    assert torch.tensor([1e-39]).mul(1.0).item() != 0.0

@@ -12,18 +12,15 @@ import torch.nn.functional as F
 import ddpm_fast as df
 from ddpm_fast import reference as ref
 from ddpm_fast.ops import _checks
-from tests.helpers import run_python
+from tests.helpers import DEV, needs_cpu, needs_cuda, needs_triton, run_python
 
 S = df.NoiseSchedule.linear(50)
-HAS_CPU = df.backends()["cpu"].startswith("available")
-HAS_TRITON = df.backends()["triton"] == "available"
 BACKENDS = [
     "torch",
-    pytest.param("cpu", marks=pytest.mark.skipif(not HAS_CPU, reason="cpu extension not built")),
-    pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason=df.backends()["triton"])),
-    pytest.param("cuda", marks=pytest.mark.skipif(df.backends()["cuda"] != "available", reason=df.backends()["cuda"])),
+    pytest.param("cpu", marks=needs_cpu),
+    pytest.param("triton", marks=needs_triton),
+    pytest.param("cuda", marks=needs_cuda),
 ]
-GPU = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +28,7 @@ def _tensors_where_the_backend_runs(request):
     """Tensors a test makes are CUDA tensors for the GPU backends on a GPU machine, else CPU tensors."""
     params = getattr(request.node, "callspec", None)
     backend = params.params.get("backend") if params is not None else None
-    with torch.device(GPU if backend in ("triton", "cuda") else "cpu"):
+    with torch.device(DEV if backend in ("triton", "cuda") else "cpu"):
         yield
 
 
@@ -537,7 +534,7 @@ print("silu far out ok", sys.argv[1])
 """
 
 
-@pytest.mark.skipif(not HAS_CPU, reason="cpu extension not built")
+@needs_cpu
 @pytest.mark.parametrize("build", ["default", "avx2", "avx512"])
 def test_silu_far_out_in_every_cpu_build(build):
     """Each ISA's own SiLU (AVX-512's reciprocal of 1 + 2^100 made SiLU(-1e30) -0.79)."""

@@ -6,9 +6,7 @@ from scipy import stats
 
 import ddpm_fast as df
 from ddpm_fast.reference.noise import keyed_normal, philox4x32_10
-from tests.helpers import PHILOX_KNOWN_ANSWERS
-
-needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
+from tests.helpers import PHILOX_KNOWN_ANSWERS, needs_cpu
 
 
 def _t(v):

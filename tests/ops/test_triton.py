@@ -4,21 +4,15 @@ Without a GPU they run through TRITON_INTERPRET=1 on CPU tensors (tests/conftest
 same tests run on CUDA tensors.
 """
 
-import itertools
-
 import pytest
 import torch
 
 import ddpm_fast as df
 from ddpm_fast import reference as ref
-from tests.helpers import assert_fp32_close, assert_lowp_close
+from tests.helpers import DEV, OPTIONS, assert_fp32_close, assert_lowp_close, needs_cpu, needs_triton
 
 triton = pytest.importorskip("triton")
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(not df.backends()["triton"] == "available", reason=df.backends()["triton"])
-needs_cpu = pytest.mark.skipif(not df.backends()["cpu"].startswith("available"), reason="cpu extension not built")
 S = df.NoiseSchedule.linear(1000, 1e-4, 0.02)
-OPTIONS = list(itertools.product(["epsilon", "sample", "v_prediction"], ["fixed_small", "fixed_large"], [False, True]))
 
 
 def _inputs(shape, dtype=torch.float32, seed=0):
