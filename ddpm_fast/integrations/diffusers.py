@@ -300,7 +300,9 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
     # ------------------------------------------------------------------ diffusers API
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict: bool = True):
         why = self.unfused_reason(model_output, sample)
-        if why is None and self.num_inference_steps is not None:
+        if why is None and self.num_inference_steps is None:
+            why = "set_timesteps has not run (diffusers' step raises)"
+        if why is None:
             n = self.config.num_train_timesteps  # an out-of-range or meta timestep: a clear error, never an index
             t = int(C.timesteps(timestep, 1, n, "cpu", name="timestep", data=("sample", sample.device))[0])
             if self.step_index is None:
@@ -309,7 +311,7 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
             coefficients = self._dpmpp_coefficients(order)
             if not torch.isfinite(coefficients).all():
                 why = f"step {self.step_index}: non-finite coefficients; diffusers' own inf/nan maths runs"
-        self.fused = why is None and self.num_inference_steps is not None
+        self.fused = why is None
         if not self.fused:
             log.debug("ddpm_fast: FusedDPMSolverMultistepScheduler.step runs diffusers' code (%s)", why)
             kwargs = dict(generator=generator, variance_noise=variance_noise, return_dict=return_dict)

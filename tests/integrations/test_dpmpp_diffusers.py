@@ -148,3 +148,10 @@ def test_accelerated_pipeline_with_dpm_solver_gives_the_same_images():
     assert err <= 1e-3
     df.deaccelerate(pipe)
     assert pipe.scheduler is scheduler
+
+
+def test_step_before_set_timesteps_raises_as_diffusers_does():
+    ours = df.FusedDPMSolverMultistepScheduler()
+    with pytest.raises(ValueError, match="set_timesteps"):
+        ours.step(torch.zeros(1, 3, 4, 4), 999, torch.zeros(1, 3, 4, 4))
+    assert ours.fused is False
