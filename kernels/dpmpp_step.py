@@ -1,7 +1,7 @@
 """Triton fused DPM-Solver++ multistep step (Lu et al. 2022, data prediction, orders 1 and 2), one pass over memory:
 
     D0     = (px * x + pm * m) * q                 (x_0 predicted from epsilon, x_0 or v)
-    x_next = a_x * x + a_0 * D0 + a_1 * D1         (D1: the previous step's D0; a_1 = 0 at first order)
+    x_next = a_x * x + a_0 * D0 + a_d * (D0 - D1)  (D1: the previous step's D0; a_d = 0 at first order)
 
 Per-sample coefficients come from a (B, 6) fp32 table computed on the host in float64
 (ddpm_fast/reference/dpmpp_step.py); D0 is written beside x_next for the next step. No noise: the solver is an ODE's.
@@ -21,7 +21,7 @@ def _dpmpp_step_kernel(
     d1_ptr,  # (B, n) previous step's D0 (SECOND_ORDER)
     out_ptr,  # (B, n) x_next
     d0_ptr,  # (B, n) D0
-    coef_ptr,  # (B, 6) fp32: px, pm, q, a_x, a_0, a_1
+    coef_ptr,  # (B, 6) fp32: px, pm, q, a_x, a_0, a_d
     n,
     SECOND_ORDER: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -36,7 +36,7 @@ def _dpmpp_step_kernel(
     d0 = (tl.load(cb + 0) * x + tl.load(cb + 1) * m) * tl.load(cb + 2)
     o = tl.load(cb + 3) * x + tl.load(cb + 4) * d0
     if SECOND_ORDER:
-        o += tl.load(cb + 5) * tl.load(d1_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
+        o += tl.load(cb + 5) * (d0 - tl.load(d1_ptr + ptr, mask=mask, other=0.0).to(tl.float32))
     tl.store(out_ptr + ptr, o.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(d0_ptr + ptr, d0.to(d0_ptr.dtype.element_ty), mask=mask)
 

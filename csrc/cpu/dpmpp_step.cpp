@@ -1,6 +1,8 @@
 // Fused DPM-Solver++ multistep step (Lu et al. 2022, data prediction, orders 1 and 2), one pass over memory:
 //   D0     = (px * x + pm * m) * q                 (x_0 predicted from epsilon, x_0 or v)
-//   x_next = a_x * x + a_0 * D0 + a_1 * D1         (D1: the previous step's D0; absent at first order)
+//   x_next = a_x * x + a_0 * D0 + a_d * (D0 - D1)  (D1: the previous step's D0; absent at first order)
+// D0 - D1 is formed here, as diffusers forms it: split into D0 and D1 terms, the coefficients grow large and
+// opposite where the step ratio r0 is small and their roundings stop cancelling.
 // The (B, 6) fp32 coefficients come from the host, computed in float64 (ddpm_fast/reference/dpmpp_step.py).
 #include "elementwise.h"
 
@@ -10,11 +12,11 @@ namespace {
 
 template <typename T, bool Second>
 void dpmpp_chunk(const float* k, const T* x, const T* m, const T* d1, T* out, T* d0o, int64_t n) {
-  const Vec px(k[0]), pm(k[1]), q(k[2]), ax(k[3]), a0(k[4]), a1(k[5]);
+  const Vec px(k[0]), pm(k[1]), q(k[2]), ax(k[3]), a0(k[4]), ad(k[5]);
   auto compute = [&](const Vec& xv, const Vec& mv, const Vec& d1v, Vec& o, Vec& d0v) {
     d0v = at::vec::fmadd(px, xv, pm * mv) * q;
     o = at::vec::fmadd(ax, xv, a0 * d0v);
-    if constexpr (Second) o = at::vec::fmadd(a1, d1v, o);
+    if constexpr (Second) o = at::vec::fmadd(ad, d0v - d1v, o);
   };
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -31,7 +33,7 @@ void dpmpp_chunk(const float* k, const T* x, const T* m, const T* d1, T* out, T*
     const float xv = static_cast<float>(x[i]), mv = static_cast<float>(m[i]);
     const float d0v = (k[0] * xv + k[1] * mv) * k[2];
     float o = k[3] * xv + k[4] * d0v;
-    if constexpr (Second) o += k[5] * static_cast<float>(d1[i]);
+    if constexpr (Second) o += k[5] * (d0v - static_cast<float>(d1[i]));
     out[i] = static_cast<T>(o);
     d0o[i] = static_cast<T>(d0v);
   }

@@ -45,7 +45,7 @@ struct StepArgs {
   float clip_range;
 };
 
-// DPM-Solver++ multistep step (csrc/cpu/dpmpp_step.cpp): D0 = (px x + pm m) q, out = a_x x + a_0 D0 + a_1 D1.
+// DPM-Solver++ multistep step (csrc/cpu/dpmpp_step.cpp): D0 = (px x + pm m) q, out = a_x x + a_0 D0 + a_d (D0 - D1).
 struct DpmppArgs {
   Geometry geo;
   DType dtype;
@@ -54,7 +54,7 @@ struct DpmppArgs {
   const void* x0_last;       // (B, ...) D1, the previous step's D0, or nullptr: first order
   void* out;                 // (B, ...) x_next; may alias an input
   void* x0_out;              // (B, ...) D0; may alias an input
-  const float* coeffs;       // (B, 6) px, pm, q, a_x, a_0, a_1
+  const float* coeffs;       // (B, 6) px, pm, q, a_x, a_0, a_d
 };
 
 struct QSampleArgs {

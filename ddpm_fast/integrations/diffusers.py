@@ -255,7 +255,7 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
         return None
 
     def _dpmpp_coefficients(self, order: int) -> torch.Tensor:
-        """(1, 6) [px, pm, q, a_x, a_0, a_1] from diffusers' float32 sigmas, each term computed as
+        """(1, 6) [px, pm, q, a_x, a_0, a_d] from diffusers' float32 sigmas, each term computed as
         DPMSolverMultistepScheduler computes it (convert_model_output and the first/second-order updates), the
         per-term products folded in float64."""
         i = self.step_index
@@ -273,17 +273,16 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
         lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
         h = lambda_t - lambda_s0
         e = alpha_t * (torch.exp(-h) - 1.0)  # x_t = (sigma_t / sigma_s0) x - e D0 [+ second-order term]
-        a_x, a_0, a_1 = (sigma_t / sigma_s0).double(), -e.double(), zero.double()
+        a_x, a_0, a_d = (sigma_t / sigma_s0).double(), -e.double(), zero.double()
         if order == 2:
             alpha_s1, sigma_s1 = self._sigma_to_alpha_sigma_t(self.sigmas[i - 1])
             lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
             inv_r0 = (1.0 / ((lambda_s0 - lambda_s1) / h)).double()  # D1 = (1 / r0) (m0 - m1)
             if self.config.solver_type == "midpoint":  # - 0.5 e D1
-                g = -(0.5 * e).double() * inv_r0
+                a_d = -(0.5 * e).double() * inv_r0
             else:  # + alpha_t ((e^{-h} - 1) / h + 1) D1
-                g = (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)).double() * inv_r0
-            a_0, a_1 = a_0 + g, -g
-        return torch.stack([px.double(), pm.double(), q.double(), a_x, a_0, a_1]).to(torch.float32).view(1, 6)
+                a_d = (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)).double() * inv_r0
+        return torch.stack([px.double(), pm.double(), q.double(), a_x, a_0, a_d]).to(torch.float32).view(1, 6)
 
     def _order(self) -> int:
         """The order diffusers' step takes here: first at the start, and at the end where lower_order_final,

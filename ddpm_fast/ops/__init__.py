@@ -231,8 +231,8 @@ def dpmpp_step(
     ``t_prev`` = -1 steps to x_0, and that step is first order. t, t_prev, t_last: ints or (B,) integer tensors.
     One pass over memory: reads x_t, model_output and x0_last, writes the result and x0 (``out`` and ``x0_out``
     may be the inputs: a chain runs in place). ``coefficients``: an optional (B, 6) table
-    [px, pm, q, a_x, a_0, a_1] (x0 = (px x_t + pm m) q, result = a_x x_t + a_0 x0 + a_1 x0_last) used instead of
-    the schedule's (ddpm_fast/reference/dpmpp_step.py), e.g. a drop-in scheduler's own numbers; t_prev and t_last
+    [px, pm, q, a_x, a_0, a_d] (x0 = (px x_t + pm m) q, result = a_x x_t + a_0 x0 + a_d (x0 - x0_last)) used instead
+    of the schedule's (ddpm_fast/reference/dpmpp_step.py), e.g. a drop-in scheduler's own numbers; t_prev and t_last
     are then not used.
     """
     s = C.schedule(schedule)
@@ -259,7 +259,7 @@ def dpmpp_step(
     else:
         k = C.coefficient_table("coefficients", coefficients, B, 6)
         if x0_last is None and bool((k[:, 5] != 0).any()):
-            raise ValueError("x0_last: coefficients has a second-order term (a_1 != 0) but no x0_last was given")
+            raise ValueError("x0_last: coefficients has a second-order term (a_d != 0) but no x0_last was given")
     # elementwise (every backend reads an element's inputs before writing its outputs): out and x0_out may each be
     # x_t, model_output or x0_last, but not each other
     C.outputs({"out": out, "x0_out": x0_out}, given, in_place=("x_t", "model_output", "x0_last"))

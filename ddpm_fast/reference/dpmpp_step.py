@@ -13,9 +13,10 @@ the target t' (t_prev; -1 steps to x_0, abar = 1, sigma = 0) with h = lambda_t' 
 where D1 is the x_0 predicted at the previous step s1 = t_last and r0 = h_0 / h, h_0 = lambda_s0 - lambda_s1. A
 step to x_0 (sigma_t' = 0, h infinite) is first order (r0 = 0 there; diffusers' final step does the same).
 
-Every form is linear in (x, D0, D1), with D0 = (px x + pm m) q: the fused kernels take the (B, 6) coefficient row
-[px, pm, q, a_x, a_0, a_1] and compute x_t' = a_x x + a_0 D0 + a_1 D1 in one pass, writing D0 beside x_t' for the
-next step.
+Every form is linear in (x, D0, D0 - D1), with D0 = (px x + pm m) q: the fused kernels take the (B, 6) coefficient
+row [px, pm, q, a_x, a_0, a_d] and compute x_t' = a_x x + a_0 D0 + a_d (D0 - D1) in one pass, writing D0 beside x_t'
+for the next step. The difference D0 - D1 is formed in the kernel, as diffusers forms it: folded into separate D0
+and D1 terms, a_0 and a_1 grow large and opposite where r0 is small, and their roundings no longer cancel.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ def _abar(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
 def dpmpp_coefficients(
     t, t_prev, schedule: NoiseSchedule, prediction_type: str, t_last=None, solver_type: str = "midpoint"
 ) -> torch.Tensor:
-    """(B, 6) float64 [px, pm, q, a_x, a_0, a_1]: D0 = (px x + pm m) q, x_{t_prev} = a_x x + a_0 D0 + a_1 D1.
+    """(B, 6) float64 [px, pm, q, a_x, a_0, a_d]: D0 = (px x + pm m) q, x_{t_prev} = a_x x + a_0 D0 + a_d (D0 - D1).
 
-    t_last=None: first order (a_1 = 0); else second order from the previous step at t_last (> t).
+    t_last=None: first order (a_d = 0); else second order from the previous step at t_last (> t).
     """
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type: expected one of {SOLVER_TYPES}, got {solver_type!r}")
@@ -54,17 +55,16 @@ def dpmpp_coefficients(
     alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(_abar(schedule, t_prev))
     h = lambda_t - lambda_s0
     e = alpha_t * torch.expm1(-h)  # alpha_t' (e^{-h} - 1), -alpha_t' where h is infinite
-    a_x, a_0, a_1 = sigma_t / sigma_s0, -e, torch.zeros_like(e)
+    a_x, a_0, a_d = sigma_t / sigma_s0, -e, torch.zeros_like(e)
     if t_last is not None:
         _, _, lambda_s1 = _alpha_sigma_lambda(_abar(schedule, t_last))
         second = t_prev >= 0
         inv_r0 = torch.where(second, h / (lambda_s0 - lambda_s1), torch.zeros_like(h))
         if solver_type == "midpoint":  # - e (D0 + (D0 - D1) / (2 r0))
-            g = -0.5 * e * inv_r0
+            a_d = -0.5 * e * inv_r0
         else:  # + alpha_t' ((e^{-h} - 1) / h + 1) (D0 - D1) / r0
-            g = torch.where(second, alpha_t * (torch.expm1(-h) / h + 1) * inv_r0, torch.zeros_like(h))
-        a_0, a_1 = a_0 + g, -g
-    return torch.stack([px, pm, q, a_x, a_0, a_1], dim=1)
+            a_d = torch.where(second, alpha_t * (torch.expm1(-h) / h + 1) * inv_r0, torch.zeros_like(h))
+    return torch.stack([px, pm, q, a_x, a_0, a_d], dim=1)
 
 
 def dpmpp_step(
@@ -83,14 +83,14 @@ def dpmpp_step(
     """One DPM-Solver++ step x_t -> x_{t_prev}; returns (x_{t_prev}, D0). t, t_prev, t_last: (B,) int64 tensors.
 
     Written as the formulas above. ``coefficients`` (B, 6) instead evaluates the row form the kernels run (a
-    scheduler's own numbers); x0_last is then needed where a_1 != 0.
+    scheduler's own numbers); x0_last is then needed where a_d != 0.
     """
     if coefficients is not None:
         k = coefficients.to(x_t.dtype).view(-1, 6, *([1] * (x_t.dim() - 1)))
         x0 = (k[:, 0] * x_t + k[:, 1] * model_output) * k[:, 2]
         out = k[:, 3] * x_t + k[:, 4] * x0
         if x0_last is not None:
-            out = out + k[:, 5] * x0_last
+            out = out + k[:, 5] * (x0 - x0_last)
         return out, x0
     if (x0_last is None) != (t_last is None):
         raise ValueError("x0_last, t_last: give both (second order) or neither (first order)")
