@@ -37,6 +37,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = [
     "csrc/bindings.cpp",
     "csrc/cpu/ddpm_step.cpp",
+    "csrc/cpu/dpmpp_step.cpp",
     "csrc/cpu/q_sample.cpp",
     "csrc/cpu/noise.cpp",
     "csrc/cpu/group_norm.cpp",

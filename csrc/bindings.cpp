@@ -118,6 +118,23 @@ void ddpm_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, const 
   cpu::ddpm_step(a);
 }
 
+void dpmpp_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, const std::optional<at::Tensor>& x0_last,
+                    const at::Tensor& coeffs, const at::Tensor& out, const at::Tensor& x0_out) {
+  const at::Tensor* d1 = x0_last ? &*x0_last : nullptr;
+  cpu::DpmppArgs a;
+  a.geo = geometry(x_t, {&model_output, d1, &out, &x0_out});
+  a.dtype = dtype_of(x_t);
+  a.x = x_t.data_ptr();
+  a.model_output = model_output.data_ptr();
+  a.x0_last = d1 ? d1->data_ptr() : nullptr;
+  a.out = out.data_ptr();
+  a.x0_out = x0_out.data_ptr();
+  const float* k = coeff_table(coeffs, a.geo.batch, 6);
+  TORCH_CHECK(k != nullptr, "ddpm_fast: dpmpp_step needs its (batch, 6) coefficients");
+  a.coeffs = k;
+  cpu::dpmpp_step(a);
+}
+
 void q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& alphas_cumprod,
                   const std::optional<at::Tensor>& coeffs, const at::Tensor& noise, bool generate_noise, int64_t seed,
                   int64_t sample_offset, const at::Tensor& out) {
@@ -282,6 +299,9 @@ TORCH_LIBRARY(ddpm_fast, m) {
       "q_sample(Tensor x0, Tensor t, Tensor alphas_cumprod, Tensor? coeffs, Tensor(a!) noise, bool generate_noise, "
       "int seed, "
       "int sample_offset, Tensor(b!) out) -> ()");
+  m.def(
+      "dpmpp_step(Tensor x_t, Tensor model_output, Tensor? x0_last, Tensor coeffs, Tensor(a!) out, Tensor(b!) x0_out) "
+      "-> ()");
   m.def("keyed_normal(Tensor t, int seed, int sample_offset, int stream, Tensor(a!) out) -> ()");
   m.def(
       "group_norm_silu(Tensor x, int groups, Tensor? weight, Tensor? bias, Tensor? add, float eps, bool silu, "
@@ -293,6 +313,7 @@ TORCH_LIBRARY(ddpm_fast, m) {
 
 TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
   m.impl("ddpm_step", &ddpm_fast::ddpm_step_cpu);
+  m.impl("dpmpp_step", &ddpm_fast::dpmpp_step_cpu);
   m.impl("q_sample", &ddpm_fast::q_sample_cpu);
   m.impl("keyed_normal", &ddpm_fast::keyed_normal_cpu);
   m.impl("group_norm_silu", &ddpm_fast::group_norm_silu_cpu);

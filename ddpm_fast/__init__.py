@@ -12,6 +12,7 @@ __all__ = [
     "AccelerateError",
     "AccelerateReport",
     "FusedDDPMScheduler",
+    "FusedDPMSolverMultistepScheduler",
     "GaussianDiffusion",
     "NoiseSchedule",
     "NonFiniteSampleError",
@@ -27,7 +28,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # the diffusers drop-ins import diffusers, which is optional: load them on first use
-    if name in ("AccelerateError", "AccelerateReport", "FusedDDPMScheduler", "accelerate", "deaccelerate"):
+    drop_ins = ("FusedDDPMScheduler", "FusedDPMSolverMultistepScheduler")
+    if name in ("AccelerateError", "AccelerateReport", *drop_ins, "accelerate", "deaccelerate"):
         from .integrations import diffusers as _integration
 
         return getattr(_integration, name)

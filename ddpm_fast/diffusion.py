@@ -132,7 +132,10 @@ class GaussianDiffusion:
 
         ``steps``: run a subsequence of that many timesteps (diffusers' "leading" spacing: 0, T/steps, ...) with
         the step's own alpha recomputed from abar (respacing, Nichol & Dhariwal 2021); ``method`` "ddpm" (the
-        posterior of the respaced chain) or "ddim" (Song et al. 2021, ``eta`` = 0 deterministic).
+        posterior of the respaced chain), "ddim" (Song et al. 2021, ``eta`` = 0 deterministic) or "dpmpp_2m"
+        (DPM-Solver++(2M), Lu et al. 2022: :func:`ddpm_fast.ops.dpmpp_step`, first order at the first and the last
+        step as diffusers' DPMSolverMultistepScheduler runs it; an ODE solver: no noise after x_T, and
+        ``clip_sample`` does not apply).
 
         With ``seed`` (or neither seed nor generator: a seed from torch's generator), x_T and every z come from the
         keyed generator, so sample i depends only on (seed, sample_offset + i): ``sample(8, seed=s)[:4]`` equals
@@ -161,7 +164,7 @@ class GaussianDiffusion:
             shape = (self.model.in_channels, self.model.sample_size, self.model.sample_size)
         full = (int(n), *shape)
         sample_offset = C.sample_offset(sample_offset, n)
-        C.choice("method", method, ("ddpm", "ddim"))
+        C.choice("method", method, ("ddpm", "ddim", "dpmpp_2m"))
         if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not (math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta: expected a finite number >= 0, got {eta!r}")
         T = self.num_timesteps
@@ -177,6 +180,8 @@ class GaussianDiffusion:
                 raise ValueError("cuda_graph: needs keyed noise (seed), not a generator")
             if device.type != "cuda":
                 raise ValueError(f"cuda_graph: needs a CUDA device, got {device}")
+            if method == "dpmpp_2m":
+                raise ValueError("cuda_graph: runs the ddpm and ddim methods, not dpmpp_2m")
             x = self._graphed(full, timesteps, method, eta, device, dtype).sample(
                 seed=C.seed_value(seed), sample_offset=sample_offset
             )
@@ -200,7 +205,8 @@ class GaussianDiffusion:
             z = None
         else:
             x = torch.randn(full, generator=generator, device=device, dtype=dtype)
-            z = torch.empty_like(x)
+            z = None if method == "dpmpp_2m" else torch.empty_like(x)
+        x0 = torch.empty_like(x) if method == "dpmpp_2m" else None  # the last step's data prediction, in place
         t_batch = torch.empty(n, dtype=torch.int64, device=device)
         # per step: model output finite, x_t finite; written on the device, read once after the chain
         finite = torch.ones(len(timesteps), 2, dtype=torch.bool, device=device) if check_finite else None
@@ -211,7 +217,21 @@ class GaussianDiffusion:
                 finite[i, 0] = torch.isfinite(model_output).all()
             if z is not None and t > 0:
                 torch.randn(full, generator=generator, device=device, dtype=dtype, out=z)
-            if method == "ddim":
+            if method == "dpmpp_2m":
+                ops.dpmpp_step(
+                    x,
+                    model_output,
+                    t,
+                    t_prev,
+                    self.schedule,
+                    x0 if i > 0 else None,
+                    timesteps[i - 1] if i > 0 else None,
+                    prediction_type=self.prediction_type,
+                    backend=self.backend,
+                    out=x,
+                    x0_out=x0,
+                )
+            elif method == "ddim":
                 ops.ddim_step(
                     x,
                     model_output,

@@ -132,3 +132,63 @@ def test_sampling_runs_the_model_in_eval_mode_and_restores_its_mode():
     assert torch.equal(first, d.sample(2, seed=7, progress=False))
     assert not model.eval().training and not d.sample(1, seed=7, progress=False).isnan().any()
     assert not model.training
+
+
+def _dpmpp_reference_chain(model, schedule, x, timesteps, prediction_type):
+    """DPM-Solver++(2M) written out with the reference step: first order at the first step, second after, the step
+    to x_0 first order."""
+    B = x.shape[0]
+    x0_last = t_last = None
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        tb, tpb = torch.full((B,), t), torch.full((B,), t_prev)
+        last = None if t_last is None else torch.full((B,), t_last)
+        x, x0_last = df.reference.dpmpp_step(
+            x, model(x, tb), tb, tpb, schedule, x0_last, last, prediction_type=prediction_type
+        )
+        t_last = t
+    return x
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("cpu", marks=needs_cpu)])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("steps", [5, 10])
+def test_dpmpp_2m_chain_equals_reference_loop(backend, prediction_type, steps):
+    s = df.NoiseSchedule.linear(1000, 1e-4, 0.02)
+    d = df.GaussianDiffusion(Dummy(), s, backend=backend, prediction_type=prediction_type)
+    with df.ops.trace() as calls:
+        got = d.sample(3, seed=11, steps=steps, method="dpmpp_2m", progress=False, check_finite=False)
+    x_T = df.ops.keyed_normal((3, 3, 8, 8), seed=11, backend="torch")
+    timesteps = [i * (1000 // steps) for i in range(steps)][::-1]
+    with torch.no_grad():
+        expected = _dpmpp_reference_chain(d.model, s, x_T, timesteps, prediction_type)
+    err = (got - expected).abs().max().item()
+    bound = 1e-5 * max(1.0, expected.abs().max().item())  # a short chain of a smooth model: tighter than DESIGN's
+    print(f"dpmpp_2m {backend} {prediction_type} {steps} steps: max err {err:.3g} (bound {bound:.3g})")
+    assert err <= bound
+    served = [c.backend for c in calls if c.op == "dpmpp_step"]
+    assert served == [backend] * steps
+
+
+def test_dpmpp_2m_keyed_samples_and_no_noise_after_x_T():
+    d = df.GaussianDiffusion(Dummy(), df.NoiseSchedule.linear(100, 1e-4, 0.02))
+    opts = dict(steps=10, method="dpmpp_2m", progress=False)
+    big = d.sample(6, seed=4, **opts)
+    assert torch.equal(big[:2], d.sample(2, seed=4, **opts))
+    assert torch.equal(big[3:5], d.sample(2, seed=4, sample_offset=3, **opts))
+    g = torch.Generator().manual_seed(0)
+    a = d.sample(2, generator=g, **opts)
+    after = torch.randn(1, generator=g)  # the chain drew only x_T from the generator
+    g2 = torch.Generator().manual_seed(0)
+    x_T = torch.randn((2, 3, 8, 8), generator=g2)
+    assert torch.equal(after, torch.randn(1, generator=g2))
+    assert torch.equal(a, d.sample(2, generator=torch.Generator().manual_seed(0), **opts))
+    assert not torch.equal(a, x_T)
+
+
+def test_dpmpp_2m_bad_arguments():
+    d = df.GaussianDiffusion(Dummy(), S)
+    with pytest.raises(ValueError, match="method"):
+        d.sample(1, method="dpmpp_3m", progress=False)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        d.sample(1, method="dpmpp_2m", cuda_graph=True, device="cuda", progress=False)

@@ -277,6 +277,11 @@ def step_launches(quick: bool):
             lambda x=x, m=m, t=t_dev: df.ops.ddpm_step(x, m, t, s, seed=3, backend="triton"),
         )
         yield f"q_sample given {tag}", lambda x=x, z=z, t=t_dev: df.ops.q_sample(x, t, z, s, backend="triton")
+        yield f"dpmpp_step first order {tag}", lambda x=x, m=m: df.ops.dpmpp_step(x, m, 500, 400, s, backend="triton")
+        yield (
+            f"dpmpp_step second order {tag}",
+            lambda x=x, m=m, z=z: df.ops.dpmpp_step(x, m, 500, 400, s, z, 600, backend="triton"),
+        )
         for seed in SEEDS[:2] if quick else SEEDS:
             yield (
                 f"ddpm_step keyed {tag} seed={seed:#x}",

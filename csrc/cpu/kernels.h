@@ -45,6 +45,18 @@ struct StepArgs {
   float clip_range;
 };
 
+// DPM-Solver++ multistep step (csrc/cpu/dpmpp_step.cpp): D0 = (px x + pm m) q, out = a_x x + a_0 D0 + a_d (D0 - D1).
+struct DpmppArgs {
+  Geometry geo;
+  DType dtype;
+  const void* x;             // (B, ...) x_t
+  const void* model_output;  // (B, ...) epsilon, x_0 or v
+  const void* x0_last;       // (B, ...) D1, the previous step's D0, or nullptr: first order
+  void* out;                 // (B, ...) x_next; may alias an input
+  void* x0_out;              // (B, ...) D0; may alias an input
+  const float* coeffs;       // (B, 6) px, pm, q, a_x, a_0, a_d
+};
+
 struct QSampleArgs {
   Geometry geo;
   DType dtype;
@@ -109,6 +121,7 @@ struct WinogradArgs {
 void winograd_weight_transform(const float* w, int64_t K, int64_t C, float* u);
 void winograd_conv3x3(const WinogradArgs& args);
 void ddpm_step(const StepArgs& args);
+void dpmpp_step(const DpmppArgs& args);
 void attention(const AttentionArgs& args);
 void group_norm(const GroupNormArgs& args);
 void q_sample(const QSampleArgs& args);

@@ -1,4 +1,4 @@
-"""Drop-ins for diffusers: FusedDDPMScheduler and accelerate()/deaccelerate().
+"""Drop-ins for diffusers: FusedDDPMScheduler, FusedDPMSolverMultistepScheduler and accelerate()/deaccelerate().
 
 FusedDDPMScheduler is diffusers' DDPMScheduler (same constructor, config, save/load, set_timesteps,
 scale_model_input, previous_timestep, custom timesteps) whose ``step`` and ``add_noise`` run ddpm_fast's fused
@@ -6,6 +6,11 @@ kernels. Each step's scalar coefficients are computed from diffusers' own float3
 diffusers' order of operations and handed to the kernel, and the noise is drawn exactly as diffusers draws it
 (``randn_tensor`` with the generator), so results match diffusers up to the kernel's rounding. What it cannot
 fuse (thresholding, learned or log variances) runs diffusers' own code; ``unfused_reason`` says why.
+
+FusedDPMSolverMultistepScheduler is diffusers' DPMSolverMultistepScheduler whose ``step`` runs the fused
+DPM-Solver++ step (ops.dpmpp_step: the data prediction and the multistep update in one pass) for
+``algorithm_type="dpmsolver++"``, ``solver_order`` 1 or 2, either solver type and any of diffusers' sigma schedules,
+with coefficients computed from diffusers' own float32 sigmas in its order of operations.
 
 accelerate() swaps a pipeline's U-Net and scheduler for ddpm_fast's, or raises AccelerateError saying what it cannot
 swap (strict, the default); it returns an AccelerateReport.
@@ -28,8 +33,9 @@ from ..schedule import NoiseSchedule
 log = logging.getLogger("ddpm_fast")
 
 try:
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
     from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
     from diffusers.utils.torch_utils import randn_tensor
 except ImportError as e:  # pragma: no cover - diffusers is an optional dependency
     raise ImportError("ddpm_fast.integrations.diffusers needs diffusers: pip install diffusers") from e
@@ -198,6 +204,140 @@ class FusedDDPMScheduler(DDPMScheduler):
         )
 
 
+class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
+    """diffusers.DPMSolverMultistepScheduler with ``step`` on ddpm_fast's fused DPM-Solver++ step.
+
+    Fused: ``algorithm_type="dpmsolver++"``, ``solver_order`` 1 or 2, ``solver_type`` "midpoint" or "heun",
+    prediction_type epsilon / sample / v_prediction, no thresholding, no learned variance, no flow sigmas, and
+    model output and sample of one shape and dtype (fp32/fp16/bf16). Anything else runs diffusers' own ``step``
+    (``unfused_reason`` says why); after each step ``fused`` says which ran.
+    """
+
+    backend: str | None = None
+    fused: bool | None = None  # whether the last step ran the fused kernel (None before the first)
+    _schedule = FusedDDPMScheduler._schedule
+
+    def config_unfused_reason(self) -> str | None:
+        """None when this configuration's steps can run the fused kernel, else why they all run diffusers' code."""
+        c = self.config
+        if c.algorithm_type != "dpmsolver++":
+            return f"algorithm_type={c.algorithm_type!r}: the kernel runs 'dpmsolver++'"
+        if c.solver_order not in (1, 2):
+            return f"solver_order={c.solver_order}: the kernel runs orders 1 and 2"
+        if c.solver_type not in ("midpoint", "heun"):
+            return f"solver_type={c.solver_type!r}: the kernel runs 'midpoint' or 'heun'"
+        if c.prediction_type not in C.PREDICTION_TYPES:
+            return f"prediction_type={c.prediction_type!r}: the kernel takes {', '.join(C.PREDICTION_TYPES)}"
+        if c.thresholding:
+            return "thresholding=True: dynamic thresholding (per-sample quantiles) runs diffusers' code"
+        if c.variance_type is not None:
+            return f"variance_type={c.variance_type!r}: a learned variance runs diffusers' code"
+        if getattr(c, "use_flow_sigmas", False):
+            return "use_flow_sigmas=True: flow sigmas run diffusers' code"
+        if self._schedule() is None:
+            return "betas: not a valid schedule (outside (0, 1]); diffusers' own maths runs"
+        return None
+
+    def unfused_reason(self, model_output: torch.Tensor, sample: torch.Tensor) -> str | None:
+        """None when ``step(model_output, timestep, sample)`` runs the fused dpmpp_step kernel, else why it runs
+        diffusers' code instead (the configuration or these tensors)."""
+        why = self.config_unfused_reason()
+        if why is not None:
+            return why
+        if model_output.shape != sample.shape:
+            return f"model_output: shape {tuple(model_output.shape)} differs from the sample's {tuple(sample.shape)}"
+        if model_output.dtype != sample.dtype:
+            return f"model_output: dtype {model_output.dtype} differs from the sample's {sample.dtype}"
+        if sample.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"sample: dtype {sample.dtype}; the kernel takes float32, float16 or bfloat16"
+        if sample.dim() < 1:
+            return "sample: a 0-d tensor"
+        return None
+
+    def _dpmpp_coefficients(self, order: int) -> torch.Tensor:
+        """(1, 6) [px, pm, q, a_x, a_0, a_d] from diffusers' float32 sigmas, each term computed as
+        DPMSolverMultistepScheduler computes it (convert_model_output and the first/second-order updates), the
+        per-term products folded in float64."""
+        i = self.step_index
+        alpha_s0, sigma_s0 = self._sigma_to_alpha_sigma_t(self.sigmas[i])
+        alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(self.sigmas[i + 1])
+        one, zero = torch.ones_like(alpha_s0), torch.zeros_like(alpha_s0)
+        pt = self.config.prediction_type
+        if pt == "epsilon":  # (sample - sigma_t * model_output) / alpha_t
+            px, pm, q = one, -sigma_s0, 1 / alpha_s0.double()
+        elif pt == "sample":
+            px, pm, q = zero, one, one
+        else:  # v_prediction: alpha_t * sample - sigma_t * model_output
+            px, pm, q = alpha_s0, -sigma_s0, one
+        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
+        lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
+        h = lambda_t - lambda_s0
+        e = alpha_t * (torch.exp(-h) - 1.0)  # x_t = (sigma_t / sigma_s0) x - e D0 [+ second-order term]
+        a_x, a_0, a_d = (sigma_t / sigma_s0).double(), -e.double(), zero.double()
+        if order == 2:
+            alpha_s1, sigma_s1 = self._sigma_to_alpha_sigma_t(self.sigmas[i - 1])
+            lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
+            inv_r0 = (1.0 / ((lambda_s0 - lambda_s1) / h)).double()  # D1 = (1 / r0) (m0 - m1)
+            if self.config.solver_type == "midpoint":  # - 0.5 e D1
+                a_d = -(0.5 * e).double() * inv_r0
+            else:  # + alpha_t ((e^{-h} - 1) / h + 1) D1
+                a_d = (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)).double() * inv_r0
+        return torch.stack([px.double(), pm.double(), q.double(), a_x, a_0, a_d]).to(torch.float32).view(1, 6)
+
+    def _order(self) -> int:
+        """The order diffusers' step takes here: first at the start, and at the end where lower_order_final,
+        euler_at_final or a final sigma of zero ask for it (DPMSolverMultistepScheduler.step)."""
+        c = self.config
+        last = self.step_index == len(self.timesteps) - 1
+        lower_order_final = last and (
+            getattr(c, "euler_at_final", False)
+            or (c.lower_order_final and len(self.timesteps) < 15)
+            or getattr(c, "final_sigmas_type", "zero") == "zero"
+        )
+        return 1 if c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final else 2
+
+    # ------------------------------------------------------------------ diffusers API
+    def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict: bool = True):
+        why = self.unfused_reason(model_output, sample)
+        if why is None and self.num_inference_steps is None:
+            why = "set_timesteps has not run (diffusers' step raises)"
+        if why is None:
+            n = self.config.num_train_timesteps  # an out-of-range or meta timestep: a clear error, never an index
+            t = int(C.timesteps(timestep, 1, n, "cpu", name="timestep", data=("sample", sample.device))[0])
+            if self.step_index is None:
+                self._init_step_index(timestep)
+            order = self._order()
+            coefficients = self._dpmpp_coefficients(order)
+            if not torch.isfinite(coefficients).all():
+                why = f"step {self.step_index}: non-finite coefficients; diffusers' own inf/nan maths runs"
+        self.fused = why is None
+        if not self.fused:
+            log.debug("ddpm_fast: FusedDPMSolverMultistepScheduler.step runs diffusers' code (%s)", why)
+            kwargs = dict(generator=generator, variance_noise=variance_noise, return_dict=return_dict)
+            return super().step(model_output, timestep, sample, **kwargs)
+        # the table carries the step (diffusers' sigmas): t is only checked, and t_prev = -1 stands for any target
+        prev_sample, x0 = ops.dpmpp_step(
+            sample,
+            model_output,
+            t,
+            -1,
+            self._schedule(),
+            self.model_outputs[-1] if order == 2 else None,
+            prediction_type=self.config.prediction_type,
+            solver_type=self.config.solver_type,
+            coefficients=coefficients.expand(sample.shape[0], 6),
+            backend=self.backend,
+        )
+        for i in range(self.config.solver_order - 1):  # the history, kept as diffusers keeps it
+            self.model_outputs[i] = self.model_outputs[i + 1]
+        self.model_outputs[-1] = x0
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample,)
+        return SchedulerOutput(prev_sample=prev_sample)
+
 # ---------------------------------------------------------------------------------------------- accelerate()
 def _tied_unet(unet2d) -> UNet:
     """A ddpm_fast.UNet whose parameters are the diffusers model's own Parameter objects (no copy)."""
@@ -261,33 +401,39 @@ def _plan_unet(unet2d, report: AccelerateReport) -> UNet | None:
     return ours
 
 
-def _plan_scheduler(sched, report: AccelerateReport) -> FusedDDPMScheduler | None:
-    """The FusedDDPMScheduler to put in place of ``sched``, or None (none needed, or left: the report says why)."""
+_DROP_INS = {DDPMScheduler: FusedDDPMScheduler, DPMSolverMultistepScheduler: FusedDPMSolverMultistepScheduler}
+
+
+def _plan_scheduler(sched, report: AccelerateReport):
+    """The drop-in scheduler to put in place of ``sched``, or None (none needed, or left: the report says why)."""
     if sched is None:
         return None
-    if not isinstance(sched, FusedDDPMScheduler) and type(sched) is not DDPMScheduler:
-        report.left["scheduler"] = f"{type(sched).__name__}: ddpm_fast's drop-in replaces DDPMScheduler only"
+    done = isinstance(sched, tuple(_DROP_INS.values()))
+    if not done and type(sched) not in _DROP_INS:
+        names = " and ".join(cls.__name__ for cls in _DROP_INS)
+        report.left["scheduler"] = f"{type(sched).__name__}: ddpm_fast's drop-ins replace {names} only"
         return None
-    fused = sched if isinstance(sched, FusedDDPMScheduler) else FusedDDPMScheduler.from_config(sched.config)
+    fused = sched if done else _DROP_INS[type(sched)].from_config(sched.config)
     why = fused.config_unfused_reason()
     if why is not None:
         report.left["scheduler"] = f"{type(sched).__name__}: {why}"
         return None
-    report.swapped["scheduler"] = "FusedDDPMScheduler" + (" (accelerated before)" if fused is sched else "")
-    return None if fused is sched else fused
+    report.swapped["scheduler"] = type(fused).__name__ + (" (accelerated before)" if done else "")
+    return None if done else fused
 
 
 def accelerate(obj, backend: str | None = None, *, strict: bool = True) -> AccelerateReport:
     """Make a diffusers ``DDPMPipeline`` or ``UNet2DModel`` (classic DDPM blocks) run on ddpm_fast, in place.
 
-    A pipeline's DDPMScheduler becomes a FusedDDPMScheduler with the same config, and its U-Net (or the given
-    UNet2DModel) runs ddpm_fast's U-Net on the same Parameter objects: fused GroupNorm+SiLU and attention, and on
-    the CPU channels_last with prepacked oneDNN convolutions. Returns an :class:`AccelerateReport` of what was
-    swapped and what was left and why; :func:`deaccelerate` undoes it.
+    A pipeline's DDPMScheduler becomes a FusedDDPMScheduler with the same config (a DPMSolverMultistepScheduler a
+    FusedDPMSolverMultistepScheduler), and its U-Net (or the given UNet2DModel) runs ddpm_fast's U-Net on the same
+    Parameter objects: fused GroupNorm+SiLU and attention, and on the CPU channels_last with prepacked oneDNN
+    convolutions. Returns an :class:`AccelerateReport` of what was swapped and what was left and why;
+    :func:`deaccelerate` undoes it.
 
     ``strict=True`` (the default): a part that cannot run on ddpm_fast (a U-Net whose blocks ddpm_fast's UNet does
-    not have, a scheduler other than DDPMScheduler or one whose configuration runs diffusers' code, no fused
-    backend for the model's device) raises :class:`AccelerateError` naming the reason, and nothing is changed: who
+    not have, a scheduler without a drop-in or one whose configuration runs diffusers' code, no fused backend for
+    the model's device) raises :class:`AccelerateError` naming the reason, and nothing is changed: who
     asks for acceleration expects an error, not a pipeline that quietly runs as slowly as before.
     ``strict=False`` swaps what it can, leaves the rest as it is, says so in the report and warns in one line.
     The check of the backend looks at the model's device now; moving the model later moves ddpm_fast's U-Net too.

@@ -20,6 +20,7 @@ import numbers
 import torch
 
 from ..reference.ddim_step import ddim_coefficients
+from ..reference.dpmpp_step import SOLVER_TYPES, dpmpp_coefficients
 from ..reference.noise import STREAM_X_T
 from . import _checks as C
 from ._layout import MEMORY_FORMATS
@@ -40,6 +41,7 @@ __all__ = [
     "conv3x3",
     "ddim_step",
     "ddpm_step",
+    "dpmpp_step",
     "group_norm_silu",
     "keyed_normal",
     "linear",
@@ -203,6 +205,69 @@ def ddim_step(
         backend=backend,
         out=out,
     )
+
+
+def dpmpp_step(
+    x_t,
+    model_output,
+    t,
+    t_prev,
+    schedule,
+    x0_last=None,
+    t_last=None,
+    *,
+    prediction_type="epsilon",
+    solver_type="midpoint",
+    coefficients=None,
+    backend=None,
+    out=None,
+    x0_out=None,
+):
+    """One DPM-Solver++ multistep step x_t -> x_{t_prev} (Lu et al. 2022, data prediction, no thresholding);
+    returns ``(x_{t_prev}, x0)``, x0 the data prediction D0 to pass as ``x0_last`` to the next step.
+
+    First order (DDIM's update) without ``x0_last``; second order ("2M") with ``x0_last``, the x0 returned by the
+    previous step, taken at timestep ``t_last`` (> t). ``solver_type``: "midpoint" or "heun" (diffusers' names).
+    ``t_prev`` = -1 steps to x_0, and that step is first order. t, t_prev, t_last: ints or (B,) integer tensors.
+    One pass over memory: reads x_t, model_output and x0_last, writes the result and x0 (``out`` and ``x0_out``
+    may be the inputs: a chain runs in place). ``coefficients``: an optional (B, 6) table
+    [px, pm, q, a_x, a_0, a_d] (x0 = (px x_t + pm m) q, result = a_x x_t + a_0 x0 + a_d (x0 - x0_last)) used instead
+    of the schedule's (ddpm_fast/reference/dpmpp_step.py), e.g. a drop-in scheduler's own numbers; t_prev and t_last
+    are then not used.
+    """
+    s = C.schedule(schedule)
+    x_t = C.tensor("x_t", x_t)
+    group = {"x_t": x_t, "model_output": model_output, "x0_last": x0_last, "out": out, "x0_out": x0_out}
+    C.alike(group, required=("model_output",))
+    C.choice("prediction_type", prediction_type, C.PREDICTION_TYPES)
+    C.choice("solver_type", solver_type, SOLVER_TYPES)
+    B = x_t.shape[0]
+    data = ("x_t", x_t.device)
+    given = {"x_t": x_t, "model_output": model_output, "x0_last": x0_last, "t": t, "t_prev": t_prev}
+    given.update(t_last=t_last, coefficients=coefficients)
+    t = C.timesteps(t, B, len(s), "cpu", data=data)  # the coefficients are computed on the host
+    t_prev = C.previous_timesteps(t_prev, t, len(s), data=data)
+    if coefficients is None:
+        if (x0_last is None) != (t_last is None):
+            missing = "t_last" if t_last is None else "x0_last"
+            raise ValueError(f"{missing}: the second-order step needs both x0_last and t_last (neither: first order)")
+        if t_last is not None:
+            t_last = C.timesteps(t_last, B, len(s), "cpu", name="t_last", data=data)
+            if (t_last <= t).any():
+                raise ValueError("t_last: every last timestep must be larger than its t (the previous step's)")
+        k = dpmpp_coefficients(t, t_prev, s, prediction_type, t_last, solver_type)  # float64
+    else:
+        k = C.coefficient_table("coefficients", coefficients, B, 6)
+        if x0_last is None and bool((k[:, 5] != 0).any()):
+            raise ValueError("x0_last: coefficients has a second-order term (a_d != 0) but no x0_last was given")
+    # elementwise (every backend reads an element's inputs before writing its outputs): out and x0_out may each be
+    # x_t, model_output or x0_last, but not each other
+    C.outputs({"out": out, "x0_out": x0_out}, given, in_place=("x_t", "model_output", "x0_last"))
+    backend = resolve("dpmpp_step", backend, x_t.device, _needs_grad(x_t, model_output, x0_last), x_t.dtype)
+    if backend != "torch":
+        C.tensor("x_t", x_t, dtypes=C.FUSED_DTYPES)
+        k = k.to(torch.float32).contiguous()  # the kernels' table; the reference keeps float64 for float64 data
+    return module(backend).dpmpp_step(x_t, model_output, x0_last, k, out, x0_out)
 
 
 # ----------------------------------------------------------------------------------------------- noise

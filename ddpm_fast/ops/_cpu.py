@@ -21,7 +21,17 @@ from ._trace import record
 
 NAME = "cpu"
 OPS = frozenset(
-    {"q_sample", "ddpm_step", "keyed_normal", "group_norm_silu", "attention", "conv3x3", "conv2d", "linear"}
+    {
+        "q_sample",
+        "ddpm_step",
+        "dpmpp_step",
+        "keyed_normal",
+        "group_norm_silu",
+        "attention",
+        "conv3x3",
+        "conv2d",
+        "linear",
+    }
 )
 _PREDICTION_CODE = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 _VARIANCE_CODE = {"fixed_small": 0, "fixed_large": 1}
@@ -43,6 +53,8 @@ def _mkldnn() -> bool:
 
 def refuses(op: str, dtype=None, padding=None, **facts) -> str | None:
     """The calls the cpu kernels do not take (auto then runs the reference; by name, a TypeError)."""
+    if op == "dpmpp_step" and not hasattr(torch.ops.ddpm_fast, "dpmpp_step"):
+        return "the cpu extension was built before dpmpp_step existed; rebuild it (pip install -e .)"
     if op in ("conv3x3", "conv2d", "linear") and dtype is not None and dtype != torch.float32:
         return f"x: the cpu {op} kernel takes float32, got {dtype}"
     if op == "conv2d":
@@ -124,6 +136,17 @@ def ddpm_step(
     if x0_out is not None:
         finish(x0_result, x0_out)
     return finish(result, out)
+
+
+def dpmpp_step(x_t, model_output, x0_last, coefficients, out, x0_out, _name=NAME):
+    record("dpmpp_step", _name, "native")
+    fmt = memory_format(x_t)
+    xd = dense(x_t, fmt)
+    result = result_buffer(out, xd, fmt)
+    x0 = result_buffer(x0_out, xd, fmt)
+    d1 = None if x0_last is None else dense(x0_last, fmt)
+    torch.ops.ddpm_fast.dpmpp_step(xd, dense(model_output, fmt), d1, coefficients, result, x0)
+    return finish(result, out), finish(x0, x0_out)
 
 
 def keyed_normal(shape, t, seed, stream, sample_offset, dtype, device, memory_format_, out, _name=NAME):
@@ -272,8 +295,9 @@ def _register_fakes() -> None:
     through them."""
     if not hasattr(torch.ops.ddpm_fast, "ddpm_step"):
         return
-    for name in ("ddpm_step", "q_sample", "keyed_normal", "group_norm_silu", "attention", "conv3x3"):
-        torch.library.register_fake(f"ddpm_fast::{name}")(lambda *args, **kwargs: None)
+    for name in ("ddpm_step", "dpmpp_step", "q_sample", "keyed_normal", "group_norm_silu", "attention", "conv3x3"):
+        if hasattr(torch.ops.ddpm_fast, name):  # an extension built before the op existed lacks it
+            torch.library.register_fake(f"ddpm_fast::{name}")(lambda *args, **kwargs: None)
     torch.library.register_fake("ddpm_fast::winograd_weight")(lambda w: w.new_empty(16, w.shape[1], w.shape[0]))
 
 

@@ -11,7 +11,17 @@ from ._trace import record
 
 NAME = "torch"
 OPS = frozenset(
-    {"q_sample", "ddpm_step", "keyed_normal", "group_norm_silu", "attention", "conv3x3", "conv2d", "linear"}
+    {
+        "q_sample",
+        "ddpm_step",
+        "dpmpp_step",
+        "keyed_normal",
+        "group_norm_silu",
+        "attention",
+        "conv3x3",
+        "conv2d",
+        "linear",
+    }
 )
 
 
@@ -81,6 +91,14 @@ def ddpm_step(
     if x0_out is not None:
         x0_out.copy_(x0)
     return finish(result, out)
+
+
+def dpmpp_step(x_t, model_output, x0_last, coefficients, out, x0_out):
+    record("dpmpp_step", NAME, "reference")
+    result, x0 = ref.dpmpp_step(
+        x_t, model_output, None, None, None, x0_last, coefficients=coefficients.to(torch.float64)
+    )
+    return finish(result, out), finish(x0, x0_out)
 
 
 def keyed_normal(shape, t, seed, stream, sample_offset, dtype, device, memory_format, out):

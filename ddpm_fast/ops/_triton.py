@@ -21,7 +21,9 @@ from ._layout import dense, finish, memory_format, result_buffer, rows
 from ._trace import record
 
 NAME = "triton"
-OPS = frozenset({"q_sample", "ddpm_step", "keyed_normal", "group_norm_silu", "attention", "conv2d", "linear"})
+OPS = frozenset(
+    {"q_sample", "ddpm_step", "dpmpp_step", "keyed_normal", "group_norm_silu", "attention", "conv2d", "linear"}
+)
 
 
 def unavailable() -> str | None:
@@ -168,6 +170,26 @@ def ddpm_step(
     if x0_out is not None:
         finish(x0_result, x0_out)
     return finish(result, out)
+
+
+def dpmpp_step(x_t, model_output, x0_last, coefficients, out, x0_out):
+    from ..kernels import dpmpp_step as tk
+
+    record("dpmpp_step", NAME, "triton")
+    fmt = memory_format(x_t)
+    xd = dense(x_t, fmt)
+    result = result_buffer(out, xd, fmt)
+    x0 = result_buffer(x0_out, xd, fmt)
+    second = x0_last is not None and bool((coefficients[:, 5] != 0).any())  # a host table: free to read
+    tk.dpmpp_step(
+        xd,
+        dense(model_output, fmt),
+        dense(x0_last, fmt) if second else None,
+        result,
+        x0,
+        to_device(coefficients, x_t.device),
+    )
+    return finish(result, out), finish(x0, x0_out)
 
 
 def keyed_normal(shape, t, seed, stream, sample_offset, dtype, device, memory_format_, out):

@@ -3,6 +3,7 @@
 from .attention import attention
 from .conv import conv3x3
 from .ddim_step import ddim_coefficients, ddim_step
+from .dpmpp_step import dpmpp_coefficients, dpmpp_step
 from .ddpm_step import ddpm_step, predict_x0, step_coefficients
 from .group_norm import group_norm_silu
 from .noise import keyed_normal
@@ -14,6 +15,8 @@ __all__ = [
     "attention",
     "conv3x3",
     "ddpm_step",
+    "dpmpp_coefficients",
+    "dpmpp_step",
     "group_norm_silu",
     "keyed_normal",
     "predict_x0",

@@ -233,7 +233,11 @@ def test_accelerate_refuses_unsupported_models_unless_told():
 @pytest.mark.parametrize(
     "scheduler, why",
     [
-        (lambda: diffusers.DDIMScheduler(), "DDIMScheduler: ddpm_fast's drop-in replaces DDPMScheduler only"),
+        (
+            lambda: diffusers.DDIMScheduler(),
+            "DDIMScheduler: ddpm_fast's drop-ins replace DDPMScheduler and DPMSolverMultistepScheduler only",
+        ),
+        (lambda: diffusers.DPMSolverMultistepScheduler(solver_order=3), "DPMSolverMultistepScheduler: solver_order=3"),
         (lambda: diffusers.DDPMScheduler(thresholding=True), "DDPMScheduler: thresholding=True"),
         (lambda: diffusers.DDPMScheduler(variance_type="learned"), "DDPMScheduler: variance_type='learned'"),
     ],

@@ -108,6 +108,16 @@ def _ddim_over_x(be):
     df.ops.ddim_step(x, torch.randn(SHAPE), 9, 3, S, backend=be, out=out)
 
 
+def _dpmpp_over_x(be):
+    x, out = _shared(3)
+    df.ops.dpmpp_step(x, torch.randn(SHAPE), 9, 3, S, backend=be, out=out)
+
+
+def _dpmpp_x0_over_x0_last(be):
+    x0_last, x0_out = _shared(-2)
+    df.ops.dpmpp_step(torch.randn(SHAPE), torch.randn(SHAPE), 9, 3, S, x0_last, 12, backend=be, x0_out=x0_out)
+
+
 def _gn_over_x(be):
     x, out = _shared(1)
     df.ops.group_norm_silu(x, 2, None, None, backend=be, out=out)
@@ -170,6 +180,8 @@ OVERLAPS = [  # (case, call taking a backend, pattern the ValueError must match)
     ("ddpm_step out partly over x0_out", _step_out_over_x0_out, "out and x0_out: overlap"),
     ("ddpm_step expanded x0_out", _step_x0_expanded, "x0_out: more than one"),
     ("ddim_step out partly over x_t", _ddim_over_x, "out: overlaps x_t"),
+    ("dpmpp_step out partly over x_t", _dpmpp_over_x, "out: overlaps x_t"),
+    ("dpmpp_step x0_out partly over x0_last", _dpmpp_x0_over_x0_last, "x0_out: overlaps x0_last"),
     ("group_norm_silu out partly over x", _gn_over_x, "out: overlaps x"),
     ("group_norm_silu out over weight", _gn_over_weight, "out: overlaps weight"),
     ("group_norm_silu expanded out", _gn_expanded, "out: more than one"),
