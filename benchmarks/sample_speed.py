@@ -29,15 +29,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def ensure_installed() -> None:
-    """Install the requirements and build the extension when they are missing (a fresh machine)."""
+    """Install the requirements and build the extension when they are missing (a fresh machine), or when the
+    ddpm_fast that imports is another checkout's."""
     try:
         import torch  # noqa: F401
         import tqdm  # noqa: F401
 
         import ddpm_fast  # noqa: F401
 
-        if ddpm_fast.backends()["cpu"].startswith("available"):
-            return
+        package = os.path.realpath(os.path.dirname(ddpm_fast.__file__))
+        here = package == os.path.realpath(os.path.join(ROOT, "ddpm_fast"))
+        if here and ddpm_fast.backends()["cpu"].startswith("available"):
+            return  # this checkout's ddpm_fast, built (not another checkout's install)
     except ImportError:
         pass
     print("# installing requirements and building ddpm_fast (one time)...", flush=True)
