@@ -47,6 +47,19 @@ def _nonfinite(t: int) -> str:
     return f"timestep {t}: non-finite coefficients (abar underflows at these betas); diffusers' own inf/nan maths runs"
 
 
+def _tensors_unfused_reason(model_output: torch.Tensor, sample: torch.Tensor) -> str | None:
+    """Why a step's tensors are not ones the fused step kernels take (None: they are)."""
+    if model_output.shape != sample.shape:
+        return f"model_output: shape {tuple(model_output.shape)} differs from the sample's {tuple(sample.shape)}"
+    if model_output.dtype != sample.dtype:
+        return f"model_output: dtype {model_output.dtype} differs from the sample's {sample.dtype}"
+    if sample.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"sample: dtype {sample.dtype}; the kernel takes float32, float16 or bfloat16"
+    if sample.dim() < 1:
+        return "sample: a 0-d tensor"
+    return None
+
+
 class FusedDDPMScheduler(DDPMScheduler):
     """diffusers.DDPMScheduler with ``step`` and ``add_noise`` on ddpm_fast's fused kernels.
 
@@ -93,14 +106,9 @@ class FusedDDPMScheduler(DDPMScheduler):
         why = self.config_unfused_reason()
         if why is not None:
             return why
-        if model_output.shape != sample.shape:
-            return f"model_output: shape {tuple(model_output.shape)} differs from the sample's {tuple(sample.shape)}"
-        if model_output.dtype != sample.dtype:
-            return f"model_output: dtype {model_output.dtype} differs from the sample's {sample.dtype}"
-        if sample.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return f"sample: dtype {sample.dtype}; the kernel takes float32, float16 or bfloat16"
-        if sample.dim() < 1:
-            return "sample: a 0-d tensor"
+        why = _tensors_unfused_reason(model_output, sample)
+        if why is not None:
+            return why
         if timestep is not None:
             t = int(C.timesteps(timestep, 1, self.config.num_train_timesteps, "cpu", name="timestep")[0])
             if not torch.isfinite(self._step_coefficients(t, int(self.previous_timestep(t)))).all():
@@ -244,15 +252,7 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
         why = self.config_unfused_reason()
         if why is not None:
             return why
-        if model_output.shape != sample.shape:
-            return f"model_output: shape {tuple(model_output.shape)} differs from the sample's {tuple(sample.shape)}"
-        if model_output.dtype != sample.dtype:
-            return f"model_output: dtype {model_output.dtype} differs from the sample's {sample.dtype}"
-        if sample.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return f"sample: dtype {sample.dtype}; the kernel takes float32, float16 or bfloat16"
-        if sample.dim() < 1:
-            return "sample: a 0-d tensor"
-        return None
+        return _tensors_unfused_reason(model_output, sample)
 
     def _dpmpp_coefficients(self, order: int) -> torch.Tensor:
         """(1, 6) [px, pm, q, a_x, a_0, a_d] from diffusers' float32 sigmas, each term computed as
