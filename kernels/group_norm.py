@@ -29,28 +29,38 @@ def _heuristic_only() -> bool:
     return _interpreted() or os.environ.get("DDPM_FAST_TRITON_AUTOTUNE", "1").strip() == "0"
 
 
+# The autotuned spaces. Both passes are memory-bound: 8..32 elements a thread in flight cover them, so the statistics
+# pass tries tiles (pixels x the group's channels) of 2,048..8,192 elements at 4 and 8 warps around the heuristic
+# 4,096 at 4, and the elementwise pass blocks of 1,024..4,096. Each configuration costs a compile per shape on the
+# GPU (and in tests/triton_aot.py) and a timed launch when a shape is first seen.
+STATS_TILES = ((2048, 4), (4096, 4), (4096, 8), (8192, 8))  # (elements, warps)
+AFFINE_BLOCKS = ((1024, 4), (2048, 4), (4096, 8))
+
+
 def _prune_stats(configs, named_args, **kwargs):
-    """Tiles of 256..8192 elements that do not overhang the pixels, the heuristic one first (alone when
-    ``_heuristic_only()``)."""
-    block_c, hw = kwargs["BLOCK_C"], named_args["HW"]
-    ok = [
+    """The heuristic tile (4,096 elements, 4 warps, no more pixels than the group has) first, then the other
+    STATS_TILES that fit the group's pixels; the heuristic alone when ``_heuristic_only()``."""
+    block_c, limit = kwargs["BLOCK_C"], triton.next_power_of_2(named_args["HW"])
+    default = triton.Config({"BLOCK_P": max(1, min(limit, 4096 // block_c))}, num_warps=4)
+    if _heuristic_only():
+        return [default]
+    others = [
         c
         for c in configs
-        if 256 <= c.kwargs["BLOCK_P"] * block_c <= 8192 and c.kwargs["BLOCK_P"] <= triton.next_power_of_2(hw)
+        if (c.kwargs["BLOCK_P"] * block_c, c.num_warps) in STATS_TILES
+        and c.kwargs["BLOCK_P"] <= limit
+        and (c.kwargs["BLOCK_P"], c.num_warps) != (default.kwargs["BLOCK_P"], 4)
     ]
-    default = max(1, min(triton.next_power_of_2(hw), 4096 // block_c))
-    first = [c for c in ok if c.kwargs["BLOCK_P"] == default][:1] or ok[:1] or configs[:1]
-    if _heuristic_only():
-        return [triton.Config({"BLOCK_P": default}, num_warps=4)]
-    return first + [c for c in ok if c is not first[0]]
+    return [default] + others
 
 
 def _prune_affine(configs, named_args, **kwargs):
+    """The blocks that do not overhang a sample (the smallest always); 1,024 at 4 warps alone when
+    ``_heuristic_only()``."""
     n = named_args["n"]
-    ok = [c for c in configs if c.kwargs["BLOCK"] <= max(512, triton.next_power_of_2(n))]
     if _heuristic_only():
         return [triton.Config({"BLOCK": min(1024, triton.next_power_of_2(n))}, num_warps=4)]
-    return ok or configs[:1]
+    return [c for c in configs if c.kwargs["BLOCK"] <= max(1024, triton.next_power_of_2(n))]
 
 
 @triton.jit
@@ -62,11 +72,7 @@ def _merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_P": p}, num_warps=w)
-        for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-        for w in (2, 4, 8)
-    ],
+    configs=[triton.Config({"BLOCK_P": 2**i}, num_warps=w) for i in range(14) for w in (4, 8)],
     key=["C", "HW", "G", "NHWC", "BLOCK_C"],
     prune_configs_by={"early_config_prune": _prune_stats},
 )
@@ -117,7 +123,7 @@ def _group_stats_kernel(
 
 
 @triton.autotune(
-    configs=[triton.Config({"BLOCK": b}, num_warps=w) for b in (512, 1024, 2048, 4096) for w in (4, 8)],
+    configs=[triton.Config({"BLOCK": b}, num_warps=w) for b, w in AFFINE_BLOCKS],
     key=["n", "C", "NHWC"],
     prune_configs_by={"early_config_prune": _prune_affine},
     restore_value=["x_ptr"],  # out may be x (in place): each timed config must start from the same x

@@ -74,7 +74,15 @@ def logical_index(offs, C, HW, NHWC: tl.constexpr):
 
 
 def split_seed(seed: int) -> tuple[int, int]:
-    return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    """The key (k0, k1): the low and high 32-bit words of ``seed`` as signed 32-bit ints. Triton types an int
+    argument i32 or i64 by its value, so words past 2**31 passed as they are would make a second variant of each
+    keyed kernel, compiled again on the first such seed; the kernels take the words' bits back with
+    ``.to(tl.uint32)``."""
+
+    def signed(word: int) -> int:
+        return word - (1 << 32) if word >= 1 << 31 else word
+
+    return signed(seed & 0xFFFFFFFF), signed((seed >> 32) & 0xFFFFFFFF)
 
 
 def block_size(n: int) -> int:

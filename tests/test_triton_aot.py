@@ -2,10 +2,11 @@
 sm_80 and sm_90 at every launch configuration, without a GPU and without the interpreter, under the Triton
 installed here and under Triton 3.6 (the GPU machine's version) when tests/run.sh could make its environment.
 
-It runs in a fresh process: this one has TRITON_INTERPRET=1 set before the kernels were defined (conftest.py),
-and the interpreter compiles nothing.
+Each (Triton, target) runs in a fresh process: this one has TRITON_INTERPRET=1 set before the kernels were
+defined (conftest.py), and the interpreter compiles nothing. The four runs go side by side on the cores there are.
 """
 
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TRITON36 = Path(os.environ.get("DDPM_FAST_TRITON36_ENV", Path.home() / ".cache/ddpm_fast/triton36")) / "bin/python"
+RUNS = [("installed-triton", sys.executable, 80), ("installed-triton", sys.executable, 90)]
+RUNS += [("triton-3.6", str(TRITON36), 80), ("triton-3.6", str(TRITON36), 90)]
 
 
 def _triton_version(python) -> str | None:
@@ -24,7 +27,7 @@ def _triton_version(python) -> str | None:
 
 def _check(python, *args) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run(
+    return subprocess.run(
         [str(python), "-W", "ignore", "-m", "tests.triton_aot", *args],
         cwd=ROOT,
         env=env,
@@ -32,30 +35,43 @@ def _check(python, *args) -> subprocess.CompletedProcess:
         text=True,
         timeout=1800,
     )
+
+
+def _summary(r: subprocess.CompletedProcess) -> str:
     lines = r.stdout.splitlines()
-    print("\n".join([line for line in lines if line.startswith("FAIL")][:40] + lines[-1:]), r.stderr[-3000:])
-    return r
+    return "\n".join([line for line in lines if line.startswith("FAIL")][:40] + lines[-1:]) + "\n" + r.stderr[-3000:]
 
 
-def _pythons():
-    yield pytest.param(sys.executable, id="installed-triton")
-    if TRITON36.exists():
-        yield pytest.param(str(TRITON36), id="triton-3.6")
-    else:
-        yield pytest.param(
-            None, id="triton-3.6", marks=pytest.mark.skip(reason=f"no Triton 3.6 environment at {TRITON36}")
-        )
+@pytest.fixture(scope="module")
+def full_check():
+    """{(name, arch): the CompletedProcess of its run, or why it did not run}."""
+    results, jobs = {}, {}
+    for name, python, arch in RUNS:
+        if not Path(python).exists():
+            results[name, arch] = (
+                f"no Triton 3.6 environment at {TRITON36} (tests/run.sh makes it when it can download)"
+            )
+        elif _triton_version(python) is None:
+            results[name, arch] = f"triton does not import under {python}"
+        else:
+            jobs[name, arch] = (python, arch)
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        futures = {key: pool.submit(_check, python, "--arch", str(arch)) for key, (python, arch) in jobs.items()}
+        results.update({key: f.result() for key, f in futures.items()})
+    return results
 
 
-@pytest.mark.parametrize("python", _pythons())
-def test_every_triton_kernel_compiles_for_sm80_and_sm90(python):
-    """The quick set (one dtype and layout per op, seeds 0 and 1) by default; DDPM_FAST_AOT_FULL=1 compiles every
-    configuration (about 2,600 variants: tens of minutes cold on two cores, so not part of the default run)."""
-    if _triton_version(python) is None:
-        pytest.skip(f"triton does not import under {python}")
-    r = _check(python, *(() if os.environ.get("DDPM_FAST_AOT_FULL") == "1" else ("--quick",)))
+@pytest.mark.parametrize("name,python,arch", RUNS, ids=[f"{name}-sm{arch}" for name, _, arch in RUNS])
+def test_every_triton_kernel_compiles(full_check, name, python, arch):
+    """Every launch configuration of tests/triton_aot.py (every op, dtype, layout, seed half, autotune configuration,
+    the U-Net's shapes and gpu_check's launches) compiles for the target with no problem; the count is printed."""
+    r = full_check[name, arch]
+    if isinstance(r, str):
+        pytest.skip(r)
+    print(_summary(r))
     assert r.returncode == 0, "Triton kernels that do not compile, overflow shared memory, spill or overrun the grid"
-    assert "AOT check:" in r.stdout and " 0 problems" in r.stdout.splitlines()[-1]
+    last = r.stdout.splitlines()[-1]
+    assert "AOT check:" in last and f"(sm_{arch}: " in last and " 0 problems" in last, last
 
 
 def test_triton36_environment_has_triton36():
@@ -68,4 +84,5 @@ def test_the_check_reports_each_kind_of_defect():
     """A kernel that specialises a seed half of 1, one past the shared memory limit and a grid past 65,535 on axis
     1 are each reported, and a clean launch is not: the check can fail."""
     r = _check(sys.executable, "--self-test")
+    print(_summary(r))
     assert r.returncode == 0
