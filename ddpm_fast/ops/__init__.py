@@ -71,7 +71,13 @@ def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, coefficients
     drawn = noise is None
     seed = C.seed_value(seed) if drawn else 0
     sample_offset = C.sample_offset(sample_offset, B)
-    backend = resolve("q_sample", backend, x0.device, _needs_grad(x0, noise), x0.dtype)
+    needs_grad = _needs_grad(x0, noise)
+    if needs_grad and out is not None:
+        raise ValueError(
+            "out: q_sample with out= does not support automatic differentiation (x0 or noise requires grad)"
+        )
+    # q_sample has a backward of its own (_QSample): the fused kernels serve it when autograd records too
+    backend = resolve("q_sample", backend, x0.device, False, x0.dtype)
     be = module(backend)
     given = {"x0": x0, "noise": noise, "t": t, "coefficients": coefficients}
     t = C.timesteps(t, B, len(s), be.timestep_device(t, x0.device), data=("x0", x0.device))
@@ -79,7 +85,55 @@ def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, coefficients
     C.outputs({"out": out}, given, in_place=("x0", "noise"))  # elementwise: out may be x0 or noise
     if backend != "torch":
         C.tensor("x0", x0, dtypes=C.FUSED_DTYPES)
+    if needs_grad and backend != "torch":
+        return _QSample.apply(
+            x0,
+            noise,
+            t,
+            s,
+            coefficients,
+            lambda: be.q_sample(
+                x0.detach(), t, None if drawn else noise.detach(), s, seed, sample_offset, coefficients, None
+            ),
+        )
     return be.q_sample(x0, t, None if drawn else noise, s, seed, sample_offset, coefficients, out)
+
+
+class _QSample(torch.autograd.Function):
+    """q_sample on a fused kernel with its gradient: x_t = a_t x_0 + b_t eps is linear, so dL/dx_0 = a_t g and
+    dL/deps = b_t g per sample (a_t, b_t from the float64 schedule, or the given coefficient table). A drawn eps
+    is returned as a constant (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x0, noise, t, schedule, coefficients, run):
+        result = run()
+        ctx.save_for_backward(t, coefficients)
+        ctx.schedule = schedule
+        if isinstance(result, tuple):
+            ctx.mark_non_differentiable(result[1])
+        return result
+
+    @staticmethod
+    def backward(ctx, grad, *unused):
+        t, coefficients = ctx.saved_tensors
+        if coefficients is not None:
+            a, b = coefficients[:, 0].double(), coefficients[:, 1].double()
+        else:
+            tc = t.cpu()
+            a, b = ctx.schedule.sqrt_alphas_cumprod[tc], ctx.schedule.sqrt_one_minus_alphas_cumprod[tc]
+        shape = (-1,) + (1,) * (grad.dim() - 1)
+
+        def scaled(c):
+            return grad * c.to(grad.device, torch.float32).view(shape).to(grad.dtype)
+
+        return (
+            scaled(a) if ctx.needs_input_grad[0] else None,
+            scaled(b) if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 # ----------------------------------------------------------------------------------------------- reverse step

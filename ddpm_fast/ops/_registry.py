@@ -10,7 +10,8 @@ rules (``refuses(op, **facts)``: None, or why this call is not one its kernel ta
   ``ops.trace()``, so a quiet fallback is visible where it matters (benchmarks, drop-in tests).
 - a backend asked for by name that cannot run raises, saying why (RuntimeError unavailable, NotImplementedError no
   kernel for the op, ValueError wrong device, TypeError a call its kernel does not take).
-- when autograd needs a gradient through an op, the reference runs (the fused kernels have no backward).
+- when autograd needs a gradient through an op, the reference runs (the fused kernels have no backward; q_sample,
+  which has one, resolves without asking).
 """
 
 from __future__ import annotations

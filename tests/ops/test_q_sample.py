@@ -88,6 +88,52 @@ def test_int_timestep_and_scalar_tensor():
     assert_fp32_close("int t", a, c)
 
 
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("drawn", [False, True])
+@pytest.mark.parametrize("coefficients", [False, True])
+def test_gradient_on_the_fused_kernel(dtype, drawn, coefficients):
+    """With x0 and eps requiring grad the cpu kernel still serves q_sample, and its backward gives a_t g and b_t g
+    (float64 oracle: the gradient of the reference in float64); a drawn eps gets no gradient."""
+    x0, eps, t = _inputs((3, 5, 7, 4), dtype)
+    table = torch.rand(3, 2, dtype=torch.float64) if coefficients else None
+    g = torch.randn(x0.shape).to(dtype)
+    x0.requires_grad_(True)
+    eps = None if drawn else eps.requires_grad_(True)
+    with df.ops.trace() as calls:
+        result = df.ops.q_sample(x0, t, eps, S, seed=5, coefficients=table, backend="cpu")
+    assert [(c.op, c.backend) for c in calls] == [("q_sample", "cpu")]
+    x_t = result[0] if drawn else result
+    if drawn:
+        assert not result[1].requires_grad
+    x_t.backward(g)
+    x64 = x0.detach().double().requires_grad_(True)
+    e64 = (result[1] if drawn else eps.detach()).double().requires_grad_(not drawn)
+    ref.q_sample(x64, t, e64, S, coefficients=table).backward(g.double())
+    if dtype == torch.float32:
+        assert_fp32_close(f"q_sample d/dx0 drawn={drawn} table={coefficients}", x0.grad, x64.grad)
+        if not drawn:
+            assert_fp32_close(f"q_sample d/deps table={coefficients}", eps.grad, e64.grad)
+    else:  # against the reference's own gradient in that dtype
+        xl = x0.detach().clone().requires_grad_(True)
+        el = (result[1] if drawn else eps.detach()).clone().requires_grad_(not drawn)
+        ref.q_sample(xl, t, el, S, coefficients=table).backward(g)
+        assert_lowp_close(f"q_sample d/dx0 {dtype} drawn={drawn} table={coefficients}", x0.grad, x64.grad, xl.grad)
+        if not drawn:
+            assert_lowp_close(f"q_sample d/deps {dtype} table={coefficients}", eps.grad, e64.grad, el.grad)
+    # the forward is the kernel's, as without autograd
+    with torch.no_grad():
+        again = df.ops.q_sample(x0, t, None if drawn else eps, S, seed=5, coefficients=table, backend="cpu")
+    assert torch.equal(x_t.detach(), again[0] if drawn else again)
+
+
+@needs_cpu
+def test_gradient_with_out_is_refused():
+    x0, eps, t = _inputs((2, 3, 4, 4), torch.float32)
+    with pytest.raises(ValueError, match="^out: .*automatic differentiation"):
+        df.ops.q_sample(x0.requires_grad_(True), t, eps, S, backend="cpu", out=torch.empty_like(eps))
+
+
 def test_gradient_flows_through_reference():
     x0, eps, t = _inputs((2, 3, 4, 4), torch.float32)
     x0.requires_grad_(True)
