@@ -41,6 +41,7 @@ CPU_SOURCES = [
     "csrc/cpu/q_sample.cpp",
     "csrc/cpu/noise.cpp",
     "csrc/cpu/group_norm.cpp",
+    "csrc/cpu/group_norm_backward.cpp",
     "csrc/cpu/attention.cpp",
     "csrc/cpu/winograd.cpp",
 ]

@@ -186,6 +186,73 @@ void group_norm_silu_cpu(const at::Tensor& x, int64_t groups, const std::optiona
   cpu::group_norm(args);
 }
 
+// The forward for training: also writes each group's mean and rstd (B, G) fp32 for group_norm_silu_backward.
+void group_norm_silu_train_cpu(const at::Tensor& x, int64_t groups, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add,
+                               double eps, bool silu, const at::Tensor& out, const at::Tensor& mean,
+                               const at::Tensor& rstd) {
+  TORCH_CHECK(x.dim() >= 2, "ddpm_fast: group_norm_silu_train expects (B, C, ...)");
+  const Geometry geo = geometry(x, {&out});
+  const int64_t B = x.size(0), C = x.size(1);
+  TORCH_CHECK(groups > 0 && C % groups == 0, "ddpm_fast: channels not divisible by groups");
+  for (const at::Tensor* t : {&mean, &rstd})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == B * groups,
+                "ddpm_fast: mean and rstd must be contiguous fp32 (B, groups)");
+  const at::Tensor w = as_f32(weight, {C}, "weight"), b = as_f32(bias, {C}, "bias"), a = as_f32(add, {B, C}, "add");
+  cpu::GroupNormArgs args;
+  args.batch = B;
+  args.channels = C;
+  args.spatial = x.numel() / (B * C);
+  args.nhwc = geo.nhwc;
+  args.dtype = dtype_of(x);
+  args.x = x.data_ptr();
+  args.out = out.data_ptr();
+  args.weight = w.defined() ? w.data_ptr<float>() : nullptr;
+  args.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  args.add = a.defined() ? a.data_ptr<float>() : nullptr;
+  args.groups = groups;
+  args.eps = static_cast<float>(eps);
+  args.silu = silu;
+  args.mean = mean.data_ptr<float>();
+  args.rstd = rstd.data_ptr<float>();
+  cpu::group_norm(args);
+}
+
+void group_norm_silu_backward_cpu(const at::Tensor& x, const at::Tensor& grad, int64_t groups,
+                                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& add, const at::Tensor& mean,
+                                  const at::Tensor& rstd, bool silu, const at::Tensor& grad_x,
+                                  const at::Tensor& sums) {
+  TORCH_CHECK(x.dim() >= 2, "ddpm_fast: group_norm_silu_backward expects (B, C, ...)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "ddpm_fast: group_norm_silu_backward takes fp32");
+  const Geometry geo = geometry(x, {&grad, &grad_x});
+  const int64_t B = x.size(0), C = x.size(1);
+  TORCH_CHECK(groups > 0 && C % groups == 0, "ddpm_fast: channels not divisible by groups");
+  for (const at::Tensor* t : {&mean, &rstd})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == B * groups,
+                "ddpm_fast: mean and rstd must be contiguous fp32 (B, groups)");
+  TORCH_CHECK(sums.scalar_type() == at::kFloat && sums.is_contiguous() && sums.numel() == B * C * 3,
+              "ddpm_fast: sums must be contiguous fp32 (B, C, 3)");
+  const at::Tensor w = as_f32(weight, {C}, "weight"), b = as_f32(bias, {C}, "bias"), a = as_f32(add, {B, C}, "add");
+  cpu::GroupNormBackwardArgs args;
+  args.batch = B;
+  args.channels = C;
+  args.spatial = x.numel() / (B * C);
+  args.nhwc = geo.nhwc;
+  args.x = x.data_ptr<float>();
+  args.grad = grad.data_ptr<float>();
+  args.weight = w.defined() ? w.data_ptr<float>() : nullptr;
+  args.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  args.add = a.defined() ? a.data_ptr<float>() : nullptr;
+  args.mean = mean.data_ptr<float>();
+  args.rstd = rstd.data_ptr<float>();
+  args.groups = groups;
+  args.silu = silu;
+  args.grad_x = grad_x.data_ptr<float>();
+  args.sums = sums.data_ptr<float>();
+  cpu::group_norm_backward(args);
+}
+
 void attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                    const std::optional<at::Tensor>& residual, const at::Tensor& out) {
   for (const at::Tensor* t : {&q, &k, &v, &out}) {
@@ -306,6 +373,12 @@ TORCH_LIBRARY(ddpm_fast, m) {
   m.def(
       "group_norm_silu(Tensor x, int groups, Tensor? weight, Tensor? bias, Tensor? add, float eps, bool silu, "
       "Tensor(a!) out) -> ()");
+  m.def(
+      "group_norm_silu_train(Tensor x, int groups, Tensor? weight, Tensor? bias, Tensor? add, float eps, bool silu, "
+      "Tensor(a!) out, Tensor(b!) mean, Tensor(c!) rstd) -> ()");
+  m.def(
+      "group_norm_silu_backward(Tensor x, Tensor grad, int groups, Tensor? weight, Tensor? bias, Tensor? add, "
+      "Tensor mean, Tensor rstd, bool silu, Tensor(a!) grad_x, Tensor(b!) sums) -> ()");
   m.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? residual, Tensor(a!) out) -> ()");
   m.def("winograd_weight(Tensor w) -> Tensor");
   m.def("conv3x3(Tensor x, Tensor u, Tensor? bias, Tensor? residual, Tensor(a!) out) -> ()");
@@ -317,6 +390,8 @@ TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
   m.impl("q_sample", &ddpm_fast::q_sample_cpu);
   m.impl("keyed_normal", &ddpm_fast::keyed_normal_cpu);
   m.impl("group_norm_silu", &ddpm_fast::group_norm_silu_cpu);
+  m.impl("group_norm_silu_train", &ddpm_fast::group_norm_silu_train_cpu);
+  m.impl("group_norm_silu_backward", &ddpm_fast::group_norm_silu_backward_cpu);
   m.impl("attention", &ddpm_fast::attention_cpu);
   m.impl("winograd_weight", &ddpm_fast::winograd_weight_cpu);
   m.impl("conv3x3", &ddpm_fast::conv3x3_winograd_cpu);

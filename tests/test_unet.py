@@ -3,7 +3,7 @@ import torch
 
 import ddpm_fast as df
 from ddpm_fast.models.loading import DIFFUSERS_CIFAR10_CONFIG
-from tests.helpers import needs_cpu, run_python
+from tests.helpers import HAS_CPU, needs_cpu, run_python
 
 
 def _tiny(**kw):
@@ -34,7 +34,8 @@ def test_forward_shapes_and_timestep_forms():
 
 
 def test_training_gradients_equal_the_reference():
-    """Through the ops, autograd runs the reference path: same gradients as with backend='torch'."""
+    """Training through the ops (GroupNorm+SiLU on the cpu kernels and their backward where the extension is
+    built, the reference elsewhere): every parameter's gradient within 1e-4 relative of backend='torch''s."""
     torch.manual_seed(0)
     m = _tiny()
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
@@ -42,10 +43,19 @@ def test_training_gradients_equal_the_reference():
     for backend in ("torch", None):
         m.set_backend(backend)
         m.zero_grad()
-        m(x, t).square().mean().backward()
+        with df.ops.trace() as calls:
+            m(x, t).square().mean().backward()
         grads[backend] = [p.grad.clone() for p in m.parameters()]
-    for g_ref, g in zip(grads["torch"], grads[None]):
-        torch.testing.assert_close(g, g_ref)
+    if HAS_CPU:
+        assert "group_norm_silu_backward cpu/native" in {str(c) for c in calls}
+    # relative to each tensor's scale, floored at 1e-3 of the largest gradient: the key projection's bias has a
+    # true gradient of 0 (softmax ignores a shift shared by a query's logits), so both sides hold rounding noise
+    floor = 1e-3 * max(r.abs().max().item() for r in grads["torch"])
+    worst = max(
+        ((g - r).abs().max() / max(r.abs().max().item(), floor)).item() for r, g in zip(grads["torch"], grads[None])
+    )
+    print(f"U-Net parameter gradients: worst max error {worst:.3g} of the tensor's scale")
+    assert worst <= 1e-4
 
 
 def test_cpu_inference_path_matches_the_reference_path():

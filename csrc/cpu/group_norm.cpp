@@ -223,6 +223,8 @@ inline void group_affine(const GroupNormArgs& a, int64_t b, int64_t g, const Wel
   const int64_t Cg = a.channels / a.groups;
   const float var = std::max(st.m2 / static_cast<float>(st.n), 0.f);
   const float rstd = 1.f / std::sqrt(var + a.eps);
+  if (a.mean) a.mean[b * a.groups + g] = st.mean;
+  if (a.rstd) a.rstd[b * a.groups + g] = rstd;
   for (int64_t j = 0; j < Cg; ++j) {
     const int64_t c = g * Cg + j;
     const float w = a.weight ? a.weight[c] : 1.f, bias = a.bias ? a.bias[c] : 0.f;

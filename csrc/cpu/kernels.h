@@ -91,6 +91,25 @@ struct GroupNormArgs {
   int64_t groups;
   float eps;
   bool silu;
+  float* mean = nullptr;  // (B, G) fp32 out, or nullptr: each group's mean of h = x + add (for the backward)
+  float* rstd = nullptr;  // (B, G) fp32 out, or nullptr: 1 / sqrt(var + eps)
+};
+
+// The backward of group_norm (group_norm_backward.cpp), fp32, from the forward's saved mean and rstd.
+struct GroupNormBackwardArgs {
+  int64_t batch, channels, spatial;
+  bool nhwc;
+  const float* x;       // the forward's input
+  const float* grad;    // dL/d(out), x's layout
+  const float* weight;  // (C,) or nullptr
+  const float* bias;    // (C,) or nullptr
+  const float* add;     // (B, C) or nullptr
+  const float* mean;    // (B, G)
+  const float* rstd;    // (B, G)
+  int64_t groups;
+  bool silu;
+  float* grad_x;  // dL/dx, x's layout
+  float* sums;    // (B, C, 3) out: sum over pixels of x, dy and dy * xhat (dy: the gradient before SiLU)
 };
 
 // softmax(q k^T * scale) v (+ residual), fp32, (B, H, N, D) operands addressed through their strides; the last
@@ -124,6 +143,7 @@ void ddpm_step(const StepArgs& args);
 void dpmpp_step(const DpmppArgs& args);
 void attention(const AttentionArgs& args);
 void group_norm(const GroupNormArgs& args);
+void group_norm_backward(const GroupNormBackwardArgs& args);
 void q_sample(const QSampleArgs& args);
 void keyed_normal(const NormalArgs& args);
 

@@ -412,10 +412,64 @@ def group_norm_silu(x, num_groups, weight, bias, eps=1e-5, *, silu=True, add=Non
         raise TypeError(f"silu: expected a bool, got {type(silu).__name__}")
     # the statistics of a group are complete before any of its elements is written: out may be x (in place)
     C.outputs({"out": out}, {"x": x, "weight": weight, "bias": bias, "add": add}, in_place=("x",))
-    backend = resolve("group_norm_silu", backend, x.device, _needs_grad(x, weight, bias, add), x.dtype)
+    needs_grad = _needs_grad(x, weight, bias, add)
+    requested = backend
+    backend = resolve("group_norm_silu", requested, x.device, needs_grad, x.dtype)
+    if needs_grad and out is None and resolve("group_norm_silu", requested, x.device, False, x.dtype) == "cpu":
+        cpu = module("cpu")
+        if cpu.has_group_norm_backward(x, weight, bias, add):  # fp32: the cpu kernels have a backward
+            return _GroupNormSiLU.apply(x, weight, bias, add, num_groups, float(eps), bool(silu))
     if backend != "torch":
         C.tensor("x", x, min_dim=2, dtypes=C.FUSED_DTYPES)
     return module(backend).group_norm_silu(x, num_groups, weight, bias, eps, bool(silu), add, out)
+
+
+class _GroupNormSiLU(torch.autograd.Function):
+    """group_norm_silu on the cpu kernels with their backward (csrc/cpu/group_norm_backward.cpp): two passes over
+    x and the gradient from the saved per-group mean and rstd. From its per-channel sums S0 = sum x,
+    S1 = sum dy, S2 = sum dy * xhat: d(weight) = sum_b S2, d(bias) = sum_b S1, and d(add)[b, c] = sum_hw dx =
+    rstd (w S1 - HW m1 - m2 sum_hw xhat) with m1, m2 the group means of w S1 / HW and w S2 / HW."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, add, groups, eps, silu):
+        cpu = module("cpu")
+        out, xd, mean, rstd = cpu.group_norm_silu_train(x, groups, weight, bias, eps, silu, add)
+        ctx.save_for_backward(xd, weight, bias, add, mean, rstd)
+        ctx.groups, ctx.silu = groups, silu
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: it says so if asked
+    def backward(ctx, grad):
+        xd, weight, bias, add, mean, rstd = ctx.saved_tensors
+        grad_x, sums = module("cpu").group_norm_silu_backward(
+            xd, grad, ctx.groups, weight, bias, add, mean, rstd, ctx.silu
+        )
+        B, Cn = xd.shape[:2]
+        G = ctx.groups
+        hw = xd.numel() // (B * Cn)
+        s0, s1, s2 = sums.unbind(-1)
+        d_add = None
+        if ctx.needs_input_grad[3]:
+            w = weight.float() if weight is not None else torch.ones(Cn)
+
+            def per_channel(v):  # (B, G) -> (B, C)
+                return v.repeat_interleave(Cn // G, dim=1)
+
+            m1 = per_channel((w * s1).view(B, G, -1).sum(-1) / (hw * Cn // G))
+            m2 = per_channel((w * s2).view(B, G, -1).sum(-1) / (hw * Cn // G))
+            r, mu = per_channel(rstd), per_channel(mean)
+            sum_xhat = (s0 + hw * (add.float() - mu)) * r
+            d_add = (r * (w * s1 - hw * m1 - m2 * sum_xhat)).to(add.dtype)
+        return (
+            grad_x.to(xd.dtype) if ctx.needs_input_grad[0] else None,
+            s2.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None,
+            s1.sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None,
+            d_add,
+            None,
+            None,
+            None,
+        )
 
 
 def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):

@@ -169,6 +169,41 @@ def group_norm_silu(x, num_groups, weight, bias, eps, silu, add, out, _name=NAME
     return finish(result, out)
 
 
+def has_group_norm_backward(x, weight, bias, add) -> bool:
+    """Whether group_norm_silu_backward serves a gradient of this call: fp32 tensors, an extension that has it."""
+    tensors = [t for t in (x, weight, bias, add) if t is not None]
+    return all(t.dtype == torch.float32 for t in tensors) and hasattr(torch.ops.ddpm_fast, "group_norm_silu_backward")
+
+
+def group_norm_silu_train(x, num_groups, weight, bias, eps, silu, add):
+    """The forward, keeping each group's mean and rstd of x + add ((B, G) fp32) for the backward: (out, the dense
+    x the kernel read, mean, rstd)."""
+    record("group_norm_silu", NAME, "native")
+    fmt = memory_format(x)
+    xd = dense(x, fmt)
+    result = result_buffer(None, xd, fmt)
+    mean = torch.empty(x.shape[0], num_groups, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    torch.ops.ddpm_fast.group_norm_silu_train(
+        xd, num_groups, weight, bias, add, float(eps), bool(silu), result, mean, rstd
+    )
+    return result, xd, mean, rstd
+
+
+def group_norm_silu_backward(xd, grad, num_groups, weight, bias, add, mean, rstd, silu):
+    """dL/dx in xd's layout and the (B, C, 3) per-channel sums [x, dy, dy * xhat] (group_norm_backward.cpp)."""
+    record("group_norm_silu_backward", NAME, "native")
+    g = dense(grad.to(torch.float32), memory_format(xd))
+    if memory_format(g) != memory_format(xd):  # a 4-D gradient with both layouts' strides (C or HW of 1)
+        g = g.contiguous(memory_format=memory_format(xd))
+    grad_x = torch.empty_like(xd)
+    sums = torch.empty(xd.shape[0], xd.shape[1], 3, dtype=torch.float32)
+    torch.ops.ddpm_fast.group_norm_silu_backward(
+        xd, g, num_groups, weight, bias, add, mean, rstd, bool(silu), grad_x, sums
+    )
+    return grad_x, sums
+
+
 def attention(q, k, v, scale, residual, out):
     """The CPU kernel reads fp32 rows (fp16/bf16 inputs are converted) and writes (B, N, H, Dv) memory, so that
     o.transpose(1, 2).reshape(B, N, H * Dv) is a free view."""
