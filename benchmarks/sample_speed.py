@@ -6,6 +6,12 @@ weights, side by side in one run.
 
     python benchmarks/sample_speed.py                       # CPU default, about a minute
     python benchmarks/sample_speed.py --model cifar10 --batch 8 --steps 1000 --json out.json --plot out.png
+    python benchmarks/sample_speed.py --method dpmpp_2m --steps 20   # or --method ddim: few-step solvers
+
+--method ddim / dpmpp_2m: the paper's T=1000 schedule sampled in --steps solver steps (the timesteps 0, T/steps, ...
+that GaussianDiffusion.sample(steps=...) takes); diffusers' rows are its pipeline with DDIMScheduler (leading spacing,
+the same timesteps) or DPMSolverMultistepScheduler (set to the same timesteps), and every row draws x_T from the same
+generator, so every row's images are compared with diffusers' (the solvers add no noise after x_T).
 
 Every provider samples the same U-Net (random weights, fixed seed) with the same keyed noise, interleaved in
 rounds after one cold round (whose time, "first s", includes torch.compile's compile and ddpm_fast's weight
@@ -94,6 +100,12 @@ def main() -> None:
     p.add_argument(
         "--no-peers", dest="peers", action="store_false", help="skip the OpenVINO and ONNX Runtime rows (CPU, fp32)"
     )
+    p.add_argument(
+        "--method",
+        choices=["ddpm", "ddim", "dpmpp_2m"],
+        default="ddpm",
+        help="ddpm: T=--steps DDPM steps (the default run); ddim / dpmpp_2m: --steps solver steps of T=1000",
+    )
     p.add_argument("--json", help="write a JSON record here")
     p.add_argument("--plot", help="write a PNG bar chart here")
     args = p.parse_args()
@@ -112,8 +124,11 @@ def main() -> None:
     from ddpm_fast.models.loading import DIFFUSERS_CIFAR10_CONFIG
 
     torch.manual_seed(0)
-    beta_end = 0.02 * 1000 / args.steps  # the paper's schedule stretched to T steps
-    schedule = df.NoiseSchedule.linear(args.steps, 1e-4, beta_end)
+    solver = args.method != "ddpm"
+    T = 1000 if solver else args.steps
+    beta_end = 0.02 * 1000 / T  # the paper's schedule stretched to T steps
+    schedule = df.NoiseSchedule.linear(T, 1e-4, beta_end)
+    solver_ts = [i * (T // args.steps) for i in range(args.steps)][::-1]  # GaussianDiffusion.sample(steps=...)
     try:
         import diffusers
     except ImportError:
@@ -139,16 +154,20 @@ def main() -> None:
     if diffusers is not None and args.diffusers:
         names = ["diffusers", "diffusers+accelerate"] + (["diffusers+compile"] if args.compile else [])
         for name in names:
-            sched = diffusers.DDPMScheduler(num_train_timesteps=args.steps, beta_start=1e-4, beta_end=beta_end)
+            sched = make_scheduler(diffusers, args.method, T, beta_end, solver_ts)
             unet = _to(diffusers.UNet2DModel(**unet2d.config), args.device, dtype).eval()
             unet.load_state_dict(unet2d.state_dict())
             pipes[name] = diffusers.DDPMPipeline(unet=unet, scheduler=sched)
             pipes[name].set_progress_bar_config(disable=True)
         accelerated = str(df.accelerate(pipes["diffusers+accelerate"]))  # strict: an AccelerateError if it cannot
+        if args.method == "dpmpp_2m":
+            pin_timesteps(pipes["diffusers+accelerate"].scheduler, solver_ts)
         if args.compile:  # compiled lazily: the first round's time includes the compile (time to first image)
             pipes["diffusers+compile"].unet = torch.compile(pipes["diffusers+compile"].unet)
     missing, peer_info = {}, {}
-    if args.peers:
+    if args.peers and solver:
+        print("# peers skipped: --method runs diffusers' pipeline with a solver; the peers' rows time DDPM")
+    elif args.peers:
         if diffusers is None or not args.diffusers:
             print("# peers skipped: they run diffusers' pipeline loop (diffusers missing or --no-diffusers)")
         else:
@@ -166,13 +185,21 @@ def main() -> None:
         backend = "torch" if provider == "reference" else provider
         model.set_backend(None if provider != "reference" else "torch")
         d = df.GaussianDiffusion(model, schedule, backend=backend)
+        if solver:  # x_T from the generator diffusers' pipeline draws it from; no noise after it
+            g = torch.Generator(args.device).manual_seed(1234)
+            x = d.sample(
+                args.batch, generator=g, device=args.device, progress=False, steps=args.steps, method=args.method
+            )
+            return x.clamp(-1, 1)  # as diffusers' pipeline returns its images
         return d.sample(args.batch, seed=1234, device=args.device, progress=False)
 
     info = machine()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"# {info['device']} | torch {info['torch']}, {torch.get_num_threads()} threads | backends: {report}")
     print(
-        f"# model {args.model} ({n_params / 1e6:.1f}M params), batch {args.batch}, T={args.steps} steps, {args.dtype}"
+        f"# model {args.model} ({n_params / 1e6:.1f}M params), batch {args.batch}, T={T}, "
+        + (f"{args.method} in {args.steps} steps, " if solver else f"{T} DDPM steps, ")
+        + args.dtype
     )
     times = {p: [] for p in providers}
     peak = {p: 0.0 for p in providers}
@@ -188,7 +215,8 @@ def main() -> None:
                 images[prov] = run(prov)
                 times[prov].append(time.perf_counter() - t0)
             if r == 0:
-                served[prov] = check_fused(prov, calls, ops=SAMPLER_OPS) if prov in ours else calls.summary()
+                sampler_ops = [STEP_OP[args.method], *SAMPLER_OPS[1:]]
+                served[prov] = check_fused(prov, calls, ops=sampler_ops) if prov in ours else calls.summary()
             if r and mem.peak_mb is not None:  # steady state: warm-up caches and compile workspaces left out
                 peak[prov] = max(peak[prov], mem.peak_mb)
         label = "cold round" if r == 0 else f"round {r}/{args.repeats}"
@@ -202,6 +230,8 @@ def main() -> None:
     # ddpm_fast's samplers are compared with the reference's images (same keyed noise); diffusers' variants with
     # diffusers' own images (same generator). diffusers' pipeline clamps its output to [-1, 1].
     oracle = {p: "reference" for p in providers} | {p: "diffusers" for p in pipes} | {"diffusers": None}
+    if solver and "diffusers" in pipes:  # the same x_T and no later noise: every row against diffusers' images
+        oracle = {p: "diffusers" for p in providers} | {"diffusers": None}
     header = (
         f"{'backend':22} {'images/s':>9} {'s/batch':>8} {'first s':>8} {'vs diffusers':>12} {'vs ref':>7} "
         f"{'max err':>9} {'against':>10} {'peak MB':>8}"
@@ -250,6 +280,35 @@ def main() -> None:
         write_json(args.json, record)
     if args.plot:
         plot(record, args.plot)
+
+
+STEP_OP = {
+    "ddpm": "ddpm_step",
+    "ddim": "ddpm_step",
+    "dpmpp_2m": "dpmpp_step",
+}  # the fused op each method runs (DDIM: the reverse-step kernel with its table)
+
+
+def make_scheduler(diffusers, method: str, T: int, beta_end: float, timesteps: list[int]):
+    """diffusers' scheduler for ``method`` on the linear schedule, at the timesteps ddpm_fast's sampler takes."""
+    common = dict(num_train_timesteps=T, beta_start=1e-4, beta_end=beta_end)
+    if method == "ddpm":
+        return diffusers.DDPMScheduler(**common)
+    if method == "ddim":  # leading spacing, no offset: T/steps * i, the last step to abar = 1 (set_alpha_to_one)
+        return diffusers.DDIMScheduler(**common, timestep_spacing="leading", steps_offset=0, set_alpha_to_one=True)
+    return pin_timesteps(diffusers.DPMSolverMultistepScheduler(**common), timesteps)
+
+
+def pin_timesteps(scheduler, timesteps: list[int]):
+    """No spacing of DPMSolverMultistepScheduler's gives 0, T/steps, ...: its set_timesteps is given them as custom
+    timesteps (the pipeline calls set_timesteps(num_inference_steps); diffusers' own code computes the sigmas)."""
+    set_timesteps = type(scheduler).set_timesteps
+
+    def pinned(num_inference_steps=None, device=None, **kwargs):
+        return set_timesteps(scheduler, device=device, timesteps=list(timesteps))
+
+    scheduler.set_timesteps = pinned
+    return scheduler
 
 
 def add_peers(pipes: dict, unet2d, args, dtype, beta_end: float) -> tuple[dict, dict]:

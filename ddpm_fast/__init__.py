@@ -11,6 +11,7 @@ from .schedule import NoiseSchedule
 __all__ = [
     "AccelerateError",
     "AccelerateReport",
+    "FusedDDIMScheduler",
     "FusedDDPMScheduler",
     "FusedDPMSolverMultistepScheduler",
     "GaussianDiffusion",
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # the diffusers drop-ins import diffusers, which is optional: load them on first use
-    drop_ins = ("FusedDDPMScheduler", "FusedDPMSolverMultistepScheduler")
+    drop_ins = ("FusedDDPMScheduler", "FusedDDIMScheduler", "FusedDPMSolverMultistepScheduler")
     if name in ("AccelerateError", "AccelerateReport", *drop_ins, "accelerate", "deaccelerate"):
         from .integrations import diffusers as _integration
 

@@ -1,4 +1,5 @@
-"""Drop-ins for diffusers: FusedDDPMScheduler, FusedDPMSolverMultistepScheduler and accelerate()/deaccelerate().
+"""Drop-ins for diffusers: FusedDDPMScheduler, FusedDDIMScheduler, FusedDPMSolverMultistepScheduler and
+accelerate()/deaccelerate().
 
 FusedDDPMScheduler is diffusers' DDPMScheduler (same constructor, config, save/load, set_timesteps,
 scale_model_input, previous_timestep, custom timesteps) whose ``step`` and ``add_noise`` run ddpm_fast's fused
@@ -6,6 +7,11 @@ kernels. Each step's scalar coefficients are computed from diffusers' own float3
 diffusers' order of operations and handed to the kernel, and the noise is drawn exactly as diffusers draws it
 (``randn_tensor`` with the generator), so results match diffusers up to the kernel's rounding. What it cannot
 fuse (thresholding, learned or log variances) runs diffusers' own code; ``unfused_reason`` says why.
+
+FusedDDIMScheduler is diffusers' DDIMScheduler whose ``step`` runs the fused reverse-step kernel with DDIM's
+coefficient table (eta, use_clipped_model_output, the three prediction types, clip_sample), the coefficients computed
+from diffusers' own float32 ``alphas_cumprod`` and ``final_alpha_cumprod`` in its order of operations, and the noise
+(eta > 0) drawn as diffusers draws it or taken from ``variance_noise``; thresholding runs diffusers' code.
 
 FusedDPMSolverMultistepScheduler is diffusers' DPMSolverMultistepScheduler whose ``step`` runs the fused
 DPM-Solver++ step (ops.dpmpp_step: the data prediction and the multistep update in one pass) for
@@ -19,6 +25,8 @@ swap (strict, the default); it returns an AccelerateReport.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -33,7 +41,8 @@ from ..schedule import NoiseSchedule
 log = logging.getLogger("ddpm_fast")
 
 try:
-    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
     from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
     from diffusers.schedulers.scheduling_utils import SchedulerOutput
     from diffusers.utils.torch_utils import randn_tensor
@@ -212,6 +221,169 @@ class FusedDDPMScheduler(DDPMScheduler):
         )
 
 
+class FusedDDIMScheduler(DDIMScheduler):
+    """diffusers.DDIMScheduler with ``step`` on ddpm_fast's fused reverse-step kernel (DDIM's coefficient table).
+
+    Fused: prediction_type epsilon / sample / v_prediction, any eta >= 0, use_clipped_model_output, clip_sample with
+    its range, every timestep spacing, steps_offset and set_alpha_to_one, and model output and sample of one shape
+    and dtype (fp32/fp16/bf16). Thresholding runs diffusers' own ``step`` (``unfused_reason`` says why); after each
+    step ``fused`` says which ran. With eta > 0 the noise is ``variance_noise`` or drawn exactly as diffusers draws it
+    (``randn_tensor`` with the generator, at every step, the last included), so the images match diffusers';
+    ``use_keyed_noise(seed)`` switches to ddpm_fast's in-kernel keyed noise instead.
+    """
+
+    backend: str | None = None
+    fused: bool | None = None  # whether the last step ran the fused kernel (None before the first)
+    _keyed_seed: int | None = None
+    _sample_offset: int = 0
+    _schedule = FusedDDPMScheduler._schedule
+    use_keyed_noise = FusedDDPMScheduler.use_keyed_noise
+
+    def config_unfused_reason(self) -> str | None:
+        """None when this configuration's steps can run the fused kernel, else why they all run diffusers' code."""
+        c = self.config
+        if c.thresholding:
+            return "thresholding=True: dynamic thresholding (per-sample quantiles) runs diffusers' code"
+        if c.prediction_type not in C.PREDICTION_TYPES:
+            return f"prediction_type={c.prediction_type!r}: the kernel takes {', '.join(C.PREDICTION_TYPES)}"
+        if self._schedule() is None:
+            return "betas: not a valid schedule (outside (0, 1]); diffusers' own maths runs"
+        return None
+
+    def unfused_reason(self, model_output: torch.Tensor, sample: torch.Tensor, timestep=None, eta=0.0) -> str | None:
+        """None when ``step(model_output, timestep, sample, eta)`` runs the fused kernel, else why it runs diffusers'
+        code instead (the configuration, these tensors, or with ``timestep`` that step's coefficients)."""
+        why = self.config_unfused_reason()
+        if why is not None:
+            return why
+        why = _tensors_unfused_reason(model_output, sample)
+        if why is not None:
+            return why
+        if timestep is not None and self.num_inference_steps is not None:
+            t = int(C.timesteps(timestep, 1, self.config.num_train_timesteps, "cpu", name="timestep")[0])
+            if not torch.isfinite(self._ddim_coefficients(t, _eta(eta), False)).all():
+                return _nonfinite(t)
+        return None
+
+    def _ddim_coefficients(self, t: int, eta: float, use_clipped_model_output: bool) -> torch.Tensor:
+        """(1, 7) [px, pm, q, c0, c1, cm, sigma]: each term computed as DDIMScheduler.step computes it (float32),
+        the products that fold two of its terms into one coefficient taken in float64."""
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+        alpha_prod_t = self.alphas_cumprod[t]
+        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        beta_prod_t = 1 - alpha_prod_t
+        std_dev_t = eta * self._get_variance(t, prev_t) ** 0.5
+        direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5  # times pred_epsilon
+        a, b = (alpha_prod_t**0.5).double(), (beta_prod_t**0.5).double()
+        d = direction.double()
+        one, zero = torch.ones_like(d), torch.zeros_like(d)
+        c0 = (alpha_prod_t_prev**0.5).double()
+        pt = self.config.prediction_type
+        if pt == "epsilon":  # x0 = (sample - beta_prod_t ** 0.5 * m) / alpha_prod_t ** 0.5, eps = m
+            px, pm, q = one, -b, 1 / a
+            c1, cm = zero, d
+        elif pt == "sample":  # x0 = m, eps = (sample - alpha_prod_t ** 0.5 * m) / beta_prod_t ** 0.5
+            px, pm, q = zero, one, one
+            c1, cm = d / b, -d * a / b
+        else:  # v_prediction: x0 = a sample - b m, eps = a m + b sample
+            px, pm, q = a, -b, one
+            c1, cm = d * b, d * a
+        if use_clipped_model_output:  # eps = (sample - alpha_prod_t ** 0.5 * x0) / beta_prod_t ** 0.5, x0 clipped
+            c0, c1, cm = c0 - d * a / b, d / b, zero
+        sigma = std_dev_t.double() if eta > 0 else zero
+        return torch.stack([px, pm, q, c0, c1, cm, sigma]).to(torch.float32).view(1, 7)
+
+    # ------------------------------------------------------------------ diffusers API
+    def step(
+        self,
+        model_output,
+        timestep,
+        sample,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator=None,
+        variance_noise=None,
+        return_dict: bool = True,
+    ):
+        eta = _eta(eta)
+        if use_clipped_model_output is None:  # DDIMPipeline's default
+            use_clipped_model_output = False
+        if not isinstance(use_clipped_model_output, bool):
+            name = type(use_clipped_model_output).__name__
+            raise TypeError(f"use_clipped_model_output: expected a bool, got {name}")
+        if eta > 0 and variance_noise is not None and generator is not None:
+            raise ValueError("generator, variance_noise: give one of them, not both (diffusers' rule)")
+        why = self.unfused_reason(model_output, sample)
+        if why is None and self.num_inference_steps is None:
+            why = "set_timesteps has not run (diffusers' step raises)"
+        if why is None and eta > 0 and variance_noise is not None:
+            why = _noise_unfused_reason(variance_noise, sample)
+        if why is None:
+            n = self.config.num_train_timesteps  # an out-of-range, meta or unsigned timestep: a clear error
+            t = int(C.timesteps(timestep, 1, n, "cpu", name="timestep", data=("sample", sample.device))[0])
+            coefficients = self._ddim_coefficients(t, eta, use_clipped_model_output)
+            if not torch.isfinite(coefficients).all():
+                why = _nonfinite(t)
+        self.fused = why is None
+        if not self.fused:
+            log.debug("ddpm_fast: FusedDDIMScheduler.step runs diffusers' code (%s)", why)
+            kwargs = dict(eta=eta, use_clipped_model_output=use_clipped_model_output, generator=generator)
+            return super().step(
+                model_output, timestep, sample, variance_noise=variance_noise, return_dict=return_dict, **kwargs
+            )
+        noise, seed = variance_noise, None
+        if eta == 0:  # sigma = 0: the kernel draws nothing (diffusers draws nothing either)
+            noise, seed = None, 0
+        elif noise is None and self._keyed_seed is not None:
+            seed = self._keyed_seed
+        elif noise is None:  # drawn at every step, the last included, as diffusers draws it
+            noise = randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+            )
+        pred_original_sample = torch.empty_like(sample)
+        prev_sample = ops.ddpm_step(
+            sample,
+            model_output,
+            t,
+            self._schedule(),
+            noise,
+            seed=seed,
+            sample_offset=self._sample_offset,
+            prediction_type=self.config.prediction_type,
+            clip_sample=bool(self.config.clip_sample),
+            clip_range=float(self.config.clip_sample_range),
+            coefficients=coefficients.expand(sample.shape[0], 7),
+            backend=self.backend,
+            x0_out=pred_original_sample,
+        )
+        if not return_dict:
+            return (prev_sample, pred_original_sample)
+        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+
+def _eta(eta) -> float:
+    """DDIM's eta as a float: a finite number >= 0 (diffusers takes a Python number)."""
+    if isinstance(eta, torch.Tensor) and eta.numel() == 1 and eta.device.type != "meta":
+        eta = eta.item()
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
+        raise TypeError(f"eta: expected a number, got {type(eta).__name__}")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta: expected a finite number >= 0, got {eta!r}")
+    return float(eta)
+
+
+def _noise_unfused_reason(variance_noise, sample: torch.Tensor) -> str | None:
+    """Why a given variance_noise is not one the kernel takes as z (None: it is; else diffusers' code broadcasts)."""
+    if not isinstance(variance_noise, torch.Tensor):
+        return f"variance_noise: a {type(variance_noise).__name__}, not a tensor"
+    if variance_noise.shape != sample.shape or variance_noise.dtype != sample.dtype:
+        got = f"{tuple(variance_noise.shape)} {variance_noise.dtype}"
+        return f"variance_noise: {got} differs from the sample's {tuple(sample.shape)} {sample.dtype}"
+    if variance_noise.device != sample.device:
+        return f"variance_noise: on {variance_noise.device}, the sample on {sample.device}"
+    return None
+
+
 class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
     """diffusers.DPMSolverMultistepScheduler with ``step`` on ddpm_fast's fused DPM-Solver++ step.
 
@@ -338,6 +510,7 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
             return (prev_sample,)
         return SchedulerOutput(prev_sample=prev_sample)
 
+
 # ---------------------------------------------------------------------------------------------- accelerate()
 def _tied_unet(unet2d) -> UNet:
     """A ddpm_fast.UNet whose parameters are the diffusers model's own Parameter objects (no copy)."""
@@ -401,7 +574,11 @@ def _plan_unet(unet2d, report: AccelerateReport) -> UNet | None:
     return ours
 
 
-_DROP_INS = {DDPMScheduler: FusedDDPMScheduler, DPMSolverMultistepScheduler: FusedDPMSolverMultistepScheduler}
+_DROP_INS = {
+    DDPMScheduler: FusedDDPMScheduler,
+    DDIMScheduler: FusedDDIMScheduler,
+    DPMSolverMultistepScheduler: FusedDPMSolverMultistepScheduler,
+}
 
 
 def _plan_scheduler(sched, report: AccelerateReport):
@@ -410,7 +587,8 @@ def _plan_scheduler(sched, report: AccelerateReport):
         return None
     done = isinstance(sched, tuple(_DROP_INS.values()))
     if not done and type(sched) not in _DROP_INS:
-        names = " and ".join(cls.__name__ for cls in _DROP_INS)
+        *rest, last = (cls.__name__ for cls in _DROP_INS)
+        names = f"{', '.join(rest)} and {last}"
         report.left["scheduler"] = f"{type(sched).__name__}: ddpm_fast's drop-ins replace {names} only"
         return None
     fused = sched if done else _DROP_INS[type(sched)].from_config(sched.config)
@@ -423,12 +601,13 @@ def _plan_scheduler(sched, report: AccelerateReport):
 
 
 def accelerate(obj, backend: str | None = None, *, strict: bool = True) -> AccelerateReport:
-    """Make a diffusers ``DDPMPipeline`` or ``UNet2DModel`` (classic DDPM blocks) run on ddpm_fast, in place.
+    """Make a diffusers ``DDPMPipeline``/``DDIMPipeline`` or ``UNet2DModel`` (classic DDPM blocks) run on ddpm_fast,
+    in place.
 
-    A pipeline's DDPMScheduler becomes a FusedDDPMScheduler with the same config (a DPMSolverMultistepScheduler a
-    FusedDPMSolverMultistepScheduler), and its U-Net (or the given UNet2DModel) runs ddpm_fast's U-Net on the same
-    Parameter objects: fused GroupNorm+SiLU and attention, and on the CPU channels_last with prepacked oneDNN
-    convolutions. Returns an :class:`AccelerateReport` of what was swapped and what was left and why;
+    A pipeline's DDPMScheduler becomes a FusedDDPMScheduler with the same config (a DDIMScheduler a
+    FusedDDIMScheduler, a DPMSolverMultistepScheduler a FusedDPMSolverMultistepScheduler), and its U-Net (or the
+    given UNet2DModel) runs ddpm_fast's U-Net on the same Parameter objects: fused GroupNorm+SiLU and attention,
+    and on the CPU channels_last with prepacked oneDNN convolutions. Returns an :class:`AccelerateReport` of what was swapped and what was left and why;
     :func:`deaccelerate` undoes it.
 
     ``strict=True`` (the default): a part that cannot run on ddpm_fast (a U-Net whose blocks ddpm_fast's UNet does

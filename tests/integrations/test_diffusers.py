@@ -234,9 +234,10 @@ def test_accelerate_refuses_unsupported_models_unless_told():
     "scheduler, why",
     [
         (
-            lambda: diffusers.DDIMScheduler(),
-            "DDIMScheduler: ddpm_fast's drop-ins replace DDPMScheduler and DPMSolverMultistepScheduler only",
+            lambda: diffusers.PNDMScheduler(),
+            "PNDMScheduler: ddpm_fast's drop-ins replace DDPMScheduler, DDIMScheduler and DPMSolverMultistepScheduler only",
         ),
+        (lambda: diffusers.DDIMScheduler(thresholding=True), "DDIMScheduler: thresholding=True"),
         (lambda: diffusers.DPMSolverMultistepScheduler(solver_order=3), "DPMSolverMultistepScheduler: solver_order=3"),
         (lambda: diffusers.DDPMScheduler(thresholding=True), "DDPMScheduler: thresholding=True"),
         (lambda: diffusers.DDPMScheduler(variance_type="learned"), "DDPMScheduler: variance_type='learned'"),
