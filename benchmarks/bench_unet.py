@@ -33,6 +33,7 @@ from ddpm_fast.models.loading import DIFFUSERS_CIFAR10_CONFIG  # noqa: E402
 CIFAR10 = DIFFUSERS_CIFAR10_CONFIG
 UNET_OPS = ["conv2d", "linear", "group_norm_silu", "attention"]
 OURS = "ddpm_fast cpu"
+OURS16 = "ddpm_fast cpu bf16"  # the same model cast to bf16 (fp32 accumulation, statistics and softmax)
 
 
 def _batches(text: str) -> list[int]:
@@ -45,7 +46,7 @@ def _batches(text: str) -> list[int]:
     return batches
 
 
-def providers_at(batch: int, ref, ours, pack_s: float, ours_ref, compiled, peers: bool, cache: dict):
+def providers_at(batch: int, ref, ours, pack_s: float, ours_ref, compiled, peers: bool, cache: dict, ours16=None):
     """The timed callables at one batch size, with each one's error against diffusers' fp32 forward, the time to its
     first output (compilation or conversion included, where there is one), what served it, and the peers that
     could not be built ({name: why})."""
@@ -63,6 +64,15 @@ def providers_at(batch: int, ref, ours, pack_s: float, ours_ref, compiled, peers
         providers[OURS] = lambda: ours(x, t)
         provenance[OURS] = fused_row(OURS, providers[OURS], "cpu", UNET_OPS)
         err[OURS] = (out - expected).abs().max().item()
+
+        if ours16 is not None:
+            xb = x.bfloat16()
+            t0 = time.perf_counter()
+            out = ours16(xb, t)
+            first[OURS16] = time.perf_counter() - t0  # packing happens at the first forward
+            providers[OURS16] = lambda: ours16(xb, t)
+            provenance[OURS16] = fused_row(OURS16, providers[OURS16], "cpu", UNET_OPS)
+            err[OURS16] = (out.float() - expected).abs().max().item()
 
         if ours_ref is not None:
             providers["ddpm_fast reference"] = lambda: ours_ref(x, t)
@@ -115,6 +125,9 @@ def main():
         t0 = time.perf_counter()
         ours = df.UNet.from_diffusers(ref).eval()
         pack_s = time.perf_counter() - t0
+    ours16 = None
+    if df.backends()["cpu"].startswith("available"):
+        ours16 = df.UNet.from_diffusers(ref).eval().to(torch.bfloat16)
     compiled = None
     if not args.no_compile:
         twin = UNet2DModel(**CIFAR10).eval()
@@ -122,24 +135,24 @@ def main():
         compiled = torch.compile(twin)
     cache = {}  # the peers' conversions, shared by every batch size
     threads = torch.get_num_threads()
-    print(f"# {info['device']}, {info['cpu_threads']} threads, {df.backends()['cpu']}; fp32")
+    print(f"# {info['device']}, {info['cpu_threads']} threads, {df.backends()['cpu']}; fp32, and bf16 ({OURS16})")
     if args.peers:
         print(f"# peers: {', '.join(PEER_NAMES)}, each with torch's {threads} threads")
     record = {"machine": info, "command": "python " + " ".join(sys.argv), "peer_threads": threads}
 
     if args.batches:
-        record["sweep"] = sweep(args, ref, ours, pack_s, compiled, cache)
+        record["sweep"] = sweep(args, ref, ours, pack_s, compiled, cache, ours16)
     else:
-        record.update(single(args, ref, ours, pack_s, compiled, cache))
+        record.update(single(args, ref, ours, pack_s, compiled, cache, ours16))
     if args.json:
         write_json(args.json, record)
 
 
-def single(args, ref, ours, pack_s, compiled, cache) -> dict:
+def single(args, ref, ours, pack_s, compiled, cache, ours16=None) -> dict:
     """The default run: every provider at one batch size."""
     ours_ref = df.UNet.from_diffusers(ref).eval().set_backend("torch")
     providers, first, provenance, err, missing, notes = providers_at(
-        args.batch, ref, ours, pack_s, ours_ref, compiled, args.peers, cache
+        args.batch, ref, ours, pack_s, ours_ref, compiled, args.peers, cache, ours16
     )
     print(f"# batch {args.batch}; ddpm_fast cpu vs diffusers eager, same weights: max abs err {err[OURS]:.2e}")
     with torch.inference_mode():
@@ -180,23 +193,25 @@ def single(args, ref, ours, pack_s, compiled, cache) -> dict:
     return {"batch": args.batch, "max_err_vs_diffusers": err[OURS], "rows": rows}
 
 
-def sweep(args, ref, ours, pack_s, compiled, cache) -> list[dict]:
+def sweep(args, ref, ours, pack_s, compiled, cache, ours16=None) -> list[dict]:
     """ms per image at each batch size, and ddpm_fast's speed over every other provider, paired by round."""
     out = []
     for batch in args.batches:
         providers, first, provenance, err, missing, notes = providers_at(
-            batch, ref, ours, pack_s, None, compiled, args.peers, cache
+            batch, ref, ours, pack_s, None, compiled, args.peers, cache, ours16
         )
         with torch.inference_mode():
             res = interleaved_medians(providers, args.rounds, min_time=0.5)
         rows = []
         for name, r in res.items():
             ratio = None if name == OURS else paired_ratio(res, name, OURS)
+            ratio16 = None if name == OURS16 or OURS16 not in res else paired_ratio(res, name, OURS16)
             rows.append(
                 dict(
                     provider=name,
                     ms_per_image=r["median_s"] * 1e3 / batch,
                     ddpm_fast_speedup=ratio,
+                    ddpm_fast_bf16_speedup=ratio16,
                     first_output_s=first.get(name),
                     max_err_vs_diffusers=err.get(name),
                     served=provenance.get(name),
@@ -211,7 +226,9 @@ def sweep(args, ref, ours, pack_s, compiled, cache) -> list[dict]:
     names = []
     for b in out:
         names += [r["provider"] for r in b["rows"] if r["provider"] not in names]
-    print(f"\nms per image (median of {args.rounds} rounds); in brackets: ddpm_fast's speed over it, t(it) / t(ddpm_fast)")
+    print(
+        f"\nms per image (median of {args.rounds} rounds); in brackets: ddpm_fast's speed over it, t(it) / t(ddpm_fast)"
+    )
     print(f"{'provider':26}" + "".join(f"{'batch ' + str(b['batch']):>22}" for b in out))
     for name in names:
         cells = []
@@ -226,6 +243,20 @@ def sweep(args, ref, ours, pack_s, compiled, cache) -> list[dict]:
             else:
                 cells.append(f"{r['ms_per_image']:.2f} ({r['ddpm_fast_speedup']:.2f}x)")
         print(f"{name:26}" + "".join(f"{c:>22}" for c in cells))
+    if any(r["provider"] == OURS16 for b in out for r in b["rows"]):
+        print(f"\n{OURS16}'s speed over each provider, t(it) / t({OURS16}), paired by round; max err vs diffusers fp32")
+        print(f"{'provider':26}" + "".join(f"{'batch ' + str(b['batch']):>22}" for b in out))
+        for name in names:
+            cells = []
+            for b in out:
+                r = next((r for r in b["rows"] if r["provider"] == name), None)
+                if r is None or "why" in r:
+                    cells.append("")
+                    continue
+                e = r["max_err_vs_diffusers"]
+                ratio = "" if r["ddpm_fast_bf16_speedup"] is None else f"{r['ddpm_fast_bf16_speedup']:.2f}x "
+                cells.append(ratio + ("" if e is None else f"err {e:.1e}"))
+            print(f"{name:26}" + "".join(f"{c:>22}" for c in cells))
     whys = {r["provider"]: r["why"] for b in out for r in b["rows"] if "why" in r}
     for name, why in whys.items():
         print(f"# {name} unavailable: {why}")

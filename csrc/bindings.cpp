@@ -340,6 +340,59 @@ void conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const std::o
   cpu::winograd_conv3x3(a);
 }
 
+at::Tensor winograd_weight_bf16_cpu(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.is_floating_point() && w.device().is_cpu(),
+              "ddpm_fast: winograd_weight_bf16 expects a floating-point CPU (K, C, 3, 3) weight");
+  const int64_t K = w.size(0), C = w.size(1), NB = cpu::kBf16Block;
+  const at::Tensor wf = w.to(at::kFloat).contiguous();  // the transform in fp32, one rounding to bf16 after it
+  at::Tensor u = at::empty({16, C, K}, wf.options());
+  cpu::winograd_weight_transform(wf.data_ptr<float>(), K, C, u.data_ptr<float>());
+  at::Tensor packed = at::empty({16, (K + NB - 1) / NB, (C + 1) / 2, NB, 2}, w.options().dtype(at::kBFloat16));
+  cpu::winograd_pack_bf16(u.data_ptr<float>(), K, C, packed.data_ptr<at::BFloat16>());
+  return packed;
+}
+
+void conv3x3_winograd_bf16_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& residual, const at::Tensor& out) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu() &&
+                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "ddpm_fast: conv3x3_bf16 expects a bfloat16 channels_last CPU input");
+  TORCH_CHECK(*cpu::bf16_instructions() != '\0',
+              "ddpm_fast: conv3x3_bf16 needs a CPU with AVX512-BF16 or AMX-BF16");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == N && out.size(2) == H && out.size(3) == W &&
+                  out.scalar_type() == at::kBFloat16 && out.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "ddpm_fast: conv3x3_bf16: out must be a bfloat16 channels_last (N, K, H, W) tensor");
+  const int64_t K = out.size(1), NB = cpu::kBf16Block;
+  TORCH_CHECK(u.dim() == 5 && u.size(0) == 16 && u.size(1) == (K + NB - 1) / NB && u.size(2) == (C + 1) / 2 &&
+                  u.size(3) == NB && u.size(4) == 2 && u.is_contiguous() && u.scalar_type() == at::kBFloat16,
+              "ddpm_fast: conv3x3_bf16: packed weight must be winograd_weight_bf16 of a (K, C, 3, 3) weight");
+  TORCH_CHECK(!out.is_alias_of(x), "ddpm_fast: conv3x3_bf16: out must not alias x");
+  cpu::WinogradBf16Args a;
+  a.batch = N;
+  a.height = H;
+  a.width = W;
+  a.in_channels = C;
+  a.out_channels = K;
+  a.x = x.data_ptr<at::BFloat16>();
+  a.u = u.data_ptr<at::BFloat16>();
+  a.out = out.data_ptr<at::BFloat16>();
+  a.bias = nullptr;
+  a.residual = nullptr;
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == K && bias->is_contiguous() && bias->scalar_type() == at::kFloat,
+                "ddpm_fast: conv3x3_bf16: bias must be a contiguous float32 (K,) tensor");
+    a.bias = bias->data_ptr<float>();
+  }
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == out.sizes() && residual->scalar_type() == at::kBFloat16 &&
+                    residual->is_contiguous(at::MemoryFormat::ChannelsLast),
+                "ddpm_fast: conv3x3_bf16: residual must be a bfloat16 channels_last tensor shaped like out");
+    a.residual = residual->data_ptr<at::BFloat16>();
+  }
+  cpu::winograd_conv3x3_bf16(a);
+}
+
 void keyed_normal_cpu(const at::Tensor& t, int64_t seed, int64_t sample_offset, int64_t stream, const at::Tensor& out) {
   cpu::NormalArgs a;
   a.geo = geometry(out, {});
@@ -382,6 +435,8 @@ TORCH_LIBRARY(ddpm_fast, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? residual, Tensor(a!) out) -> ()");
   m.def("winograd_weight(Tensor w) -> Tensor");
   m.def("conv3x3(Tensor x, Tensor u, Tensor? bias, Tensor? residual, Tensor(a!) out) -> ()");
+  m.def("winograd_weight_bf16(Tensor w) -> Tensor");
+  m.def("conv3x3_bf16(Tensor x, Tensor u, Tensor? bias, Tensor? residual, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
@@ -395,12 +450,16 @@ TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
   m.impl("attention", &ddpm_fast::attention_cpu);
   m.impl("winograd_weight", &ddpm_fast::winograd_weight_cpu);
   m.impl("conv3x3", &ddpm_fast::conv3x3_winograd_cpu);
+  m.impl("winograd_weight_bf16", &ddpm_fast::winograd_weight_bf16_cpu);
+  m.impl("conv3x3_bf16", &ddpm_fast::conv3x3_winograd_bf16_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ddpm_fast CPU kernels (ops registered under torch.ops.ddpm_fast)";
   m.def("capability", &ddpm_fast::cpu::capability, "instruction set the kernels were compiled for");
   m.def("gemm_library", &ddpm_fast::cpu::gemm_library, "library of the Winograd products: onednn or blas");
+  m.def("bf16_instructions", &ddpm_fast::cpu::bf16_instructions,
+        "the CPU's bf16 matrix instructions the bf16 Winograd products use: amx_bf16, avx512_bf16 or empty");
   // The scalar HOST_DEVICE functions of csrc/common/philox.h that the CUDA kernels use, compiled for the host
   // so the CPU tests can check them (known-answer vectors, and equality with the reference noise).
   m.def("philox4x32_10", [](std::array<uint32_t, 4> counter, uint32_t k0, uint32_t k1) {

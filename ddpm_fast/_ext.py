@@ -112,3 +112,11 @@ def cpu_capability() -> str | None:
 def gemm_library() -> str | None:
     """'onednn' or 'blas': the library of the CPU Winograd convolution's matrix products."""
     return _module.gemm_library() if _module is not None else None
+
+
+def bf16_instructions() -> str | None:
+    """The CPU's bf16 matrix instructions the bf16 Winograd products run on: 'amx_bf16' or 'avx512_bf16' (read
+    from CPUID by the extension); None when it has neither or the extension predates the bf16 kernel."""
+    if _module is None or not hasattr(_module, "bf16_instructions"):
+        return None
+    return _module.bf16_instructions() or None

@@ -4,6 +4,8 @@
 
 #include <stdint.h>
 
+#include <c10/util/BFloat16.h>
+
 namespace ddpm_fast {
 namespace cpu {
 
@@ -137,8 +139,28 @@ struct WinogradArgs {
   float* out;             // (N, H, W, K)
 };
 
+// The bf16 variant: bf16 NHWC activations in and out, V = B^T d B computed in fp32 and stored bf16, the 16
+// products in bf16 with fp32 accumulation (vdpbf16ps / AMX through oneDNN's brgemm), the output transform, bias
+// and residual in fp32. u holds U in bf16, packed for the brgemm: [16][K / kBf16Block][C2 / 2][kBf16Block][2]
+// (the VNNI pairs of rows c, c + 1; C2 = C rounded up to even, K to a whole block, zero-padded).
+constexpr int64_t kBf16Block = 64;  // output channels per product: the packed B's leading dimension
+struct WinogradBf16Args {
+  int64_t batch, height, width, in_channels, out_channels;
+  const c10::BFloat16* x;         // (N, H, W, C)
+  const c10::BFloat16* u;         // packed, see above
+  const float* bias;              // (K) or nullptr
+  const c10::BFloat16* residual;  // (N, H, W, K) or nullptr
+  c10::BFloat16* out;             // (N, H, W, K)
+};
+
 void winograd_weight_transform(const float* w, int64_t K, int64_t C, float* u);
 void winograd_conv3x3(const WinogradArgs& args);
+// U (16, C, K) fp32 -> the packed bf16 layout of WinogradBf16Args::u.
+void winograd_pack_bf16(const float* u, int64_t K, int64_t C, c10::BFloat16* packed);
+void winograd_conv3x3_bf16(const WinogradBf16Args& args);
+// The CPU's bf16 matrix instructions the bf16 products use: "amx_bf16", "avx512_bf16", or "" (none: bf16
+// convolutions then run the fp32 kernel on converted tensors).
+const char* bf16_instructions();
 void ddpm_step(const StepArgs& args);
 void dpmpp_step(const DpmppArgs& args);
 void attention(const AttentionArgs& args);

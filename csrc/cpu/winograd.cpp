@@ -13,6 +13,10 @@
 #include <algorithm>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 #include "elementwise.h"
 #include "gemm.h"
 
@@ -164,6 +168,166 @@ void winograd_conv3x3(const WinogradArgs& a) {
         }
       }
     }
+  });
+}
+
+
+// ------------------------------------------------------------------------------------------------ bf16
+// The same algorithm with bf16 operands for the products: activations are read as bf16 and widened, the input
+// transform runs in fp32 and V is rounded to bf16 once (its error is that of rounding the input, scaled by the
+// transform's at most 4 additions), U is transformed in fp32 from the weight and rounded once, the products
+// accumulate in fp32 (vdpbf16ps on AVX512-BF16, tiles on AMX, inside oneDNN's brgemm), and the output transform,
+// bias and residual run in fp32 before the single rounding of the result to bf16.
+
+const char* bf16_instructions() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const char* name = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_max(0, nullptr) < 7) return "";
+    __cpuid_count(7, 0, a, b, c, d);
+    const bool amx = (d >> 22) & 1;  // AMX-BF16
+    __cpuid_count(7, 1, a, b, c, d);
+    const bool avx512 = (a >> 5) & 1;  // AVX512_BF16
+    return amx ? "amx_bf16" : avx512 ? "avx512_bf16" : "";
+  }();
+  return name;
+#else
+  return "";
+#endif
+}
+
+void winograd_pack_bf16(const float* u, int64_t K, int64_t C, c10::BFloat16* packed) {
+  constexpr int64_t NB = kBf16Block;
+  const int64_t nkb = (K + NB - 1) / NB, C2 = (C + 1) / 2 * 2;
+  at::parallel_for(0, 16 * nkb, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t e = i / nkb, kb = i % nkb;
+      c10::BFloat16* dst = packed + i * C2 * NB;
+      for (int64_t c = 0; c < C2; ++c)
+        for (int64_t n = 0; n < NB; ++n) {
+          const int64_t k = kb * NB + n;
+          const float v = (c < C && k < K) ? u[(e * C + c) * K + k] : 0.f;
+          dst[((c / 2) * NB + n) * 2 + c % 2] = c10::BFloat16(v);
+        }
+    }
+  });
+}
+
+namespace {
+struct ScratchBf16 {
+  std::vector<c10::BFloat16> v;
+  std::vector<float> m;
+};
+}  // namespace
+
+void winograd_conv3x3_bf16(const WinogradBf16Args& a) {
+  using BF = c10::BFloat16;
+  constexpr int64_t NB = kBf16Block;
+  const int64_t N = a.batch, H = a.height, W = a.width, C = a.in_channels, K = a.out_channels;
+  const int64_t C2 = (C + 1) / 2 * 2, nkb = (K + NB - 1) / NB;
+  const int64_t TY = (H + 1) / 2, TX = (W + 1) / 2, tiles = N * TY * TX;
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t block = std::max<int64_t>(8, std::min(kTileBlock, (tiles + nthreads - 1) / nthreads));
+  const int64_t nblocks = (tiles + block - 1) / block;
+  // Fewer tile blocks than threads (small images at batch 1): the output channels are split too, each part
+  // redoing its block's input transform (C work a tile against the products' 16 C K / parts).
+  const int64_t parts = std::min(nkb, (nthreads + nblocks - 1) / nblocks);
+  const int64_t kb_per_part = (nkb + parts - 1) / parts;
+  constexpr int64_t L = kLanes;  // 32 channels: two fp32 vectors, one 16-bit vector
+
+  at::parallel_for(0, nblocks * parts, 1, [&](int64_t w0, int64_t w1) {
+    thread_local ScratchBf16 s;
+    s.v.resize(16 * block * C2);
+    s.m.resize(16 * block * K);
+    BF* V = s.v.data();
+    float* M = s.m.data();
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t blk = w / parts, part = w % parts;
+      const int64_t kb0 = part * kb_per_part, kb1 = std::min(nkb, kb0 + kb_per_part);
+      if (kb0 >= kb1) continue;
+      const int64_t k_lo = kb0 * NB, k_hi = std::min(K, kb1 * NB);
+      const int64_t t0 = blk * block, nt = std::min(block, tiles - t0);
+      // 1. input transform in fp32, V[e][tile][c] stored bf16 (a zero column pads odd C)
+      for (int64_t ti = 0; ti < nt; ++ti) {
+        const int64_t tile = t0 + ti, n = tile / (TY * TX), ty = tile / TX % TY, tx = tile % TX;
+        const int64_t y0 = 2 * ty - 1, x0 = 2 * tx - 1;
+        const BF* rows[16];
+        for (int e = 0; e < 16; ++e) {
+          const int64_t y = y0 + e / 4, x = x0 + e % 4;
+          rows[e] = (y >= 0 && y < H && x >= 0 && x < W) ? a.x + ((n * H + y) * W + x) * C : nullptr;
+        }
+        int64_t c = 0;
+        for (; c + L <= C; c += L) {
+          Vec lo[16], hi[16], vlo[16], vhi[16];
+          for (int e = 0; e < 16; ++e) {
+            if (rows[e])
+              load2(rows[e] + c, lo[e], hi[e]);
+            else
+              lo[e] = hi[e] = Vec(0.f);
+          }
+          input_transform(lo, vlo);
+          input_transform(hi, vhi);
+          for (int e = 0; e < 16; ++e) store2(V + (e * block + ti) * C2 + c, vlo[e], vhi[e]);
+        }
+        for (; c < C2; ++c) {
+          float d[16], v[16];
+          for (int e = 0; e < 16; ++e) d[e] = (rows[e] && c < C) ? static_cast<float>(rows[e][c]) : 0.f;
+          input_transform(d, v);
+          for (int e = 0; e < 16; ++e) V[(e * block + ti) * C2 + c] = BF(v[e]);
+        }
+      }
+      // 2. the products M[e][:, k_lo:k_hi] (nt x NB blocks) = V[e] (nt x C2) @ U[e] (C2 x NB, VNNI-packed)
+      for (int e = 0; e < 16; ++e)
+        for (int64_t kb = kb0; kb < kb1; ++kb) {
+          const int64_t nb = std::min(NB, K - kb * NB);
+          at::native::cpublas::brgemm(nt, nb, C2, C2, NB, K, /*add_C=*/false, V + e * block * C2,
+                                      a.u + (e * nkb + kb) * C2 * NB, M + e * block * K + kb * NB,
+                                      /*is_vnni=*/true);
+        }
+      // 3. output transform, bias and residual in fp32, one rounding to bf16
+      for (int64_t ti = 0; ti < nt; ++ti) {
+        const int64_t tile = t0 + ti, n = tile / (TY * TX), ty = tile / TX % TY, tx = tile % TX;
+        const bool inside[4] = {true, 2 * tx + 1 < W, 2 * ty + 1 < H, 2 * tx + 1 < W && 2 * ty + 1 < H};
+        int64_t off[4];
+        for (int q = 0; q < 4; ++q) off[q] = ((n * H + 2 * ty + q / 2) * W + 2 * tx + q % 2) * K;
+        int64_t k = k_lo;
+        for (; k + L <= k_hi; k += L) {
+          Vec mlo[16], mhi[16], ylo[4], yhi[4];
+          for (int e = 0; e < 16; ++e) {
+            const float* mp = M + (e * block + ti) * K + k;
+            mlo[e] = Vec::loadu(mp);
+            mhi[e] = Vec::loadu(mp + Vec::size());
+          }
+          output_transform(mlo, ylo);
+          output_transform(mhi, yhi);
+          const Vec blo = a.bias ? Vec::loadu(a.bias + k) : Vec(0.f);
+          const Vec bhi = a.bias ? Vec::loadu(a.bias + k + Vec::size()) : Vec(0.f);
+          for (int q = 0; q < 4; ++q) {
+            if (!inside[q]) continue;
+            Vec rlo = ylo[q] + blo, rhi = yhi[q] + bhi;
+            if (a.residual) {
+              Vec plo, phi;
+              load2(a.residual + off[q] + k, plo, phi);
+              rlo = rlo + plo;
+              rhi = rhi + phi;
+            }
+            store2(a.out + off[q] + k, rlo, rhi);
+          }
+        }
+        for (; k < k_hi; ++k) {
+          float m[16], y[4];
+          for (int e = 0; e < 16; ++e) m[e] = M[(e * block + ti) * K + k];
+          output_transform(m, y);
+          for (int q = 0; q < 4; ++q) {
+            if (!inside[q]) continue;
+            float r = y[q] + (a.bias ? a.bias[k] : 0.f);
+            if (a.residual) r += static_cast<float>(a.residual[off[q] + k]);
+            a.out[off[q] + k] = BF(r);
+          }
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release(/*is_vnni=*/true);
   });
 }
 

@@ -49,6 +49,7 @@ __all__ = [
     "trace",
     "why_not_fused",
     "winograd_weight",
+    "winograd_weight_bf16",
 ]
 
 
@@ -516,11 +517,26 @@ def winograd_weight(weight):
     return module("cpu").winograd_weight(weight)
 
 
+def winograd_weight_bf16(weight):
+    """The Winograd F(2x2, 3x3) transform of a (K, C, 3, 3) weight for bf16 :func:`conv3x3`: computed in fp32 from
+    the weight, rounded to bf16 once and packed for the bf16 products (VNNI pairs of input channels, blocks of
+    64 output channels): a bf16 tensor of shape (16, ceil(K / 64), ceil(C / 2), 64, 2)."""
+    weight = C.tensor("weight", weight, min_dim=4, dtypes=(torch.float32, torch.bfloat16))
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"weight: expected shape (K, C, 3, 3), got {tuple(weight.shape)}")
+    if weight.device.type != "cpu":
+        raise ValueError(f"weight: the Winograd kernel runs on the CPU, got a weight on {weight.device}")
+    return module("cpu").winograd_weight_bf16(weight)
+
+
 def conv3x3(x, weight, bias=None, residual=None, *, packed=None, backend=None, out=None):
     """3x3 convolution, stride 1, padding 1 (+ residual), i.e. ``F.conv2d(x, weight, bias, padding=1) + residual``.
 
-    The ``cpu`` backend runs Winograd F(2x2, 3x3) on fp32 channels_last activations (other layouts are copied
-    to channels_last once); ``packed``: :func:`winograd_weight` of ``weight``, to skip its transform per call.
+    The ``cpu`` backend runs Winograd F(2x2, 3x3) on fp32 or bf16 channels_last activations (other layouts are
+    copied to channels_last once); ``packed``: :func:`winograd_weight` of ``weight`` (bf16 x:
+    :func:`winograd_weight_bf16`), to skip its transform per call. bf16 runs its products in bf16 with fp32
+    accumulation where the CPU has AVX512-BF16 or AMX-BF16 (``ddpm_fast.backends()["cpu"]`` says), else the fp32
+    kernel on converted tensors; transforms, bias and residual are fp32 either way.
     """
     x = C.tensor("x", x, min_dim=4)
     if x.dim() != 4:
@@ -539,7 +555,15 @@ def conv3x3(x, weight, bias=None, residual=None, *, packed=None, backend=None, o
             raise ValueError(
                 f"{name}: expected shape {(N, K, H, W)} (x's N, H, W and weight's K), got {tuple(y.shape)}"
             )
-    if packed is not None:
+    if packed is not None and x.dtype == torch.bfloat16:
+        C.tensor("packed", packed, dtypes=(torch.bfloat16,))
+        shape = (16, -(-K // 64), -(-Cin // 2), 64, 2)
+        if packed.device.type != "cpu" or tuple(packed.shape) != shape:
+            raise ValueError(
+                f"packed: expected winograd_weight_bf16(weight), a CPU tensor of shape {shape}, "
+                f"got shape {tuple(packed.shape)} on {packed.device}"
+            )
+    elif packed is not None:
         C.tensor("packed", packed, dtypes=(torch.float32,))
         if packed.device.type != "cpu" or tuple(packed.shape) != (16, Cin, K):
             raise ValueError(

@@ -44,7 +44,19 @@ def unavailable() -> str | None:
 
 
 def describe() -> str:
-    return f"available ({_ext.cpu_capability()} build, {_ext.gemm_library()} GEMMs)"
+    isa = bf16_products()
+    bf16 = f"bf16 GEMMs: {isa}" if isa else "no bf16 instructions: bf16 runs the fp32 kernels"
+    return f"available ({_ext.cpu_capability()} build, {_ext.gemm_library()} GEMMs; {bf16})"
+
+
+def bf16_products() -> str | None:
+    """The bf16 instructions ('amx_bf16', 'avx512_bf16') bf16 convolutions and linears run on, with fp32
+    accumulation (the Winograd products in oneDNN's brgemm, the others in oneDNN's bf16 primitives); None: the CPU
+    has neither (or the GEMMs run in the BLAS, or oneDNN is off), and bf16 tensors are converted to fp32 for the
+    fp32 kernels and back."""
+    if _ext.gemm_library() != "onednn" or not _mkldnn() or not hasattr(torch.ops.ddpm_fast, "conv3x3_bf16"):
+        return None
+    return _ext.bf16_instructions()
 
 
 def _mkldnn() -> bool:
@@ -55,8 +67,8 @@ def refuses(op: str, dtype=None, padding=None, **facts) -> str | None:
     """The calls the cpu kernels do not take (auto then runs the reference; by name, a TypeError)."""
     if op == "dpmpp_step" and not hasattr(torch.ops.ddpm_fast, "dpmpp_step"):
         return "the cpu extension was built before dpmpp_step existed; rebuild it (pip install -e .)"
-    if op in ("conv3x3", "conv2d", "linear") and dtype is not None and dtype != torch.float32:
-        return f"x: the cpu {op} kernel takes float32, got {dtype}"
+    if op in ("conv3x3", "conv2d", "linear") and dtype is not None and dtype not in (torch.float32, torch.bfloat16):
+        return f"x: the cpu {op} kernel takes float32 or bfloat16, got {dtype}"
     if op == "conv2d":
         if isinstance(padding, str):
             return f"padding: the cpu conv2d kernels take explicit padding, got {padding!r}"
@@ -230,17 +242,53 @@ def winograd_weight(weight):
     return torch.ops.ddpm_fast.winograd_weight(weight.detach())
 
 
+def winograd_weight_bf16(weight):
+    return torch.ops.ddpm_fast.winograd_weight_bf16(weight.detach())
+
+
 def conv3x3(x, weight, bias, residual, packed, out):
-    """Winograd F(2x2, 3x3) on fp32 channels_last activations (other layouts copied to channels_last once)."""
+    """Winograd F(2x2, 3x3) on fp32 or bf16 channels_last activations (other layouts copied to channels_last once).
+    bf16 without bf16 instructions: the fp32 kernel on converted tensors (``packed`` is then not used)."""
+    if x.dtype == torch.bfloat16:
+        if bf16_products():
+            record("conv3x3", NAME, "winograd_bf16")
+            if packed is None:
+                packed = winograd_weight_bf16(weight)
+            return _winograd_conv_bf16(
+                x, weight.shape[0], packed, None if bias is None else bias.float(), residual, out
+            )
+        record("conv3x3", NAME, "winograd_fp32")
+        return _winograd_conv_fp32(x, winograd_weight(weight.float()), bias, residual, out)
     record("conv3x3", NAME, "winograd")
     return _winograd_conv(x, weight, bias, residual, packed, out)
+
+
+def _winograd_conv_fp32(x, packed, bias, residual, out):
+    """A bf16 convolution by the fp32 kernel: inputs converted, the result rounded to bf16 once."""
+    f = lambda t: None if t is None else t.float()  # noqa: E731
+    y = _winograd_conv(f(x), None, f(bias), f(residual), packed, None).to(x.dtype)
+    return finish(y, out)
+
+
+def _winograd_conv_bf16(x, K, packed, bias_f32, residual, out):
+    N, _, H, W = x.shape
+    cl = torch.channels_last
+    xd = x.contiguous(memory_format=cl)
+    res = None if residual is None else residual.contiguous(memory_format=cl)
+    same_storage = out is not None and out.untyped_storage().data_ptr() == xd.untyped_storage().data_ptr()
+    if out is not None and out.is_contiguous(memory_format=cl) and not same_storage:
+        result = out
+    else:
+        result = torch.empty(N, K, H, W, dtype=x.dtype, device=x.device, memory_format=cl)
+    torch.ops.ddpm_fast.conv3x3_bf16(xd, packed, bias_f32, res, result)
+    return finish(result, out)
 
 
 def _winograd_conv(x, weight, bias, residual, packed, out):
     if packed is None:
         packed = winograd_weight(weight)
     N, _, H, W = x.shape
-    K = weight.shape[0]
+    K = packed.shape[2]
     cl = torch.channels_last
     xd = x.contiguous(memory_format=cl)
     res = None if residual is None else residual.contiguous(memory_format=cl)
@@ -265,6 +313,10 @@ def _winograd(weight, stride, padding, dilation, groups) -> bool:
     )
 
 
+def prepared_value(prepared, tensors, variant, build):
+    return build() if prepared is None else prepared.get(tensors, variant, build)
+
+
 def conv2d(x, weight, bias, residual, stride, padding, dilation, groups, prepared, out):
     """3x3 stride-1 convolutions with enough channels: Winograd (:func:`conv3x3`, 2.25x fewer multiply-adds than
     a direct convolution); the others (1x1 shortcuts, strided downsampling, the 3-channel ends): oneDNN with its
@@ -273,6 +325,17 @@ def conv2d(x, weight, bias, residual, stride, padding, dilation, groups, prepare
     xd = x.contiguous(memory_format=cl)
     res = None if residual is None else residual.contiguous(memory_format=cl)
     w = weight.detach()
+    if _winograd(weight, stride, padding, dilation, groups) and x.dtype == torch.bfloat16:
+        if bf16_products():
+            packed, b32 = prepared_value(
+                prepared, (weight, bias), "winograd_bf16",
+                lambda: (winograd_weight_bf16(w), None if bias is None else bias.detach().float()),
+            )  # fmt: skip
+            record("conv2d", NAME, "winograd_bf16")
+            return _winograd_conv_bf16(xd, weight.shape[0], packed, b32, res, out)
+        packed = prepared_value(prepared, (weight,), "winograd_fp32", lambda: winograd_weight(w.float()))
+        record("conv2d", NAME, "winograd_fp32")
+        return _winograd_conv_fp32(xd, packed, bias, res, out)
     if _winograd(weight, stride, padding, dilation, groups):
         build = lambda: winograd_weight(w)  # noqa: E731
         packed = build() if prepared is None else prepared.get((weight,), "winograd", build)

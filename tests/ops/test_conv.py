@@ -96,11 +96,12 @@ def test_non_contiguous_input_and_auto_dispatch_of_other_dtypes():
     want = ref.conv3x3(xs, w, b, r)
     print(f"conv3x3 strided input: max err {(out - want).abs().max().item():.3g}")
     assert (out - want).abs().max().item() <= 4e-5
-    # float64 and bfloat16 have no Winograd kernel: auto runs the reference
+    # float64 and float16 have no Winograd kernel: auto runs the reference
     got = df.ops.conv3x3(x.double(), w.double(), b.double())
     assert torch.allclose(got, ref.conv3x3(x.double(), w.double(), b.double()))
-    got = df.ops.conv3x3(x.bfloat16(), w.bfloat16(), b.bfloat16())
-    assert got.dtype == torch.bfloat16
+    with df.ops.trace() as calls:
+        got = df.ops.conv3x3(x.half(), w.half(), b.half())
+    assert got.dtype == torch.float16 and [c.backend for c in calls] == ["torch"]
 
 
 _GEMM_CHECK = """
@@ -134,3 +135,97 @@ def test_gemm_variable_is_checked(monkeypatch):
     monkeypatch.setenv("DDPM_FAST_GEMM", "mkl")
     with pytest.raises(ValueError, match="DDPM_FAST_GEMM must be onednn or blas"):
         _ext._check_gemm_variable()
+
+
+# bf16: the Winograd products in bf16 with fp32 accumulation where the CPU has AVX512-BF16 or AMX-BF16, else the
+# fp32 kernel on converted tensors; both are checked here, the first only where the CPU can run it.
+def _bf16_paths():
+    from ddpm_fast.ops import _cpu
+
+    isa = _cpu.bf16_products() if df.backends()["cpu"].startswith("available") else None
+    why = "the CPU has no AVX512-BF16/AMX-BF16 (or oneDNN is off): no bf16 products to test"
+    return [
+        pytest.param("bf16_products", marks=pytest.mark.skipif(isa is None, reason=why)),
+        "fp32_kernel",
+    ]
+
+
+def _use_path(path, monkeypatch):
+    from ddpm_fast.ops import _cpu
+
+    if path == "fp32_kernel":
+        monkeypatch.setattr(_cpu, "bf16_products", lambda: None)
+    return "winograd_bf16" if path == "bf16_products" else "winograd_fp32"
+
+
+@needs_cpu
+@pytest.mark.parametrize("path", _bf16_paths())
+@pytest.mark.parametrize("N, C, K, H, W", [(1, 17, 33, 5, 7), (3, 130, 70, 9, 11), (1, 3, 5, 1, 1), (3, 64, 200, 4, 3)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_bf16_winograd_matches_float64(path, N, C, K, H, W, layout, with_residual, monkeypatch):
+    """bf16 in and out. The truth is float64 on the bf16 inputs; the tolerance is DESIGN.md's bf16 rule: at most
+    2x the error of PyTorch's own bf16 convolution (F.conv2d on the same bf16 tensors: its result rounded to bf16,
+    |err| <= 2^-9 |y| from that rounding alone) plus 1e-2. The kernel rounds its transformed input V and weight U to
+    bf16 (relative 2^-9 each, on sums of at most 4 inputs / 9 weights) and its result once; it accumulates in fp32."""
+    kernel = _use_path(path, monkeypatch)
+    x, w, b, r = (t.bfloat16() for t in _case(N, C, K, H, W))
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    res = r if with_residual else None
+    with df.ops.trace() as calls:
+        out = df.ops.conv3x3(x, w, b, res, backend="cpu")
+    assert [(c.backend, c.kernel) for c in calls] == [("cpu", kernel)]
+    exact = F.conv2d(x.double(), w.double(), b.double(), padding=1) + (0 if res is None else res.double())
+    torch_bf16 = F.conv2d(x, w, b, padding=1) + (0 if res is None else res)
+    err = (out.double() - exact).abs().max().item()
+    mean = (out.double() - exact).abs().mean().item()
+    torch_err = (torch_bf16.double() - exact).abs().max().item()
+    print(
+        f"bf16 conv3x3 {path} {(N, C, K, H, W)} {layout}: max err {err:.3g} (mean {mean:.3g}), torch bf16 {torch_err:.3g}"
+    )
+    assert out.dtype == torch.bfloat16 and out.shape == exact.shape
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert err <= 2 * torch_err + 1e-2
+
+
+@needs_cpu
+@pytest.mark.parametrize("path", _bf16_paths())
+def test_bf16_conv2d_serves_the_unet_shapes_and_follows_the_weight(path, monkeypatch):
+    """ops.conv2d in bf16: Winograd for the 3x3 stride-1 layers (its packed weight and fp32 bias kept in the
+    Prepared, rebuilt when the weight changes), oneDNN for the others."""
+    kernel = _use_path(path, monkeypatch)
+    x = torch.randn(2, 32, 8, 8).bfloat16().contiguous(memory_format=torch.channels_last)
+    for k, s, p, want_kernel in ((3, 1, 1, kernel), (1, 1, 0, "onednn"), (3, 2, 1, "onednn")):
+        w, b = (torch.randn(48, 32, k, k) / (k * 32**0.5)).bfloat16(), torch.randn(48).bfloat16()
+        prepared = df.ops.Prepared()
+        for scale in (1.0, 2.0):
+            w.mul_(scale)  # in place: the second call must repack
+            with df.ops.trace() as calls:
+                got = df.ops.conv2d(x, w, b, stride=s, padding=p, prepared=prepared)
+            exact = F.conv2d(x.double(), w.double(), b.double(), stride=s, padding=p)
+            err = (got.double() - exact).abs().max().item()
+            torch_err = (F.conv2d(x, w, b, stride=s, padding=p).double() - exact).abs().max().item()
+            print(f"bf16 conv2d {path} k={k} stride={s} x{scale}: max err {err:.3g}, torch bf16 {torch_err:.3g}")
+            assert [c.kernel for c in calls] == [want_kernel] and got.dtype == torch.bfloat16
+            assert err <= 2 * torch_err + 1e-2
+
+
+@needs_cpu
+def test_bf16_bad_input():
+    x, w, b, r = (t.bfloat16() for t in _case(1, 4, 6, 5, 5))
+    with pytest.raises(TypeError, match="weight"):
+        df.ops.conv3x3(x, w.float(), b)  # mixed dtypes: named before any kernel runs
+    with pytest.raises(TypeError, match="residual"):
+        df.ops.conv3x3(x, w, b, r.float())
+    with pytest.raises(TypeError, match="x"):
+        df.ops.conv2d(x.float(), w, b, padding=1)
+    with pytest.raises(TypeError, match="packed"):
+        df.ops.conv3x3(x, w, b, packed=df.ops.winograd_weight(w.float()), backend="cpu")  # the fp32 transform
+    with pytest.raises(ValueError, match="packed: expected winograd_weight_bf16"):
+        df.ops.conv3x3(x, w, b, packed=df.ops.winograd_weight_bf16(w[:, :2].contiguous()), backend="cpu")
+    packed = df.ops.winograd_weight_bf16(w)
+    assert packed.shape == (16, 1, 2, 64, 2) and packed.dtype == torch.bfloat16
+    got = df.ops.conv3x3(x, w, b, r, packed=packed, backend="cpu")
+    exact = F.conv2d(x.double(), w.double(), b.double(), padding=1) + r.double()
+    assert (got.double() - exact).abs().max().item() <= 2e-2
