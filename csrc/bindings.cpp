@@ -161,42 +161,16 @@ at::Tensor as_f32(const std::optional<at::Tensor>& t, std::initializer_list<int6
   return t->to(at::kFloat).contiguous();
 }
 
-void group_norm_silu_cpu(const at::Tensor& x, int64_t groups, const std::optional<at::Tensor>& weight,
-                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add, double eps,
-                         bool silu, const at::Tensor& out) {
+// The forward; with mean and rstd ((B, G) fp32) it also keeps each group's statistics for the backward.
+void run_group_norm(const at::Tensor& x, int64_t groups, const std::optional<at::Tensor>& weight,
+                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add, double eps,
+                    bool silu, const at::Tensor& out, const at::Tensor* mean, const at::Tensor* rstd) {
   TORCH_CHECK(x.dim() >= 2, "ddpm_fast: group_norm_silu expects (B, C, ...)");
   const Geometry geo = geometry(x, {&out});
   const int64_t B = x.size(0), C = x.size(1);
   TORCH_CHECK(groups > 0 && C % groups == 0, "ddpm_fast: channels not divisible by groups");
-  const at::Tensor w = as_f32(weight, {C}, "weight"), b = as_f32(bias, {C}, "bias"), a = as_f32(add, {B, C}, "add");
-  cpu::GroupNormArgs args;
-  args.batch = B;
-  args.channels = C;
-  args.spatial = x.numel() / (B * C);
-  args.nhwc = geo.nhwc;
-  args.dtype = dtype_of(x);
-  args.x = x.data_ptr();
-  args.out = out.data_ptr();
-  args.weight = w.defined() ? w.data_ptr<float>() : nullptr;
-  args.bias = b.defined() ? b.data_ptr<float>() : nullptr;
-  args.add = a.defined() ? a.data_ptr<float>() : nullptr;
-  args.groups = groups;
-  args.eps = static_cast<float>(eps);
-  args.silu = silu;
-  cpu::group_norm(args);
-}
-
-// The forward for training: also writes each group's mean and rstd (B, G) fp32 for group_norm_silu_backward.
-void group_norm_silu_train_cpu(const at::Tensor& x, int64_t groups, const std::optional<at::Tensor>& weight,
-                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add,
-                               double eps, bool silu, const at::Tensor& out, const at::Tensor& mean,
-                               const at::Tensor& rstd) {
-  TORCH_CHECK(x.dim() >= 2, "ddpm_fast: group_norm_silu_train expects (B, C, ...)");
-  const Geometry geo = geometry(x, {&out});
-  const int64_t B = x.size(0), C = x.size(1);
-  TORCH_CHECK(groups > 0 && C % groups == 0, "ddpm_fast: channels not divisible by groups");
-  for (const at::Tensor* t : {&mean, &rstd})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == B * groups,
+  for (const at::Tensor* t : {mean, rstd})
+    TORCH_CHECK(!t || (t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == B * groups),
                 "ddpm_fast: mean and rstd must be contiguous fp32 (B, groups)");
   const at::Tensor w = as_f32(weight, {C}, "weight"), b = as_f32(bias, {C}, "bias"), a = as_f32(add, {B, C}, "add");
   cpu::GroupNormArgs args;
@@ -213,9 +187,22 @@ void group_norm_silu_train_cpu(const at::Tensor& x, int64_t groups, const std::o
   args.groups = groups;
   args.eps = static_cast<float>(eps);
   args.silu = silu;
-  args.mean = mean.data_ptr<float>();
-  args.rstd = rstd.data_ptr<float>();
+  args.mean = mean ? mean->data_ptr<float>() : nullptr;
+  args.rstd = rstd ? rstd->data_ptr<float>() : nullptr;
   cpu::group_norm(args);
+}
+
+void group_norm_silu_cpu(const at::Tensor& x, int64_t groups, const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add, double eps,
+                         bool silu, const at::Tensor& out) {
+  run_group_norm(x, groups, weight, bias, add, eps, silu, out, nullptr, nullptr);
+}
+
+void group_norm_silu_train_cpu(const at::Tensor& x, int64_t groups, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add,
+                               double eps, bool silu, const at::Tensor& out, const at::Tensor& mean,
+                               const at::Tensor& rstd) {
+  run_group_norm(x, groups, weight, bias, add, eps, silu, out, &mean, &rstd);
 }
 
 void group_norm_silu_backward_cpu(const at::Tensor& x, const at::Tensor& grad, int64_t groups,

@@ -3,8 +3,8 @@
 from .attention import attention
 from .conv import conv3x3
 from .ddim_step import ddim_coefficients, ddim_step
-from .dpmpp_step import dpmpp_coefficients, dpmpp_step
 from .ddpm_step import ddpm_step, predict_x0, step_coefficients
+from .dpmpp_step import dpmpp_coefficients, dpmpp_step
 from .group_norm import group_norm_silu
 from .noise import keyed_normal
 from .q_sample import q_sample
