@@ -270,7 +270,9 @@ def _winograd_conv_fp32(x, packed, bias, residual, out):
     return finish(y, out)
 
 
-def _winograd_conv_bf16(x, K, packed, bias_f32, residual, out):
+def _winograd_launch(x, K, residual, out, kernel):
+    """``kernel(x, residual, result)`` on channels_last operands, writing (N, K, H, W): into ``out`` itself when it
+    has that layout and is not x's memory, else into a buffer copied into out."""
     N, _, H, W = x.shape
     cl = torch.channels_last
     xd = x.contiguous(memory_format=cl)
@@ -280,25 +282,27 @@ def _winograd_conv_bf16(x, K, packed, bias_f32, residual, out):
         result = out
     else:
         result = torch.empty(N, K, H, W, dtype=x.dtype, device=x.device, memory_format=cl)
-    torch.ops.ddpm_fast.conv3x3_bf16(xd, packed, bias_f32, res, result)
+    kernel(xd, res, result)
     return finish(result, out)
+
+
+def _winograd_conv_bf16(x, K, packed, bias_f32, residual, out):
+    return _winograd_launch(
+        x, K, residual, out, lambda xd, res, result: torch.ops.ddpm_fast.conv3x3_bf16(xd, packed, bias_f32, res, result)
+    )
 
 
 def _winograd_conv(x, weight, bias, residual, packed, out):
     if packed is None:
         packed = winograd_weight(weight)
-    N, _, H, W = x.shape
-    K = packed.shape[2]
-    cl = torch.channels_last
-    xd = x.contiguous(memory_format=cl)
-    res = None if residual is None else residual.contiguous(memory_format=cl)
-    same_storage = out is not None and out.untyped_storage().data_ptr() == xd.untyped_storage().data_ptr()
-    if out is not None and out.is_contiguous(memory_format=cl) and not same_storage:
-        result = out
-    else:
-        result = torch.empty(N, K, H, W, dtype=x.dtype, device=x.device, memory_format=cl)
-    torch.ops.ddpm_fast.conv3x3(xd, packed, None if bias is None else bias.contiguous(), res, result)
-    return finish(result, out)
+    b = None if bias is None else bias.contiguous()
+    return _winograd_launch(
+        x,
+        packed.shape[2],
+        residual,
+        out,
+        lambda xd, res, result: torch.ops.ddpm_fast.conv3x3(xd, packed, b, res, result),
+    )
 
 
 def _winograd(weight, stride, padding, dilation, groups) -> bool:
