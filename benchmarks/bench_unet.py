@@ -4,7 +4,7 @@ runtimes a user would otherwise deploy it with: OpenVINO (f32 hint, and the devi
 Runtime (benchmarks/peers.py), each converted from the same UNet2DModel and run with torch's thread count.
 
     python benchmarks/bench_unet.py [--batch 8] [--rounds 7] [--no-compile] [--no-peers] [--json PATH]
-    python benchmarks/bench_unet.py --batches 1,2,8,32 [--no-compile] [--json PATH]   # ms per image by batch
+    python benchmarks/bench_unet.py --batches 1,2,8,32 [--no-compile] [--threads N] [--json PATH]   # ms per image by batch
 
 Every row's max error is against diffusers' fp32 forward. A peer that cannot be built (not installed, conversion
 failed) is a row saying why. With --batches, each batch size is timed in its own interleaved rounds and the table
@@ -114,8 +114,16 @@ def main():
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (it takes minutes on 2 cores)")
     p.add_argument("--no-peers", dest="peers", action="store_false", help="skip the OpenVINO and ONNX Runtime rows")
+    p.add_argument(
+        "--threads", type=int, help="threads for every provider (default: torch's); 1 compares kernels without "
+        "the scheduling of threads on a shared machine"
+    )
     p.add_argument("--json")
     args = p.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads: expected a positive number, got {args.threads}")
+        torch.set_num_threads(args.threads)
     from diffusers import UNet2DModel
 
     info = machine()

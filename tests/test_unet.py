@@ -323,7 +323,7 @@ def _bf16_paths():
 
     isa = _cpu.bf16_products() if df.backends()["cpu"].startswith("available") else None
     why = "the CPU has no AVX512-BF16/AMX-BF16 (or oneDNN is off): no bf16 products to test"
-    return [pytest.param("bf16_products", marks=pytest.mark.skipif(isa is None, reason=why)), "fp32_kernels"]
+    return ["onednn", pytest.param("bf16_products", marks=pytest.mark.skipif(isa is None, reason=why)), "fp32_kernels"]
 
 
 @needs_cpu
@@ -337,6 +337,8 @@ def test_bf16_cifar10_forward_matches_the_fp32_reference(path, monkeypatch):
 
     if path == "fp32_kernels":
         monkeypatch.setattr(_cpu, "bf16_products", lambda: None)
+    conv3x3 = {"onednn": "onednn", "bf16_products": "winograd_bf16", "fp32_kernels": "winograd_fp32"}[path]
+    monkeypatch.setattr(_cpu, "bf16_conv3x3", lambda: conv3x3)  # the 3x3 path under test, whatever the CPU picks
     torch.manual_seed(0)
     fp32 = df.UNet.ddpm_cifar10().eval().set_backend("torch")
     bf16 = df.UNet.ddpm_cifar10().eval()
@@ -353,7 +355,7 @@ def test_bf16_cifar10_forward_matches_the_fp32_reference(path, monkeypatch):
         torch_got = torch_bf16(x.bfloat16(), t)
     calls.require_fused(backend="cpu", ops={"conv2d", "linear", "group_norm_silu", "attention"})
     kernels = {c.kernel for c in calls if c.op == "conv2d"}
-    assert kernels == {"winograd_bf16" if path == "bf16_products" else "winograd_fp32", "onednn"}, kernels
+    assert kernels == {conv3x3, "onednn"}, kernels
     err = (got.float() - want).abs().max().item()
     mean = (got.float() - want).abs().mean().item()
     torch_err = (torch_got.float() - want).abs().max().item()

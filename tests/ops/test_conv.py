@@ -189,12 +189,27 @@ def test_bf16_winograd_matches_float64(path, N, C, K, H, W, layout, with_residua
     assert err <= 2 * torch_err + 1e-2
 
 
+def _bf16_conv2d_paths():
+    """ops.conv2d's three bf16 paths for 3x3 stride-1 layers (_cpu.bf16_conv3x3): oneDNN's direct convolution
+    (chosen on AMX CPUs; oneDNN runs it on any CPU, so it is tested everywhere), Winograd with bf16 products (where
+    the CPU has bf16 instructions) and the fp32 Winograd kernel on converted tensors."""
+    return ["onednn", *_bf16_paths()]
+
+
+def _use_conv2d_path(path, monkeypatch):
+    from ddpm_fast.ops import _cpu
+
+    kernel = path if path == "onednn" else _use_path(path, monkeypatch)
+    monkeypatch.setattr(_cpu, "bf16_conv3x3", lambda: kernel)
+    return kernel
+
+
 @needs_cpu
-@pytest.mark.parametrize("path", _bf16_paths())
+@pytest.mark.parametrize("path", _bf16_conv2d_paths())
 def test_bf16_conv2d_serves_the_unet_shapes_and_follows_the_weight(path, monkeypatch):
-    """ops.conv2d in bf16: Winograd for the 3x3 stride-1 layers (its packed weight and fp32 bias kept in the
-    Prepared, rebuilt when the weight changes), oneDNN for the others."""
-    kernel = _use_path(path, monkeypatch)
+    """ops.conv2d in bf16: the 3x3 stride-1 layers by the path the CPU's bf16 instructions choose (a packed weight
+    and fp32 bias kept in the Prepared, rebuilt when the weight changes), oneDNN for the others."""
+    kernel = _use_conv2d_path(path, monkeypatch)
     x = torch.randn(2, 32, 8, 8).bfloat16().contiguous(memory_format=torch.channels_last)
     for k, s, p, want_kernel in ((3, 1, 1, kernel), (1, 1, 0, "onednn"), (3, 2, 1, "onednn")):
         w, b = (torch.randn(48, 32, k, k) / (k * 32**0.5)).bfloat16(), torch.randn(48).bfloat16()
@@ -209,6 +224,16 @@ def test_bf16_conv2d_serves_the_unet_shapes_and_follows_the_weight(path, monkeyp
             print(f"bf16 conv2d {path} k={k} stride={s} x{scale}: max err {err:.3g}, torch bf16 {torch_err:.3g}")
             assert [c.kernel for c in calls] == [want_kernel] and got.dtype == torch.bfloat16
             assert err <= 2 * torch_err + 1e-2
+
+
+@needs_cpu
+def test_bf16_conv3x3_kernel_follows_the_cpu():
+    """The rule itself: AMX -> oneDNN's direct convolution, AVX512-BF16 alone -> Winograd's bf16 products, neither
+    -> the fp32 kernel."""
+    from ddpm_fast.ops import _cpu
+
+    want = {"amx_bf16": "onednn", "avx512_bf16": "winograd_bf16", None: "winograd_fp32"}[_cpu.bf16_products()]
+    assert _cpu.bf16_conv3x3() == want
 
 
 @needs_cpu
