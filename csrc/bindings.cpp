@@ -279,13 +279,15 @@ void attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   cpu::attention(a);
 }
 
-at::Tensor winograd_weight_cpu(const at::Tensor& w) {
+at::Tensor winograd_weight_cpu(const at::Tensor& w, int64_t tile) {
   TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.scalar_type() == at::kFloat &&
                   w.device().is_cpu(),
               "ddpm_fast: winograd_weight expects a float32 CPU (K, C, 3, 3) weight");
+  TORCH_CHECK(tile == 2 || tile == 4, "ddpm_fast: winograd_weight: tile must be 2 or 4");
   const at::Tensor wc = w.contiguous();
-  at::Tensor u = at::empty({16, w.size(1), w.size(0)}, w.options());
-  cpu::winograd_weight_transform(wc.data_ptr<float>(), w.size(0), w.size(1), u.data_ptr<float>());
+  at::Tensor u = at::empty({(tile + 2) * (tile + 2), w.size(1), w.size(0)}, w.options());
+  (tile == 4 ? cpu::winograd_weight_transform_4x4 : cpu::winograd_weight_transform)(
+      wc.data_ptr<float>(), w.size(0), w.size(1), u.data_ptr<float>());
   return u;
 }
 
@@ -295,8 +297,9 @@ void conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const std::o
                   x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "ddpm_fast: conv3x3 expects a float32 channels_last CPU input");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(u.dim() == 3 && u.size(0) == 16 && u.size(1) == C && u.is_contiguous() && u.scalar_type() == at::kFloat,
-              "ddpm_fast: conv3x3: transformed weight must be (16, C, K) float32");
+  TORCH_CHECK(u.dim() == 3 && (u.size(0) == 16 || u.size(0) == 36) && u.size(1) == C && u.is_contiguous() &&
+                  u.scalar_type() == at::kFloat,
+              "ddpm_fast: conv3x3: transformed weight must be (16, C, K) or (36, C, K) float32");
   const int64_t K = u.size(2);
   TORCH_CHECK(out.sizes() == at::IntArrayRef({N, K, H, W}) && out.scalar_type() == at::kFloat &&
                   out.is_contiguous(at::MemoryFormat::ChannelsLast),
@@ -308,6 +311,7 @@ void conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const std::o
   a.width = W;
   a.in_channels = C;
   a.out_channels = K;
+  a.tile = u.size(0) == 36 ? 4 : 2;
   a.x = x.data_ptr<float>();
   a.u = u.data_ptr<float>();
   a.out = out.data_ptr<float>();
@@ -420,7 +424,7 @@ TORCH_LIBRARY(ddpm_fast, m) {
       "group_norm_silu_backward(Tensor x, Tensor grad, int groups, Tensor? weight, Tensor? bias, Tensor? add, "
       "Tensor mean, Tensor rstd, bool silu, Tensor(a!) grad_x, Tensor(b!) sums) -> ()");
   m.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? residual, Tensor(a!) out) -> ()");
-  m.def("winograd_weight(Tensor w) -> Tensor");
+  m.def("winograd_weight(Tensor w, int tile=2) -> Tensor");
   m.def("conv3x3(Tensor x, Tensor u, Tensor? bias, Tensor? residual, Tensor(a!) out) -> ()");
   m.def("winograd_weight_bf16(Tensor w) -> Tensor");
   m.def("conv3x3_bf16(Tensor x, Tensor u, Tensor? bias, Tensor? residual, Tensor(a!) out) -> ()");

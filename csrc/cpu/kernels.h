@@ -127,13 +127,15 @@ struct AttentionArgs {
   float scale;
 };
 
-// 3x3 convolution, stride 1, padding 1, by Winograd F(2x2, 3x3) on fp32 NHWC activations; u holds the
-// transformed weights U[16][C][K] (winograd_weight_transform of w[K][C][3][3]). out must not alias x; it may
+// 3x3 convolution, stride 1, padding 1, by Winograd F(2x2, 3x3) or F(4x4, 3x3) on fp32 NHWC activations; u holds
+// the transformed weights U[16][C][K] (winograd_weight_transform of w[K][C][3][3]) or U[36][C][K]
+// (winograd_weight_transform_4x4). out must not alias x; it may
 // alias residual (read and written at the same position).
 struct WinogradArgs {
   int64_t batch, height, width, in_channels, out_channels;
+  int tile = 2;           // outputs a tile side: 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3))
   const float* x;         // (N, H, W, C)
-  const float* u;         // (16, C, K)
+  const float* u;         // ((tile + 2)^2, C, K)
   const float* bias;      // (K) or nullptr
   const float* residual;  // (N, H, W, K) or nullptr
   float* out;             // (N, H, W, K)
@@ -154,6 +156,7 @@ struct WinogradBf16Args {
 };
 
 void winograd_weight_transform(const float* w, int64_t K, int64_t C, float* u);
+void winograd_weight_transform_4x4(const float* w, int64_t K, int64_t C, float* u);
 void winograd_conv3x3(const WinogradArgs& args);
 // U (16, C, K) fp32 -> the packed bf16 layout of WinogradBf16Args::u.
 void winograd_pack_bf16(const float* u, int64_t K, int64_t C, c10::BFloat16* packed);

@@ -506,15 +506,18 @@ def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
     return module(backend).attention(q, k, v, scale, residual, out)
 
 
-def winograd_weight(weight):
-    """The Winograd F(2x2, 3x3) transform of a (K, C, 3, 3) fp32 weight, (16, C, K): compute it once per weight and
-    pass it to :func:`conv3x3` as ``packed``."""
+def winograd_weight(weight, tile=2):
+    """The Winograd transform of a (K, C, 3, 3) fp32 weight: F(2x2, 3x3) (``tile=2``, shape (16, C, K)) or
+    F(4x4, 3x3) (``tile=4``, shape (36, C, K)); compute it once per weight and pass it to :func:`conv3x3` as
+    ``packed``, which then runs that tile size."""
     weight = C.tensor("weight", weight, min_dim=4, dtypes=(torch.float32,))
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"weight: expected shape (K, C, 3, 3), got {tuple(weight.shape)}")
     if weight.device.type != "cpu":
         raise ValueError(f"weight: the Winograd kernel runs on the CPU, got a weight on {weight.device}")
-    return module("cpu").winograd_weight(weight)
+    if isinstance(tile, bool) or tile not in (2, 4):
+        raise ValueError(f"tile: expected 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got {tile!r}")
+    return module("cpu").winograd_weight(weight, int(tile))
 
 
 def winograd_weight_bf16(weight):
@@ -534,7 +537,8 @@ def conv3x3(x, weight, bias=None, residual=None, *, packed=None, backend=None, o
 
     The ``cpu`` backend runs Winograd F(2x2, 3x3) on fp32 or bf16 channels_last activations (other layouts are
     copied to channels_last once); ``packed``: :func:`winograd_weight` of ``weight`` (bf16 x:
-    :func:`winograd_weight_bf16`), to skip its transform per call. bf16 runs its products in bf16 with fp32
+    :func:`winograd_weight_bf16`), to skip its transform per call; an fp32 ``winograd_weight(weight, tile=4)``
+    runs F(4x4, 3x3) instead. bf16 runs its products in bf16 with fp32
     accumulation where the CPU has AVX512-BF16 or AMX-BF16 (``ddpm_fast.backends()["cpu"]`` says), else the fp32
     kernel on converted tensors; transforms, bias and residual are fp32 either way.
     """
@@ -565,9 +569,10 @@ def conv3x3(x, weight, bias=None, residual=None, *, packed=None, backend=None, o
             )
     elif packed is not None:
         C.tensor("packed", packed, dtypes=(torch.float32,))
-        if packed.device.type != "cpu" or tuple(packed.shape) != (16, Cin, K):
+        if packed.device.type != "cpu" or tuple(packed.shape) not in ((16, Cin, K), (36, Cin, K)):
             raise ValueError(
-                f"packed: expected winograd_weight(weight), a CPU tensor of shape (16, {Cin}, {K}), "
+                f"packed: expected winograd_weight(weight), a CPU tensor of shape (16, {Cin}, {K}) (or (36, {Cin}, "
+                f"{K}) for tile=4), "
                 f"got shape {tuple(packed.shape)} on {packed.device}"
             )
     # out may be the residual (added elementwise) or x (the kernel then writes a buffer of its own)

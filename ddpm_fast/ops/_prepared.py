@@ -1,8 +1,8 @@
 """Prepared weights and reused buffers: what the fused paths keep between calls.
 
 - :class:`Prepared`: a tensor derived from parameters (a Winograd transform, a reordered oneDNN weight, stacked
-  projections), rebuilt only when a parameter changes (its storage or in-place version) or another variant is
-  asked for. ``ops.conv2d(..., prepared=)`` keeps its backend's transformed weight in one.
+  projections), rebuilt only when a parameter changes (its storage or in-place version); a few variants (tile
+  sizes, input shapes) are kept side by side. ``ops.conv2d(..., prepared=)`` keeps its backend's transformed weight in one.
 - :class:`Scratch`: intermediates reused across inference calls (a fresh multi-MB tensor page-faults on every call
   on the CPU); ``Scratch.slot(name)`` is what ``ops.linear(..., scratch=)`` may return its result in.
 """
@@ -23,19 +23,29 @@ def weight_key(t: torch.Tensor) -> tuple[int, int]:
 
 
 class Prepared:
-    """A value derived from tensors, kept until one of them changes or another variant is asked for."""
+    """Values derived from tensors, kept until one of them changes: one per variant (a layer that alternates
+    between batch sizes may use two, e.g. Winograd tile sizes or oneDNN reorders for two input shapes), the
+    ``MAX_VARIANTS`` most recently used."""
+
+    MAX_VARIANTS = 4
 
     def __init__(self):
         self._key = None
-        self._value = None
+        self._values = {}  # variant -> value, least recently used first
 
     def get(self, tensors, variant, build):
         """``build()``'s value for ``tensors`` (their current values) and ``variant`` (any hashable)."""
-        key = (variant, *(weight_key(p) for p in tensors if p is not None))
+        key = tuple(weight_key(p) for p in tensors if p is not None)
         if self._key != key:
-            self._value = build()
+            self._values.clear()
             self._key = key
-        return self._value
+        value = self._values.pop(variant, None)
+        if value is None:
+            value = build()
+        self._values[variant] = value  # (re)inserted last: the most recently used
+        while len(self._values) > self.MAX_VARIANTS:
+            del self._values[next(iter(self._values))]
+        return value
 
 
 class Scratch:

@@ -32,18 +32,23 @@ def _case(N, C, K, H, W, seed=0):
 )
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_winograd_matches_reference(N, C, K, H, W, layout, with_residual):
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_matches_reference(N, C, K, H, W, layout, with_residual, tile):
+    """F(2x2, 3x3) and F(4x4, 3x3) (tile 4: 6x6 patches, partial tiles at every edge of these shapes)."""
     x, w, b, r = _case(N, C, K, H, W)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     res = r if with_residual else None
-    out = df.ops.conv3x3(x, w, b, res, backend="cpu")
+    packed = df.ops.winograd_weight(w, tile=tile)
+    assert packed.shape == ((tile + 2) ** 2, C, K)
+    out = df.ops.conv3x3(x, w, b, res, packed=packed, backend="cpu")
     want = ref.conv3x3(x, w, b, res)
     exact = ref.conv3x3(x.double(), w.double(), b.double(), None if res is None else res.double())
     err, torch_err = (out.double() - exact).abs().max().item(), (want.double() - exact).abs().max().item()
     mean = (out.double() - exact).abs().mean().item()
     print(
-        f"conv3x3 {(N, C, K, H, W)} {layout}: max err {err:.3g} (mean {mean:.3g}) vs float64, F.conv2d {torch_err:.3g}"
+        f"conv3x3 F({tile}x{tile}) {(N, C, K, H, W)} {layout}: max err {err:.3g} (mean {mean:.3g}) vs float64, "
+        f"F.conv2d {torch_err:.3g}"
     )
     assert out.shape == want.shape and out.is_contiguous(memory_format=torch.channels_last)
     # fp32 tolerance of DESIGN.md with the reduction ops' atol (2e-5), against the float64 truth
@@ -86,6 +91,8 @@ def test_bad_input():
             df.ops.conv3x3(x.half(), w.half(), b.half(), backend="cpu")
         with pytest.raises(ValueError, match="packed"):
             df.ops.conv3x3(x, w, b, packed=torch.zeros(16, 4, 5), backend="cpu")
+        with pytest.raises(ValueError, match="tile: expected 2"):
+            df.ops.winograd_weight(w, tile=3)
 
 
 @needs_cpu
