@@ -11,7 +11,10 @@ weights, side by side in one run.
 --method ddim / dpmpp_2m: the paper's T=1000 schedule sampled in --steps solver steps (the timesteps 0, T/steps, ...
 that GaussianDiffusion.sample(steps=...) takes); diffusers' rows are its pipeline with DDIMScheduler (leading spacing,
 the same timesteps) or DPMSolverMultistepScheduler (set to the same timesteps), and every row draws x_T from the same
-generator, so every row's images are compared with diffusers' (the solvers add no noise after x_T).
+generator, so every row's images are compared with diffusers' (the solvers add no noise after x_T). Under the table,
+"float32 floor": diffusers' own loop from x_T moved by one ulp against its images, the chain's sensitivity to float32
+rounding (large for DDIM with clip_sample, both sides' default, and the random-weight U-Net: a few 1e-3 at 20 steps);
+a row's max err of that order is rounding, not a difference in the maths.
 
 Every provider samples the same U-Net (random weights, fixed seed) with the same keyed noise, interleaved in
 rounds after one cold round (whose time, "first s", includes torch.compile's compile and ddpm_fast's weight
@@ -264,6 +267,13 @@ def main() -> None:
     for prov, why in missing.items():
         print(f"{prov:22} unavailable: {why}")
         rows.append(dict(backend=prov, why=why))
+    floor = None
+    if solver and "diffusers" in pipes:
+        floor = float32_floor(pipes["diffusers"], images["diffusers"], args.batch, args.steps, args.device)
+        print(
+            f"# float32 floor: diffusers' loop from x_T moved by one ulp vs its images: max err {floor:.1e} (the "
+            "chain's own sensitivity to float32 rounding; rows' errors of that order are rounding, not different maths)"
+        )
     print(
         f"# s/batch and images/s: medians of {args.repeats} steady rounds; first s: the cold round (compile, weight "
         "packing, allocator warm-up; the peers: plus their conversion and compilation); peak MB: "
@@ -274,6 +284,8 @@ def main() -> None:
         )
     )
     record = {"machine": info, "args": vars(args), "rows": rows, "command": "python " + " ".join(sys.argv)}
+    if floor is not None:
+        record["float32_floor_max_err"] = floor
     if "diffusers+accelerate" in pipes:
         record["accelerate"] = accelerated
     if args.json:
@@ -297,6 +309,26 @@ def make_scheduler(diffusers, method: str, T: int, beta_end: float, timesteps: l
     if method == "ddim":  # leading spacing, no offset: T/steps * i, the last step to abar = 1 (set_alpha_to_one)
         return diffusers.DDIMScheduler(**common, timestep_spacing="leading", steps_offset=0, set_alpha_to_one=True)
     return pin_timesteps(diffusers.DPMSolverMultistepScheduler(**common), timesteps)
+
+
+def float32_floor(pipe, images, batch: int, steps: int, device: str) -> float:
+    """Max |image - images| for diffusers' pipeline loop run again from the same x_T moved up by one ulp (its own
+    scheduler and U-Net, the pipeline's steps): how far float32 rounding alone moves this chain's images."""
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    unet, scheduler = pipe.unet, pipe.scheduler
+    size = unet.config.sample_size
+    g = torch.Generator(device).manual_seed(1234)  # as run() seeds the pipeline's generator
+    shape = (batch, unet.config.in_channels, size, size)
+    x = randn_tensor(shape, generator=g, device=torch.device(device), dtype=unet.dtype)
+    x = torch.nextafter(x, torch.full_like(x, float("inf")))
+    scheduler.set_timesteps(steps)
+    with torch.inference_mode():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x, generator=g).prev_sample
+    moved = (x / 2 + 0.5).clamp(0, 1).float().cpu() * 2 - 1  # as run() takes the pipeline's images
+    return (moved - images.float()).abs().max().item()
 
 
 def pin_timesteps(scheduler, timesteps: list[int]):
