@@ -4,11 +4,14 @@ runtimes a user would otherwise deploy it with: OpenVINO (f32 hint, and the devi
 Runtime (benchmarks/peers.py), each converted from the same UNet2DModel and run with torch's thread count.
 
     python benchmarks/bench_unet.py [--batch 8] [--rounds 7] [--no-compile] [--no-peers] [--json PATH]
-    python benchmarks/bench_unet.py --batches 1,2,8,32 [--no-compile] [--threads N] [--json PATH]   # ms per image by batch
+    python benchmarks/bench_unet.py --batches 1,2,8,32 [--no-compile] [--threads N] [--busy N] [--json PATH]
 
 Every row's max error is against diffusers' fp32 forward. A peer that cannot be built (not installed, conversion
 failed) is a row saying why. With --batches, each batch size is timed in its own interleaved rounds and the table
 gives ms per image and ddpm_fast's speed over each other provider (t(provider) / t(ddpm_fast), paired by round).
+--threads 1 compares the kernels alone, without the scheduling of threads; --busy N times every provider while N
+other processes spin (a shared machine: run it with OMP_WAIT_POLICY=PASSIVE too, ddpm_fast/_threads.py says why);
+the record's machine.omp_wait_policy says which OpenMP wait policy ran.
 
 Targets (CPU U-Net issue): ddpm_fast >= 1.3x diffusers eager at batch 8 fp32, and faster than torch.compile of the
 diffusers model in steady state, with no compile warm-up.
@@ -17,18 +20,20 @@ diffusers model in steady state, with no compile warm-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import subprocess
 import sys
 import time
 
 import torch
 
+import ddpm_fast as df
+from ddpm_fast.models.loading import DIFFUSERS_CIFAR10_CONFIG
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import fused_row, interleaved_medians, machine, paired_ratio, served, write_json  # noqa: E402
 from peers import PEER_NAMES, build_peers  # noqa: E402
-
-import ddpm_fast as df  # noqa: E402
-from ddpm_fast.models.loading import DIFFUSERS_CIFAR10_CONFIG  # noqa: E402
 
 CIFAR10 = DIFFUSERS_CIFAR10_CONFIG
 UNET_OPS = ["conv2d", "linear", "group_norm_silu", "attention"]
@@ -44,6 +49,18 @@ def _batches(text: str) -> list[int]:
     if not batches or min(batches) < 1:
         raise argparse.ArgumentTypeError(f"--batches: expected a comma list of positive batch sizes, got {text!r}")
     return batches
+
+
+@contextlib.contextmanager
+def busy_processes(n: int):
+    """n processes spinning on the CPU for the duration (other work on a shared machine)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def providers_at(batch: int, ref, ours, pack_s: float, ours_ref, compiled, peers: bool, cache: dict, ours16=None):
@@ -115,11 +132,22 @@ def main():
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (it takes minutes on 2 cores)")
     p.add_argument("--no-peers", dest="peers", action="store_false", help="skip the OpenVINO and ONNX Runtime rows")
     p.add_argument(
-        "--threads", type=int, help="threads for every provider (default: torch's); 1 compares kernels without "
-        "the scheduling of threads on a shared machine"
+        "--threads",
+        type=int,
+        help="threads for every provider (default: torch's); 1 compares kernels without "
+        "the scheduling of threads on a shared machine",
+    )
+    p.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N other processes spin on the CPU while the providers are timed (a machine shared with other work)",
     )
     p.add_argument("--json")
     args = p.parse_args()
+    if args.busy < 0:
+        p.error(f"--busy: expected a number of processes >= 0, got {args.busy}")
     if args.threads is not None:
         if args.threads < 1:
             p.error(f"--threads: expected a positive number, got {args.threads}")
@@ -143,15 +171,19 @@ def main():
         compiled = torch.compile(twin)
     cache = {}  # the peers' conversions, shared by every batch size
     threads = torch.get_num_threads()
-    print(f"# {info['device']}, {info['cpu_threads']} threads, {df.backends()['cpu']}; fp32, and bf16 ({OURS16})")
+    print(
+        f"# {info['device']}, {info['cpu_threads']} threads (OpenMP waits: {info['omp_wait_policy']}), "
+        f"{df.backends()['cpu']}; fp32, and bf16 ({OURS16}); {args.busy} busy processes beside"
+    )
     if args.peers:
         print(f"# peers: {', '.join(PEER_NAMES)}, each with torch's {threads} threads")
-    record = {"machine": info, "command": "python " + " ".join(sys.argv), "peer_threads": threads}
+    record = {"machine": info, "command": "python " + " ".join(sys.argv), "peer_threads": threads, "busy": args.busy}
 
-    if args.batches:
-        record["sweep"] = sweep(args, ref, ours, pack_s, compiled, cache, ours16)
-    else:
-        record.update(single(args, ref, ours, pack_s, compiled, cache, ours16))
+    with busy_processes(args.busy):
+        if args.batches:
+            record["sweep"] = sweep(args, ref, ours, pack_s, compiled, cache, ours16)
+        else:
+            record.update(single(args, ref, ours, pack_s, compiled, cache, ours16))
     if args.json:
         write_json(args.json, record)
 

@@ -124,6 +124,7 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     import ddpm_fast
+    from ddpm_fast import _threads
 
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU: {cpu}",
@@ -134,6 +135,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host_cores": os.cpu_count(),
+        "omp_wait_policy": _threads.wait_policy(),  # as OpenMP read it (ddpm_fast/_threads.py)
     }
 
 

@@ -203,7 +203,9 @@ def test_torchrun_two_ranks_equal_one_and_survive_a_killed_rank(tiny, tmp_path):
 
 def test_dpmpp_2m_folder_holds_the_keyed_samples(tiny, tmp_path):
     out = str(tmp_path / "out")
-    path = sample_to_folder(tiny, out, 4, seed=5, chunk_size=4, batch_size=2, steps=8, method="dpmpp_2m", progress=False)
+    path = sample_to_folder(
+        tiny, out, 4, seed=5, chunk_size=4, batch_size=2, steps=8, method="dpmpp_2m", progress=False
+    )
     model, schedule, sampling = load_pretrained(tiny)
     d = df.GaussianDiffusion(model, schedule, **sampling)
     opts = dict(seed=5, steps=8, method="dpmpp_2m", progress=False)

@@ -368,7 +368,9 @@ class UNet(nn.Module):
             raise ValueError(f"x: expected shape (B, {self.config.in_channels}, H, W), got {shape}")
         k = self.config.downsampling
         if x.shape[2] % k or x.shape[3] % k:
-            raise ValueError(f"x: height and width must be multiples of {k} (the levels halve them), got {tuple(x.shape)}")
+            raise ValueError(
+                f"x: height and width must be multiples of {k} (the levels halve them), got {tuple(x.shape)}"
+            )
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         if t.shape != (x.shape[0],):
