@@ -33,6 +33,7 @@ def test_one_round_on_the_small_unet_writes_every_row_and_what_served_it(tmp_pat
     assert list(rows) == ["ddpm_fast cpu", "ddpm_fast reference", "diffusers eager"]
     for row in rows.values():
         assert row["ms_per_step"] > 0 and row["repeats"] == 1 and row["speedup_vs_diffusers_eager"] > 0
+        assert row["speedup_vs_diffusers_eager_fastest"] > 0
         assert row["memory"]["peak_rss_mb"] > row["memory"]["base_rss_mb"] > 0, row["memory"]
 
     ours = rows["ddpm_fast cpu"]
