@@ -149,6 +149,9 @@ class GaussianDiffusion:
         is read back once, after the chain (no per-step synchronisation); with ``cuda_graph`` only the result is
         checked. ``check_finite=False`` returns whatever the chain gives.
 
+        ``dtype``: the chain's (x_t's) and the result's; by default the model's, but float32 for a bf16 or fp16
+        model: x_t stays in fp32 and each step casts it for the model and the model's output back.
+
         The model runs in eval mode (dropout off) and is returned to the mode it was in.
         """
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
@@ -157,7 +160,9 @@ class GaussianDiffusion:
             raise ValueError("seed, generator: give one of them, not both")
         param = next(iter(self.model.parameters()), None) if hasattr(self.model, "parameters") else None
         device = C.device("device", device) if device is not None else (param.device if param is not None else "cpu")
-        dtype = dtype or (param.dtype if param is not None else torch.float32)
+        model_dtype = param.dtype if param is not None else torch.float32
+        # a half-precision model gets the chain in fp32: each step's x_t is cast for the model, its output back
+        dtype = dtype or (torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype)
         if shape is None:
             if not hasattr(self.model, "in_channels") or not hasattr(self.model, "sample_size"):
                 raise ValueError("shape: the model has no in_channels/sample_size; pass shape=(C, H, W)")
@@ -207,12 +212,17 @@ class GaussianDiffusion:
             x = torch.randn(full, generator=generator, device=device, dtype=dtype)
             z = None if method == "dpmpp_2m" else torch.empty_like(x)
         x0 = torch.empty_like(x) if method == "dpmpp_2m" else None  # the last step's data prediction, in place
+        model_in = x if model_dtype == x.dtype else torch.empty_like(x, dtype=model_dtype)
         t_batch = torch.empty(n, dtype=torch.int64, device=device)
         # per step: model output finite, x_t finite; written on the device, read once after the chain
         finite = torch.ones(len(timesteps), 2, dtype=torch.bool, device=device) if check_finite else None
         for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            model_output = self.model(x, t_batch.fill_(t))
+            if model_in is not x:
+                model_in.copy_(x)
+            model_output = self.model(model_in, t_batch.fill_(t))
+            if model_output.dtype != x.dtype:
+                model_output = model_output.to(x.dtype)
             if finite is not None:
                 finite[i, 0] = torch.isfinite(model_output).all()
             if z is not None and t > 0:

@@ -192,3 +192,43 @@ def test_dpmpp_2m_bad_arguments():
         d.sample(1, method="dpmpp_3m", progress=False)
     with pytest.raises(ValueError, match="cuda_graph"):
         d.sample(1, method="dpmpp_2m", cuda_graph=True, device="cuda", progress=False)
+
+
+class _CastForFp32Chain(torch.nn.Module):
+    """What the sampler must do with a bf16 model, written out: x_t cast to bf16 for the model, its output back to
+    fp32 (no parameters of its own, so the sampler keeps this chain in fp32)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = [model]  # not a submodule: its bf16 parameters must not set the chain's dtype
+        self.in_channels, self.sample_size = model.in_channels, model.sample_size
+
+    def forward(self, x, t):
+        return self.inner[0](x.bfloat16(), t).float()
+
+
+@needs_cpu
+@pytest.mark.parametrize("method", ["ddpm", "ddim", "dpmpp_2m"])
+def test_a_bf16_model_samples_with_the_chain_in_fp32(method):
+    """model.to(bfloat16): x_t stays fp32 (cast for the model each step, its output cast back), so the keyed noise
+    and every step's update run in fp32 on the fp32 chain; only the model's bf16 rounding separates the result from
+    the fp32 model's (on random weights a clipped chain magnifies it: printed, not bounded)."""
+    torch.manual_seed(0)
+    cfg = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), sample_size=8, num_groups=8)
+    fp32 = df.UNet(**cfg).eval()
+    bf16 = df.UNet(**cfg).eval()
+    bf16.load_state_dict(fp32.state_dict())
+    bf16 = bf16.to(torch.bfloat16)
+    kw = dict(seed=3, progress=False, steps=10, method=method)
+    with df.ops.trace() as calls:
+        got = df.GaussianDiffusion(bf16, S).sample(2, **kw)
+    calls.require_fused(backend="cpu", ops={"conv2d", "group_norm_silu", "attention"})
+    want = df.GaussianDiffusion(_CastForFp32Chain(bf16), S).sample(2, **kw)
+    fp32_chain = df.GaussianDiffusion(fp32, S).sample(2, **kw)
+    print(
+        f"bf16 model, {method} 10 steps: max diff from the written-out chain {(got - want).abs().max():.3g}, from "
+        f"the fp32 model's chain {(got - fp32_chain).abs().max():.3g}"
+    )
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    # an explicit dtype is the chain's
+    assert df.GaussianDiffusion(bf16, S).sample(1, dtype=torch.bfloat16, **kw).dtype == torch.bfloat16
