@@ -6,14 +6,16 @@ thread takes a while to wake (on a virtual machine the hypervisor must run its i
 cores another busy process shares, the spinning thread holds a core its descheduled partner needs, and a parallel
 region can cost a scheduler time slice; a U-Net forward has hundreds of them.
 
-Measured on a 2-core Xeon (KVM), the CIFAR-10 U-Net forward, 2 threads, ms per image (OpenVINO f32 beside it):
+Measured on a 2-core Xeon (KVM), the CIFAR-10 U-Net forward on 2 threads: ddpm_fast's speed over OpenVINO f32 (which
+schedules its own threads) in the same run, by ``benchmarks/bench_unet.py --batches 1,8 --no-compile --rounds 5``
+(``--busy 1``: one other process spinning), records ``benchmarks/results/unet_cpu_xeon_amx*.json``:
 
-| machine | policy | batch 1 | batch 8 |
+| machine | OpenMP policy | batch 1 | batch 8 |
 |---|---|---|---|
-| quiet | default (spin) | 65 (OpenVINO 54) | 30-32 (OpenVINO 46-52) |
-| quiet | ``OMP_WAIT_POLICY=PASSIVE`` | 107-109 | 37-41 |
-| another process training | default (spin) | 623 (OpenVINO 58) | 92 (OpenVINO 100) |
-| another process training | ``OMP_WAIT_POLICY=PASSIVE`` | 108 (OpenVINO 124) | 58 (OpenVINO 102) |
+| quiet | default (spin) | 0.94x | 1.69x |
+| quiet | ``OMP_WAIT_POLICY=PASSIVE`` | 0.56x | 1.15x |
+| one process spinning | default (spin) | 0.31x | 0.94x |
+| one process spinning | ``OMP_WAIT_POLICY=PASSIVE`` | 0.90x | 1.68x |
 
 So ddpm_fast leaves the default alone, and a machine shared with busy processes should run with
 ``OMP_WAIT_POLICY=PASSIVE`` set before torch is imported (OpenMP reads it once, when torch loads it).
