@@ -591,7 +591,11 @@ def _plan_scheduler(sched, report: AccelerateReport):
         names = f"{', '.join(rest)} and {last}"
         report.left["scheduler"] = f"{type(sched).__name__}: ddpm_fast's drop-ins replace {names} only"
         return None
-    fused = sched if done else _DROP_INS[type(sched)].from_config(sched.config)
+    # from the values the scheduler holds: diffusers' from_config puts defaults back for the arguments its config
+    # lists in _use_default_values, which includes any passed positionally (DDPMScheduler(50) came back with 1000
+    # training steps)
+    config = {k: v for k, v in sched.config.items() if k != "_use_default_values"}
+    fused = sched if done else _DROP_INS[type(sched)].from_config(config)
     why = fused.config_unfused_reason()
     if why is not None:
         report.left["scheduler"] = f"{type(sched).__name__}: {why}"

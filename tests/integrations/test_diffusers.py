@@ -215,6 +215,40 @@ def test_accelerate_unet_in_place_shares_weights():
     assert not any(k.startswith("_ddpm_fast") for k in unet.state_dict())
 
 
+@needs_cpu
+def test_accelerate_a_bf16_pipeline_runs_its_loop_fused_in_bf16():
+    """A pipeline cast to bf16 (diffusers' own __call__ cannot hand bf16 images to numpy, so the loop is written out
+    as it runs it): accelerate() swaps both parts, every U-Net op and every step runs on the cpu kernels in bf16,
+    and the images stay within the bf16 bound of DESIGN.md (2x diffusers' own bf16 error against its fp32 loop,
+    plus 1e-2)."""
+    torch.manual_seed(0)
+    pipe = diffusers.DDPMPipeline(unet=diffusers.UNet2DModel(**SMALL_UNET), scheduler=diffusers.DDPMScheduler(50))
+
+    def loop():
+        g = torch.Generator().manual_seed(0)
+        dtype = pipe.unet.dtype
+        x = torch.randn(2, 3, 16, 16, generator=g).to(dtype)
+        pipe.scheduler.set_timesteps(5)
+        with torch.no_grad():
+            for t in pipe.scheduler.timesteps:
+                x = pipe.scheduler.step(pipe.unet(x, t).sample, t, x, generator=g).prev_sample
+        assert x.dtype == dtype
+        return x.float()
+
+    fp32 = loop()
+    pipe.to(torch.bfloat16)
+    diffusers_bf16 = loop()
+    report = df.accelerate(pipe)
+    with ops.trace() as calls:
+        fast = loop()
+    calls.require_fused("accelerated bf16 DDPMPipeline", backend="cpu", ops=UNET_OPS + ["ddpm_step"])
+    assert set(report.swapped) == {"unet", "scheduler"}
+    assert pipe.scheduler.config.num_train_timesteps == 50  # given positionally: kept by the swap
+    err, torch_err = (fast - fp32).abs().max().item(), (diffusers_bf16 - fp32).abs().max().item()
+    print(f"accelerated bf16 pipeline: max err vs the fp32 loop {err:.3g}, diffusers' own bf16 {torch_err:.3g}")
+    assert err <= 2 * torch_err + 1e-2
+
+
 def test_accelerate_refuses_unsupported_models_unless_told():
     unet = diffusers.UNet2DModel(**{**SMALL_UNET, "resnet_time_scale_shift": "scale_shift"})
     with pytest.raises(df.AccelerateError, match="unet: UNet2DModel cannot run as ddpm_fast.UNet: .*scale_shift"):
