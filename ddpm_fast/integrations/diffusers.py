@@ -469,7 +469,45 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
         return 1 if c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final else 2
 
     # ------------------------------------------------------------------ diffusers API
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, **kwargs):
+        """diffusers' set_timesteps, after checking what it would take silently: a solver order it has no update for
+        (it runs order 3's for any order above 2) and more steps than the training schedule has timesteps."""
+        order = self.config.solver_order
+        if isinstance(order, bool) or order not in (1, 2, 3):
+            raise ValueError(f"solver_order: DPM-Solver++ multistep has orders 1, 2 and 3, got {order!r}")
+        n = self.config.num_train_timesteps
+        if num_inference_steps is not None and not (
+            isinstance(num_inference_steps, numbers.Integral) and not isinstance(num_inference_steps, bool)
+            and 1 <= num_inference_steps <= n
+        ):  # fmt: skip
+            raise ValueError(
+                f"num_inference_steps: expected an int in [1, {n}] (num_train_timesteps), got {num_inference_steps!r}"
+            )
+        return super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps, **kwargs)
+
+    def _check_step(self, model_output, timestep, sample) -> None:
+        """What diffusers' step would compute silently or fail on obscurely: a model output of another shape, a step
+        other than the next one (the multistep history would belong to other timesteps)."""
+        if isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor):
+            if model_output.shape != sample.shape:
+                raise ValueError(
+                    f"model_output: expected the sample's shape {tuple(sample.shape)}, got {tuple(model_output.shape)}"
+                )
+        if (
+            self.step_index is not None
+            and self.num_inference_steps is not None
+            and self.step_index < len(self.timesteps)
+        ):
+            expected = self.timesteps[self.step_index]
+            given = timestep.item() if isinstance(timestep, torch.Tensor) and timestep.numel() == 1 else timestep
+            if isinstance(given, numbers.Number) and given != expected.item():
+                raise ValueError(
+                    f"timestep: the next step is {expected.item()} (step {self.step_index} of {len(self.timesteps)}), "
+                    f"got {given}: the multistep solver's steps run in order (set_timesteps starts over)"
+                )
+
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict: bool = True):
+        self._check_step(model_output, timestep, sample)
         why = self.unfused_reason(model_output, sample)
         if why is None and self.num_inference_steps is None:
             why = "set_timesteps has not run (diffusers' step raises)"

@@ -155,3 +155,23 @@ def test_step_before_set_timesteps_raises_as_diffusers_does():
     with pytest.raises(ValueError, match="set_timesteps"):
         ours.step(torch.zeros(1, 3, 4, 4), 999, torch.zeros(1, 3, 4, 4))
     assert ours.fused is False
+
+
+def test_bad_input_is_named_before_any_step():
+    """What diffusers would take silently or fail on obscurely: an order it has no update for, more steps than the
+    training schedule, a model output of another shape, a step other than the next one."""
+    with pytest.raises(ValueError, match="^solver_order: DPM-Solver"):
+        df.FusedDPMSolverMultistepScheduler(solver_order=4).set_timesteps(10)
+    s = df.FusedDPMSolverMultistepScheduler()
+    with pytest.raises(ValueError, match=r"^num_inference_steps: expected an int in \[1, 1000\]"):
+        s.set_timesteps(1001)
+    s.set_timesteps(10)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="^model_output: expected the sample's shape"):
+        s.step(torch.randn(2, 3, 4, 4), s.timesteps[0], x)
+    x = s.step(torch.randn_like(x), s.timesteps[0], x).prev_sample
+    with pytest.raises(ValueError, match="^timestep: the next step is"):
+        s.step(torch.randn_like(x), s.timesteps[2], x)  # skips one: the history would be another step's
+    s.step(torch.randn_like(x), s.timesteps[1], x)  # the next one runs
+    s.set_timesteps(10)  # starts over; a first step may start mid-schedule, as diffusers allows
+    s.step(torch.randn_like(x), s.timesteps[4], x)
