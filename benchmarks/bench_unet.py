@@ -13,8 +13,9 @@ gives ms per image and ddpm_fast's speed over each other provider (t(provider) /
 other processes spin (a shared machine: run it with OMP_WAIT_POLICY=PASSIVE too, ddpm_fast/_threads.py says why);
 the record's machine.omp_wait_policy says which OpenMP wait policy ran.
 
-Targets (CPU U-Net issue): ddpm_fast >= 1.3x diffusers eager at batch 8 fp32, and faster than torch.compile of the
-diffusers model in steady state, with no compile warm-up.
+Targets: fp32 at least 1.5x OpenVINO f32 at every batch (max error <= 1e-4 against diffusers fp32); the bf16 model
+at least 1.25x OpenVINO's default precision at batch 1 and 8, with no larger error than OpenVINO's; with one other
+process busy (--busy 1), fp32 at least 1.2x OpenVINO f32 at batch 8. The README's results say which hold where.
 """
 
 from __future__ import annotations
