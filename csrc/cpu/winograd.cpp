@@ -236,43 +236,45 @@ void winograd_conv3x3_tiles(const WinogradArgs& a) {
 
 const char* gemm_library() { return gemm_provider() == GemmProvider::kOneDnn ? "onednn" : "blas"; }
 
-void winograd_weight_transform(const float* w, int64_t K, int64_t C, float* u) {
-  // U[e][c][k] with e = 4 * i + j:  G g G^T,  G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
+namespace {
+// f(g, c, k) for every 3x3 filter g = w[k][c] of w[K][C][3][3], threaded over k: the weight transforms' loop.
+template <typename F>
+void for_each_filter(const float* w, int64_t K, int64_t C, const F& f) {
   at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k)
-      for (int64_t c = 0; c < C; ++c) {
-        const float* g = w + (k * C + c) * 9;
-        float t[4][3];
-        for (int j = 0; j < 3; ++j) {
-          t[0][j] = g[j];
-          t[1][j] = 0.5f * (g[j] + g[3 + j] + g[6 + j]);
-          t[2][j] = 0.5f * (g[j] - g[3 + j] + g[6 + j]);
-          t[3][j] = g[6 + j];
-        }
-        for (int i = 0; i < 4; ++i) {
-          const float r[4] = {t[i][0], 0.5f * (t[i][0] + t[i][1] + t[i][2]), 0.5f * (t[i][0] - t[i][1] + t[i][2]),
-                              t[i][2]};
-          for (int j = 0; j < 4; ++j) u[((4 * i + j) * C + c) * K + k] = r[j];
-        }
-      }
+      for (int64_t c = 0; c < C; ++c) f(w + (k * C + c) * 9, c, k);
+  });
+}
+}  // namespace
+
+void winograd_weight_transform(const float* w, int64_t K, int64_t C, float* u) {
+  // U[e][c][k] with e = 4 * i + j:  G g G^T,  G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
+  for_each_filter(w, K, C, [&](const float* g, int64_t c, int64_t k) {
+    float t[4][3];
+    for (int j = 0; j < 3; ++j) {
+      t[0][j] = g[j];
+      t[1][j] = 0.5f * (g[j] + g[3 + j] + g[6 + j]);
+      t[2][j] = 0.5f * (g[j] - g[3 + j] + g[6 + j]);
+      t[3][j] = g[6 + j];
+    }
+    for (int i = 0; i < 4; ++i) {
+      const float r[4] = {t[i][0], 0.5f * (t[i][0] + t[i][1] + t[i][2]), 0.5f * (t[i][0] - t[i][1] + t[i][2]),
+                          t[i][2]};
+      for (int j = 0; j < 4; ++j) u[((4 * i + j) * C + c) * K + k] = r[j];
+    }
   });
 }
 
 void winograd_weight_transform_4x4(const float* w, int64_t K, int64_t C, float* u) {
   // U[e][c][k] with e = 6 * i + j:  G g G^T with kG4, in double, rounded once
-  at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k)
-      for (int64_t c = 0; c < C; ++c) {
-        const float* g = w + (k * C + c) * 9;
-        double t[6][3];
-        for (int i = 0; i < 6; ++i)
-          for (int j = 0; j < 3; ++j)
-            t[i][j] = kG4[i][0] * g[j] + kG4[i][1] * g[3 + j] + kG4[i][2] * g[6 + j];
-        for (int i = 0; i < 6; ++i)
-          for (int j = 0; j < 6; ++j)
-            u[((6 * i + j) * C + c) * K + k] =
-                static_cast<float>(t[i][0] * kG4[j][0] + t[i][1] * kG4[j][1] + t[i][2] * kG4[j][2]);
-      }
+  for_each_filter(w, K, C, [&](const float* g, int64_t c, int64_t k) {
+    double t[6][3];
+    for (int i = 0; i < 6; ++i)
+      for (int j = 0; j < 3; ++j) t[i][j] = kG4[i][0] * g[j] + kG4[i][1] * g[3 + j] + kG4[i][2] * g[6 + j];
+    for (int i = 0; i < 6; ++i)
+      for (int j = 0; j < 6; ++j)
+        u[((6 * i + j) * C + c) * K + k] =
+            static_cast<float>(t[i][0] * kG4[j][0] + t[i][1] * kG4[j][1] + t[i][2] * kG4[j][2]);
   });
 }
 

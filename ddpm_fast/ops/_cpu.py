@@ -354,8 +354,9 @@ def conv2d(x, weight, bias, residual, stride, padding, dilation, groups, prepare
     res = None if residual is None else residual.contiguous(memory_format=cl)
     w = weight.detach()
     winograd = _winograd(weight, stride, padding, dilation, groups)
-    if winograd and x.dtype == torch.bfloat16 and bf16_conv3x3() != "onednn":
-        if bf16_conv3x3() == "winograd_bf16":
+    bf16_kernel = bf16_conv3x3() if winograd and x.dtype == torch.bfloat16 else None
+    if bf16_kernel is not None and bf16_kernel != "onednn":
+        if bf16_kernel == "winograd_bf16":
             packed, b32 = prepared_value(
                 prepared, (weight, bias), "winograd_bf16",
                 lambda: (winograd_weight_bf16(w), None if bias is None else bias.detach().float()),
@@ -367,8 +368,7 @@ def conv2d(x, weight, bias, residual, stride, padding, dilation, groups, prepare
         return _winograd_conv_fp32(xd, packed, bias, res, out)
     if winograd and x.dtype == torch.float32:
         tile = winograd_tile(xd.shape[0], xd.shape[2], xd.shape[3])
-        build = lambda: winograd_weight(w, tile)  # noqa: E731
-        packed = build() if prepared is None else prepared.get((weight,), ("winograd", tile), build)
+        packed = prepared_value(prepared, (weight,), ("winograd", tile), lambda: winograd_weight(w, tile))
         record("conv2d", NAME, "winograd" if tile == 2 else "winograd4x4")
         return _winograd_conv(xd, weight, bias, res, packed, out)
     record("conv2d", NAME, "onednn")
