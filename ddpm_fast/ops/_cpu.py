@@ -70,6 +70,15 @@ def bf16_conv3x3() -> str:
     return "onednn" if isa == "amx_bf16" else "winograd_bf16" if isa else "winograd_fp32"
 
 
+def bf16_attention() -> str:
+    """Which kernel runs a bf16 ``attention``: 'sdpa' (ATen's CPU flash attention, whose bf16 products run in
+    oneDNN's brgemm on AMX, softmax and accumulation in fp32) where the CPU has AMX-BF16, else 'native' (this
+    package's kernel on fp32 copies of q, k, v and the residual). On a 2-core Xeon with AMX, one thread, the U-Net's
+    attention at batch 8 (8 x 256 positions x 256 channels) took 2.6 ms in ATen's against 8.9 ms natively (its four
+    conversions not counted), with the same error: both round the output to bf16."""
+    return "sdpa" if bf16_products() == "amx_bf16" else "native"
+
+
 def _mkldnn() -> bool:
     return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
@@ -229,9 +238,16 @@ def group_norm_silu_backward(xd, grad, num_groups, weight, bias, add, mean, rstd
 
 def attention(q, k, v, scale, residual, out):
     """The CPU kernel reads fp32 rows (fp16/bf16 inputs are converted) and writes (B, N, H, Dv) memory, so that
-    o.transpose(1, 2).reshape(B, N, H * Dv) is a free view."""
-    record("attention", NAME, "native")
+    o.transpose(1, 2).reshape(B, N, H * Dv) is a free view. bf16 on AMX: ATen's flash attention
+    (:func:`bf16_attention`), which writes the same memory order, then the residual added in place."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if q.dtype == torch.bfloat16 and bf16_attention() == "sdpa":
+        record("attention", NAME, "sdpa_bf16")
+        result = torch.nn.functional.scaled_dot_product_attention(rows(q), rows(k), rows(v), scale=float(scale))
+        if residual is not None:
+            result.add_(residual)
+        return finish(result, out)
+    record("attention", NAME, "native")
     B, H, N, _ = q.shape
     Dv = v.shape[3]
 

@@ -116,6 +116,33 @@ def test_fused_cpu_low_precision(dtype):
 
 
 @needs_cpu
+@pytest.mark.parametrize("kernel", ["native", "sdpa"])
+@pytest.mark.parametrize("B, H, N, M, D", [(2, 1, 40, 40, 24), (1, 3, 7, 300, 8), (3, 2, 1, 9, 5)])
+def test_bf16_paths(monkeypatch, kernel, B, H, N, M, D):
+    """Both bf16 kernels (_cpu.bf16_attention: ATen's flash attention on AMX, the native kernel on fp32 copies
+    elsewhere) on every CPU, with a residual, from the U-Net's strided projection layout, into out= aliasing the
+    residual (as the U-Net's folded attention block may)."""
+    from ddpm_fast.ops import _cpu
+
+    monkeypatch.setattr(_cpu, "bf16_attention", lambda: kernel)
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(B, N, 3 * H * D, generator=g)  # (B, N, 3 H D) rows, as the U-Net's one projection GEMM
+    q = qkv[..., : H * D].view(B, N, H, D).transpose(1, 2)
+    k, v = _qkv(B, H, M, M, D, seed=2)[1:]
+    res = torch.randn(B, H, N, D, generator=g)
+    q16, k16, v16, res16 = (t.bfloat16() for t in (q, k, v, res))
+    with df.ops.trace() as calls:
+        out = df.ops.attention(q16, k16, v16, residual=res16, backend="cpu")
+    assert [c.kernel for c in calls] == ["sdpa_bf16" if kernel == "sdpa" else "native"]
+    assert out.dtype == torch.bfloat16 and out.shape == (B, H, N, D)
+    expected = ref.attention(q16.float(), k16.float(), v16.float()) + res16.float()
+    assert_lowp_close(f"attention bf16 {kernel}", out, expected, ref.attention(q16, k16, v16) + res16)
+    into = res16.clone()
+    assert df.ops.attention(q16, k16, v16, residual=into, backend="cpu", out=into) is into
+    assert torch.equal(into, out)
+
+
+@needs_cpu
 def test_fused_cpu_out_argument():
     q, k, v = _qkv(1, 2, 8, 8, 4)
     out = torch.empty(1, 2, 8, 4)
