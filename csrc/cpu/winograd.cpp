@@ -154,18 +154,30 @@ void winograd_conv3x3_tiles(const WinogradArgs& a) {
   const int64_t N = a.batch, H = a.height, W = a.width, C = a.in_channels, K = a.out_channels;
   const int64_t TY = (H + O - 1) / O, TX = (W + O - 1) / O, tiles = N * TY * TX;
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  // blocks no larger than kTileBlock, and at least one per thread when there are enough tiles
-  const int64_t block = std::max<int64_t>(8, std::min(kTileBlock, (tiles + nthreads - 1) / nthreads));
-  const int64_t nblocks = (tiles + block - 1) / block;
+  // Blocks of equal size, at most kTileBlock tiles. Fewer blocks than threads (small images at small batches: at
+  // most kTileBlock tiles in all) split the output channels into parts too, in multiples of kChannelPart, each part
+  // redoing its block's input transform (C work a tile against the products' E C K / parts). Smaller blocks
+  // instead would stream every transformed weight through each thread, and the batch-1 layers are bound by those
+  // weights' bandwidth (4x4 images at batch 1, one block: one thread was busy before this split).
+  constexpr int64_t kChannelPart = 32;
+  const int64_t nblocks = (tiles + kTileBlock - 1) / kTileBlock;
+  const int64_t block = (tiles + nblocks - 1) / nblocks;
+  const int64_t nkp = (K + kChannelPart - 1) / kChannelPart;
+  const int64_t parts = nblocks >= nthreads ? 1 : std::min(nkp, (nthreads + nblocks - 1) / nblocks);
+  const int64_t kp_per_part = (nkp + parts - 1) / parts;
   constexpr int64_t L = Vec::size();
 
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, nblocks * parts, 1, [&](int64_t w0, int64_t w1) {
     thread_local Scratch s;  // reused across calls: no page faults on the hot path
     s.v.resize(E * block * C);
     s.m.resize(E * block * K);
     float* V = s.v.data();
     float* M = s.m.data();
-    for (int64_t blk = b0; blk < b1; ++blk) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t blk = w / parts, part = w % parts;
+      const int64_t k_lo = std::min(K, part * kp_per_part * kChannelPart);
+      const int64_t k_hi = std::min(K, (part + 1) * kp_per_part * kChannelPart);
+      if (k_lo >= k_hi) continue;
       const int64_t t0 = blk * block, nt = std::min(block, tiles - t0);
       // 1. input transform: V[e][tile][c]
       for (int64_t ti = 0; ti < nt; ++ti) {
@@ -190,9 +202,9 @@ void winograd_conv3x3_tiles(const WinogradArgs& a) {
           for (int e = 0; e < E; ++e) V[(e * block + ti) * C + c] = v[e];
         }
       }
-      // 2. the E products M[e] (nt x K) = V[e] (nt x C) @ U[e] (C x K)
+      // 2. the E products M[e] (nt x [k_lo, k_hi)) = V[e] (nt x C) @ U[e] (C x [k_lo, k_hi))
       for (int e = 0; e < E; ++e)
-        matmul_rm(nt, K, C, V + e * block * C, C, a.u + e * C * K, K, M + e * block * K, K);
+        matmul_rm(nt, k_hi - k_lo, C, V + e * block * C, C, a.u + e * C * K + k_lo, K, M + e * block * K + k_lo, K);
       // 3. output transform, bias and residual: O x O outputs a tile, clipped at the edges
       for (int64_t ti = 0; ti < nt; ++ti) {
         const int64_t tile = t0 + ti, n = tile / (TY * TX), ty = tile / TX % TY, tx = tile % TX;
@@ -203,8 +215,8 @@ void winograd_conv3x3_tiles(const WinogradArgs& a) {
           inside[q] = y < H && x < W;
           off[q] = ((n * H + y) * W + x) * K;
         }
-        int64_t k = 0;
-        for (; k + L <= K; k += L) {
+        int64_t k = k_lo;
+        for (; k + L <= k_hi; k += L) {
           Vec m[E], y[O * O];
           for (int e = 0; e < E; ++e) m[e] = Vec::loadu(M + (e * block + ti) * K + k);
           T::output(m, y);
@@ -216,7 +228,7 @@ void winograd_conv3x3_tiles(const WinogradArgs& a) {
             r.store(a.out + off[q] + k);
           }
         }
-        for (; k < K; ++k) {
+        for (; k < k_hi; ++k) {
           float m[E], y[O * O];
           for (int e = 0; e < E; ++e) m[e] = M[(e * block + ti) * K + k];
           T::output(m, y);

@@ -57,6 +57,28 @@ def test_winograd_matches_reference(N, C, K, H, W, layout, with_residual, tile):
 
 
 @needs_cpu
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("N, C, K, H, W", [(1, 40, 70, 4, 4), (1, 64, 256, 8, 8), (3, 16, 33, 6, 6), (2, 32, 96, 20, 20)])
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_work_split_over_threads(threads, N, C, K, H, W, tile):
+    """Fewer tile blocks than threads split the output channels into parts (32 channels a unit, the last part
+    short, more threads than parts); more tiles split into equal blocks: every split gives the same result."""
+    x, w, b, r = _case(N, C, K, H, W, seed=3)
+    x = x.contiguous(memory_format=torch.channels_last)
+    packed = df.ops.winograd_weight(w, tile=tile)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = df.ops.conv3x3(x, w, b, r, packed=packed, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    exact = ref.conv3x3(x.double(), w.double(), b.double(), r.double())
+    err = (out.double() - exact).abs().max().item()
+    print(f"conv3x3 F({tile}x{tile}) {(N, C, K, H, W)} on {threads} threads: max err {err:.3g} vs float64")
+    assert err <= 2e-5 + 1e-5 * exact.abs().max().item()
+
+
+@needs_cpu
 def test_packed_weight_out_and_in_place_residual():
     x, w, b, r = _case(2, 16, 16, 9, 7)
     x = x.contiguous(memory_format=torch.channels_last)
