@@ -1,9 +1,14 @@
 """Sample a digits checkpoint with the reference and the fused backends (same seeds), and report quality and speed.
 
     python benchmarks/digits_quality.py --checkpoint runs/digits/checkpoint.pt [-n 500] [--grid docs/digits_samples.png]
+    python benchmarks/digits_quality.py --checkpoint runs/digits/checkpoint.pt -n 128 --bf16 --seeds 0,1,2
 
 Quality: a digits classifier's class histogram and mean confidence of the samples, and the Frechet distance
 between samples and the real digits in the classifier's feature space (ddpm_fast/digits.py).
+
+--bf16: instead of the usual rows, the fused cpu sampler (DDPM, every step) with the model in fp32 and cast to bf16
+(the chain x_t kept in fp32), the same seeds for both; the verdict compares bf16's distances with fp32's
+seed-to-seed spread (max - min over --seeds), the noise of the metric at this sample count.
 """
 
 from __future__ import annotations
@@ -29,9 +34,21 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--bf16", action="store_true", help="compare the model in bf16 with fp32 over --seeds")
+    p.add_argument("--seeds", default=None, help="comma list of seeds for --bf16 (default: --seed)")
     args = p.parse_args()
+    try:
+        seeds = [args.seed] if args.seeds is None else [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        p.error(f"--seeds: expected a comma list of integers, got {args.seeds!r}")
+    if args.n < 2:
+        p.error(f"-n: expected at least 2 samples (the Frechet distance needs a covariance), got {args.n}")
     model, schedule = model_from_checkpoint(args.checkpoint)
     clf = DigitsClassifier()
+    if args.bf16:
+        return precision(args, seeds, model, schedule, clf)
     rows, images = [], {}
     configs = [
         ("reference", "torch", None, "ddpm"),
@@ -76,6 +93,66 @@ def main():
                 "n": args.n,
                 "rows": rows,
                 "max_abs_diff_fused_vs_reference": err,
+                "command": "python " + " ".join(sys.argv),
+            },
+        )
+
+
+def precision(args, seeds, model, schedule, clf):
+    """fp32 and bf16 rows per seed; the verdict: bf16's mean distance within fp32's seed-to-seed spread of fp32's mean."""
+    import copy
+
+    models = {"fp32": model.eval(), "bf16": copy.deepcopy(model).to(torch.bfloat16).eval()}
+    rows, dist, first = [], {k: [] for k in models}, {}
+    for seed in seeds:
+        for name, m in models.items():
+            m.set_backend(None)
+            d = df.GaussianDiffusion(m, schedule, backend="cpu")
+            t0 = time.perf_counter()
+            with df.ops.trace() as calls, torch.inference_mode():
+                x = d.sample(args.n, seed=seed, progress=False)
+            seconds = time.perf_counter() - t0
+            q = clf.quality(x)
+            dist[name].append(q.frechet_distance)
+            diff = None if name == "fp32" else (x - first[seed]).abs().max().item()
+            first.setdefault(seed, x)
+            served = calls.summary()
+            rows.append(
+                dict(
+                    sampler=f"cpu {name} ddpm {len(schedule)} steps",
+                    seed=seed,
+                    seconds=seconds,
+                    frechet_distance=q.frechet_distance,
+                    mean_confidence=q.mean_confidence,
+                    class_histogram=q.class_histogram,
+                    max_abs_diff_vs_fp32=diff,
+                    served=served,
+                )
+            )
+            extra = "" if diff is None else f", max abs diff vs fp32 {diff:.3f}"
+            print(f"{name} seed {seed}: {seconds:6.1f} s  {q}{extra}", flush=True)
+    mean = {k: sum(v) / len(v) for k, v in dist.items()}
+    spread = max(dist["fp32"]) - min(dist["fp32"])
+    within = abs(mean["bf16"] - mean["fp32"]) <= spread
+    verdict = (
+        f"Frechet distance over seeds {seeds}: fp32 {mean['fp32']:.3f} (spread {spread:.3f}), bf16 {mean['bf16']:.3f}: "
+        f"bf16 {'within' if within else 'outside'} fp32's seed-to-seed spread"
+    )
+    print(verdict)
+    if len(seeds) < 2:
+        print("(one seed: no spread to compare against; give --seeds 0,1,2)")
+    if args.json:
+        write_json(
+            args.json,
+            {
+                "machine": machine(),
+                "n": args.n,
+                "seeds": seeds,
+                "rows": rows,
+                "frechet_mean": mean,
+                "fp32_spread": spread,
+                "bf16_within_fp32_spread": within,
+                "verdict": verdict,
                 "command": "python " + " ".join(sys.argv),
             },
         )
