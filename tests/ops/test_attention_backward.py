@@ -9,14 +9,15 @@ import ddpm_fast as df
 from ddpm_fast import reference as ref
 from tests.helpers import assert_fp32_close, assert_lowp_close, needs_cpu
 
-# (B, H, N, M, D, Dv): sequence 1 and head dim 1, queries and keys not multiples of the 64-query / 256-key blocks,
-# several key blocks, the U-Net's head of 256
+# (B, H, N, M, D, Dv): sequence 1 and head dim 1, queries and keys not multiples of the kernel's 256-query /
+# 256-key blocks, several of either, the U-Net's head of 256
 CASES = [
     (1, 1, 1, 1, 1, 1),
     (1, 1, 1, 7, 3, 5),
     (2, 3, 37, 29, 5, 7),
     (1, 1, 70, 300, 17, 9),  # one head, two key blocks: dK/dV by key block, then dQ by query block
     (2, 2, 65, 513, 8, 8),  # three key blocks, one task a head (with up to two threads)
+    (2, 1, 300, 20, 6, 6),  # two query blocks
     (2, 1, 76, 90, 256, 256),
 ]
 
@@ -65,7 +66,7 @@ def test_work_splits_agree(threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for shape in ((1, 1, 130, 600, 12, 12), (3, 1, 70, 300, 16, 8)):
+        for shape in ((1, 1, 530, 600, 12, 12), (3, 1, 270, 300, 16, 8)):
             q, k, v, _, do = _inputs(*shape, seed=threads, residual=False)
             _, ours = _grads(df.ops.attention, (q, k, v, None), do, torch.float32)
             _, exact = _grads(ref.attention, (q, k, v, None), do, torch.float64)
