@@ -174,3 +174,22 @@ def test_bad_input_under_autograd():
         df.ops.attention(q64, k.double(), v.double(), backend="cpu")
     with pytest.raises(ValueError, match="k: head dim"):
         df.ops.attention(q.requires_grad_(True), k[..., :1], v)
+
+
+@needs_cpu
+def test_traces_under_torch_compile():
+    """torch.compile(fullgraph=True) traces the forward and backward through the custom ops (attention_train,
+    attention_backward, with their fake registrations): the same gradients as eager, bit for bit (aot_eager runs
+    the same kernels; the reference's would differ in rounding)."""
+    q, k, v, res, do = _inputs(2, 3, 20, 24, 8, 5, seed=12, residual=True)
+
+    def fn(q, k, v, residual):
+        return df.ops.attention(q, k, v, residual=residual)
+
+    _, eager = _grads(fn, (q, k, v, res), do, torch.float32)
+    torch._dynamo.reset()
+    _, compiled = _grads(torch.compile(fn, backend="aot_eager", fullgraph=True), (q, k, v, res), do, torch.float32)
+    _, exact = _grads(ref.attention, (q, k, v, res), do, torch.float64)
+    for name, c, e, x in zip(NAMES, compiled, eager, exact):
+        print(f"d{name} compiled: max err {(c.double() - x).abs().max().item():.3g}")
+        assert torch.equal(c, e), f"d{name}: compiled gradient differs from eager"
