@@ -475,7 +475,12 @@ class _GroupNormSiLU(torch.autograd.Function):
 
 
 def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
-    """softmax(q k^T * scale) v (+ residual) for (B, H, N, D) q, k, v of any strides; scale=None: 1/sqrt(D)."""
+    """softmax(q k^T * scale) v (+ residual) for (B, H, N, D) q, k, v of any strides; scale=None: 1/sqrt(D).
+
+    Under autograd (no ``out``) the cpu backend runs its fused forward, keeping each query's log-sum-exp, and a
+    flash-style backward that recomputes the softmax block by block (:class:`_Attention`); other backends run the
+    reference then.
+    """
     q = C.tensor("q", q, min_dim=4)
     if q.dim() != 4:
         raise ValueError(f"q: expected shape (B, H, N, D), got {tuple(q.shape)}")
