@@ -43,6 +43,7 @@ CPU_SOURCES = [
     "csrc/cpu/group_norm.cpp",
     "csrc/cpu/group_norm_backward.cpp",
     "csrc/cpu/attention.cpp",
+    "csrc/cpu/attention_backward.cpp",
     "csrc/cpu/winograd.cpp",
 ]
 BASE_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]

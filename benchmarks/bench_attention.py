@@ -13,6 +13,8 @@ the providers that allocate their result on every call (oneDNN's linear, SDPA, d
 memory instead of page-faulting a fresh block each time. 'MKL attention tiles' is MKL on exactly the products a
 blocked (flash-style) attention makes, 128 queries x 256 keys x D, batched over all tiles.
 Targets (CPU U-Net issue): >= 90% of sgemm GFLOP/s; >= 1.2x diffusers' block.
+The 'backward' rows time attention's gradient (training) at BACKWARD_SHAPES: the fused backward, the reference's
+autograd and SDPA's, alone and with their forwards; '--backward-only --threads 1' runs just those.
 The 'denormals' rows time the fused kernel on logits scaled by 30 (most softmax weights, and their products with
 V, denormal in fp32: a microcode assist each on x86 unless flushed) against the plain logits, side by side in the
 same rounds; 'ratio' is the median over rounds of peaked / plain (1.0: the denormals cost nothing).
@@ -50,10 +52,19 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--json")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--backward-only", action="store_true", help="only the backward rows")
     args = p.parse_args()
     steady_malloc()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = machine()
     B, C, S = 8, 256, 16
+    if args.backward_only:
+        backward = [row for shape in BACKWARD_SHAPES for row in bench_backward(*shape, args.rounds)]
+        if args.json:
+            write_json(args.json, {"machine": info, "backward": backward, "command": " ".join(["python"] + sys.argv)})
+        return
     sgemm = sgemm_providers()
     print(f"# {info['device']}, {info['cpu_threads']} threads, {df.backends()['cpu']}; B={B}, C={C}, {S}x{S} tokens")
     print("# malloc: steady (freed blocks reused); '% sgemm' against the faster sgemm row")
@@ -62,8 +73,9 @@ def main():
         rows += bench_heads(heads, B, C, S, sgemm, args.rounds)
     print("\n## denormals: logits x30 vs plain logits, fused kernel")
     denormals = [bench_denormals(B, heads, S * S, C // heads, args.rounds) for heads in (1, 4)]
+    backward = [row for shape in BACKWARD_SHAPES for row in bench_backward(*shape, args.rounds)]
     if args.json:
-        record = {"machine": info, "rows": rows, "denormals": denormals, "malloc_steady": True}
+        record = {"machine": info, "rows": rows, "denormals": denormals, "backward": backward, "malloc_steady": True}
         write_json(args.json, {**record, "command": "python benchmarks/bench_attention.py"})
 
 
@@ -90,6 +102,52 @@ def bench_denormals(B, heads, N, d, rounds, min_time=0.2):
     plain_ms, peaked_ms = res["plain"]["median_s"] * 1e3, res["logits x30"]["median_s"] * 1e3
     print(f"{heads} head(s) of {d}: plain {plain_ms:.3f} ms, logits x30 {peaked_ms:.3f} ms, ratio {ratio:.2f}x")
     return dict(case="denormals", shape=[B, heads, N, d], provider="fused", ratio=ratio, providers=res)
+
+
+# (B, heads, N, d): the U-Net's 16x16 attention (one head of 256, batch 8), and a 32x32 one of 128 channels (batch 2),
+# where the reference's N x N intermediates are 16x as large a head
+BACKWARD_SHAPES = [(8, 1, 256, 256), (2, 1, 1024, 128)]
+
+
+def bench_backward(B, heads, N, d, rounds, min_time=0.2):
+    """Training: the gradient of attention for q, k, v the strided head views of one (B, N, 3C) projection (as the
+    U-Net makes them; leaves, so that only attention's own backward is timed), against dO. Rows: the fused cpu backward
+    (ops.attention under autograd: csrc/cpu/attention_backward.cpp from the forward's log-sum-exp), the reference's
+    autograd (P kept, 4 products) and SDPA's; each alone (the forward's graph kept, retain_graph) and with its
+    forward. Ratios are medians over rounds of the paired times (reference / fused: > 1, fused is faster)."""
+    from ddpm_fast import reference as ref
+
+    C = heads * d
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, N, 3 * C, generator=g)
+    leaves = [qkv[..., i * C : (i + 1) * C].view(B, N, heads, d).transpose(1, 2).requires_grad_(True) for i in range(3)]
+    do = torch.randn(B, heads, N, d, generator=g)
+
+    fns = {
+        "fused": lambda q, k, v: df.ops.attention(q, k, v, backend=None),
+        "reference": ref.attention,
+        "sdpa": F.scaled_dot_product_attention,
+    }
+    graphs = {name: fn(*leaves) for name, fn in fns.items()}
+    providers = {}
+    for name, fn in fns.items():
+        providers[f"{name} backward"] = lambda o=graphs[name]: torch.autograd.grad(o, leaves, do, retain_graph=True)
+        providers[f"{name} forward+backward"] = lambda fn=fn: torch.autograd.grad(fn(*leaves), leaves, do)
+    grads = {name: torch.cat(torch.autograd.grad(o, leaves, do, retain_graph=True), -1) for name, o in graphs.items()}
+    exact64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    exact = torch.cat(torch.autograd.grad(ref.attention(*exact64), exact64, do.double()), -1)
+    served = fused_row("fused attention backward", providers["fused forward+backward"], "cpu", ["attention"])
+    res = interleaved_medians(providers, rounds, min_time=min_time)
+    print(f"\n## backward: B={B}, {heads} head(s) of {d}, N={N}, {torch.get_num_threads()} thread(s); {served}")
+    print(f"{'provider':27} {'ms':>8} {'ref / this':>10} {'max err dq,dk,dv':>15}")
+    rows = []
+    for name, r in res.items():
+        kind = name.split(" ", 1)[1]
+        speed = paired_ratio(res, f"reference {kind}", name)
+        err = (grads[name.split(" ")[0]].double() - exact).abs().max().item()
+        print(f"{name:27} {r['median_s'] * 1e3:8.3f} {speed:9.2f}x {err:15.2e}")
+        rows.append(dict(provider=name, shape=[B, heads, N, d], ratio_reference_over_this=speed, max_err=err, **r))
+    return rows
 
 
 def bench_heads(heads, B, C, S, sgemm, rounds):

@@ -240,8 +240,9 @@ void group_norm_silu_backward_cpu(const at::Tensor& x, const at::Tensor& grad, i
   cpu::group_norm_backward(args);
 }
 
-void attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                   const std::optional<at::Tensor>& residual, const at::Tensor& out) {
+// The forward; with lse ((B, H, N) contiguous fp32) it also keeps each query's log-sum-exp for the backward.
+void run_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                   const std::optional<at::Tensor>& residual, const at::Tensor& out, const at::Tensor* lse) {
   for (const at::Tensor* t : {&q, &k, &v, &out}) {
     TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->device().is_cpu() && t->stride(3) == 1,
                 "ddpm_fast: attention expects float32 CPU (B, H, N, D) tensors with a contiguous last dim");
@@ -276,7 +277,78 @@ void attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     strides(*residual, a.res_strides);
   }
   a.scale = static_cast<float>(scale);
+  if (lse) {
+    TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->is_contiguous() && lse->sizes() == at::IntArrayRef({B, H, N}),
+                "ddpm_fast: attention: lse must be contiguous fp32 (B, H, N)");
+    a.lse = lse->data_ptr<float>();
+  }
   cpu::attention(a);
+}
+
+void attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                   const std::optional<at::Tensor>& residual, const at::Tensor& out) {
+  run_attention(q, k, v, scale, residual, out, nullptr);
+}
+
+void attention_train_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                         const std::optional<at::Tensor>& residual, const at::Tensor& out, const at::Tensor& lse) {
+  run_attention(q, k, v, scale, residual, out, &lse);
+}
+
+// dq, dk, dv of attention from the forward's out (without the residual) and lse (attention_backward.cpp). Every
+// operand is read and written through its batch, head and row strides; rows must not overlap (the products run
+// in the BLAS, whose leading dimensions are at least a row).
+void attention_backward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                            const at::Tensor& grad_out, const at::Tensor& lse, double scale, const at::Tensor& grad_q,
+                            const at::Tensor& grad_k, const at::Tensor& grad_v) {
+  for (const at::Tensor* t : {&q, &k, &v, &out, &grad_out, &grad_q, &grad_k, &grad_v}) {
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->device().is_cpu() && t->stride(3) == 1 &&
+                    t->numel() > 0,
+                "ddpm_fast: attention_backward expects non-empty float32 CPU (B, H, N, D) tensors with a contiguous "
+                "last dim");
+    TORCH_CHECK(t->size(2) == 1 || t->stride(2) >= t->size(3), "ddpm_fast: attention_backward: rows must not overlap");
+  }
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), M = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(k.sizes() == at::IntArrayRef({B, H, M, D}) && grad_k.sizes() == k.sizes(),
+              "ddpm_fast: attention_backward: k shape mismatch");
+  TORCH_CHECK(v.sizes() == at::IntArrayRef({B, H, M, Dv}) && grad_v.sizes() == v.sizes(),
+              "ddpm_fast: attention_backward: v shape mismatch");
+  TORCH_CHECK(grad_q.sizes() == q.sizes(), "ddpm_fast: attention_backward: grad_q shape mismatch");
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({B, H, N, Dv}) && grad_out.sizes() == out.sizes(),
+              "ddpm_fast: attention_backward: out shape mismatch");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.sizes() == at::IntArrayRef({B, H, N}),
+              "ddpm_fast: attention_backward: lse must be contiguous fp32 (B, H, N)");
+  cpu::AttentionBackwardArgs a;
+  a.batch = B;
+  a.heads = H;
+  a.q_len = N;
+  a.kv_len = M;
+  a.head_dim = D;
+  a.v_dim = Dv;
+  a.q = q.data_ptr<float>();
+  a.k = k.data_ptr<float>();
+  a.v = v.data_ptr<float>();
+  a.out = out.data_ptr<float>();
+  a.grad_out = grad_out.data_ptr<float>();
+  a.lse = lse.data_ptr<float>();
+  a.grad_q = grad_q.data_ptr<float>();
+  a.grad_k = grad_k.data_ptr<float>();
+  a.grad_v = grad_v.data_ptr<float>();
+  auto strides = [](const at::Tensor& t, int64_t* dst) {  // a single row's stride: any value will do, a row's width
+    dst[0] = t.stride(0);
+    dst[1] = t.stride(1);
+    dst[2] = t.size(2) == 1 ? t.size(3) : t.stride(2);
+  };
+  strides(q, a.q_strides);
+  strides(k, a.k_strides);
+  strides(v, a.v_strides);
+  strides(out, a.out_strides);
+  strides(grad_out, a.go_strides);
+  strides(grad_q, a.gq_strides);
+  strides(grad_k, a.gk_strides);
+  strides(grad_v, a.gv_strides);
+  a.scale = static_cast<float>(scale);
+  cpu::attention_backward(a);
 }
 
 at::Tensor winograd_weight_cpu(const at::Tensor& w, int64_t tile) {
@@ -424,6 +496,12 @@ TORCH_LIBRARY(ddpm_fast, m) {
       "group_norm_silu_backward(Tensor x, Tensor grad, int groups, Tensor? weight, Tensor? bias, Tensor? add, "
       "Tensor mean, Tensor rstd, bool silu, Tensor(a!) grad_x, Tensor(b!) sums) -> ()");
   m.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? residual, Tensor(a!) out) -> ()");
+  m.def(
+      "attention_train(Tensor q, Tensor k, Tensor v, float scale, Tensor? residual, Tensor(a!) out, Tensor(b!) lse) "
+      "-> ()");
+  m.def(
+      "attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor grad_out, Tensor lse, float scale, "
+      "Tensor(a!) grad_q, Tensor(b!) grad_k, Tensor(c!) grad_v) -> ()");
   m.def("winograd_weight(Tensor w, int tile=2) -> Tensor");
   m.def("conv3x3(Tensor x, Tensor u, Tensor? bias, Tensor? residual, Tensor(a!) out) -> ()");
   m.def("winograd_weight_bf16(Tensor w) -> Tensor");
@@ -439,6 +517,8 @@ TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
   m.impl("group_norm_silu_train", &ddpm_fast::group_norm_silu_train_cpu);
   m.impl("group_norm_silu_backward", &ddpm_fast::group_norm_silu_backward_cpu);
   m.impl("attention", &ddpm_fast::attention_cpu);
+  m.impl("attention_train", &ddpm_fast::attention_train_cpu);
+  m.impl("attention_backward", &ddpm_fast::attention_backward_cpu);
   m.impl("winograd_weight", &ddpm_fast::winograd_weight_cpu);
   m.impl("conv3x3", &ddpm_fast::conv3x3_winograd_cpu);
   m.impl("winograd_weight_bf16", &ddpm_fast::winograd_weight_bf16_cpu);

@@ -37,9 +37,16 @@ def test_one_round_on_the_small_unet_writes_every_row_and_what_served_it(tmp_pat
         assert row["memory"]["peak_rss_mb"] > row["memory"]["base_rss_mb"] > 0, row["memory"]
 
     ours = rows["ddpm_fast cpu"]
-    assert ours["fused_ops"] == ["group_norm_silu", "group_norm_silu_backward", "q_sample"]
-    assert ours["reference_ops"] == ["attention", "conv2d", "linear"] and ours["all_fused"] is False
-    for part in ("q_sample cpu/native x1", "group_norm_silu_backward cpu/native", "conv2d torch/reference"):
+    assert ours["fused_ops"] == [
+        "attention",
+        "attention_backward",
+        "group_norm_silu",
+        "group_norm_silu_backward",
+        "q_sample",
+    ]
+    assert ours["reference_ops"] == ["conv2d", "linear"] and ours["all_fused"] is False
+    served = ("q_sample cpu/native x1", "group_norm_silu_backward cpu/native", "attention_backward cpu/native")
+    for part in served + ("conv2d torch/reference",):
         assert part in ours["served"], ours["served"]
     reference = rows["ddpm_fast reference"]
     assert reference["fused_ops"] == [] and "cpu/" not in reference["served"]

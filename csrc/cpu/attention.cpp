@@ -1,6 +1,7 @@
 // Fused attention, flash-style (Dao et al. 2022) on the CPU: for each (batch, head, block of queries)
 //   S = Q_blk K_j^T * scale;  m' = max(m, rowmax S);  P = exp(S - m');  l = l e^{m - m'} + rowsum P;
 //   acc = acc e^{m - m'} + P V_j  over key blocks j;   out = acc / l (+ residual)
+// and, when asked (training), each query's lse = m + ln l for the backward (attention_backward.cpp)
 // with fp32 accumulators, reading q, k and v in place through their row strides: the U-Net's (B, HW, C)
 // projections need no transpose or copy.
 //
@@ -483,6 +484,10 @@ void attention_tiles(const AttentionArgs& a) {
                        st + r0 * kCols, ref_sum, r0);
           }
           finish_panel(ref_sum, w.m + pq0, w.l + pq0, w.corr + pq0, last_block ? w.inv_l + pq0 : nullptr);
+          if (last_block && a.lse) {  // for the backward: ln sum_j e^(scale q k_j) = ln 2 (m + log2 l) (exp2 domain)
+            float* lse = a.lse + bh * N + q0 + pq0;
+            for (int64_t j = 0; j < pq; ++j) lse[j] = (w.m[pq0 + j] + std::log2(w.l[pq0 + j])) * 0.6931471805599453f;
+          }
           for (int64_t t = 0; t < v_tiles; ++t) {
             const float* vt = w.vp + t * nk * kCols;
             for (int64_t r0 = 0; r0 < pq; r0 += kRows) {
@@ -580,6 +585,8 @@ void attention_blas(const AttentionArgs& a) {
       float* o = a.out + b * a.out_strides[0] + h * a.out_strides[1] + q0 * a.out_strides[2];
       const float* r = a.residual ? a.residual + b * a.res_strides[0] + h * a.res_strides[1] + q0 * a.res_strides[2]
                                   : nullptr;
+      if (a.lse)  // for the backward: ln sum_j e^(scale q k_j)
+        for (int64_t i = 0; i < nq; ++i) a.lse[bh * N + q0 + i] = m[i] + std::log(l[i]);
       for (int64_t i = 0; i < nq; ++i) {
         const Vec inv(1.f / l[i]);
         const float* arow = acc.data() + i * Dv;

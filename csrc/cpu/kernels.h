@@ -125,6 +125,25 @@ struct AttentionArgs {
   float* out;
   int64_t q_strides[3], k_strides[3], v_strides[3], res_strides[3], out_strides[3];  // batch, head, row
   float scale;
+  float* lse = nullptr;  // (B, H, N) contiguous fp32 out, or nullptr: log sum_j exp(scale q_i k_j) per query
+};
+
+// The backward of attention (attention_backward.cpp), fp32, from the forward's output o (without the residual) and
+// its lse: dq, dk, dv of L given do = dL/do, recomputing the softmax block by block.
+struct AttentionBackwardArgs {
+  int64_t batch, heads, q_len, kv_len, head_dim, v_dim;
+  const float* q;
+  const float* k;
+  const float* v;
+  const float* out;       // (B, H, N, Dv) softmax(q k^T * scale) v
+  const float* grad_out;  // (B, H, N, Dv) dL/d(out)
+  const float* lse;       // (B, H, N) contiguous
+  float* grad_q;          // (B, H, N, D)
+  float* grad_k;          // (B, H, M, D)
+  float* grad_v;          // (B, H, M, Dv)
+  int64_t q_strides[3], k_strides[3], v_strides[3], out_strides[3], go_strides[3];  // batch, head, row
+  int64_t gq_strides[3], gk_strides[3], gv_strides[3];
+  float scale;
 };
 
 // 3x3 convolution, stride 1, padding 1, by Winograd F(2x2, 3x3) or F(4x4, 3x3) on fp32 NHWC activations; u holds
@@ -167,6 +186,7 @@ const char* bf16_instructions();
 void ddpm_step(const StepArgs& args);
 void dpmpp_step(const DpmppArgs& args);
 void attention(const AttentionArgs& args);
+void attention_backward(const AttentionBackwardArgs& args);
 void group_norm(const GroupNormArgs& args);
 void group_norm_backward(const GroupNormBackwardArgs& args);
 void q_sample(const QSampleArgs& args);

@@ -15,6 +15,7 @@ between two outputs.
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 
@@ -495,7 +496,12 @@ class _GroupNormSiLU(torch.autograd.Function):
 
 
 def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
-    """softmax(q k^T * scale) v (+ residual) for (B, H, N, D) q, k, v of any strides; scale=None: 1/sqrt(D)."""
+    """softmax(q k^T * scale) v (+ residual) for (B, H, N, D) q, k, v of any strides; scale=None: 1/sqrt(D).
+
+    Under autograd (no ``out``) the cpu backend runs its fused forward, keeping each query's log-sum-exp, and a
+    flash-style backward that recomputes the softmax block by block (:class:`_Attention`); other backends run the
+    reference then.
+    """
     q = C.tensor("q", q, min_dim=4)
     if q.dim() != 4:
         raise ValueError(f"q: expected shape (B, H, N, D), got {tuple(q.shape)}")
@@ -521,10 +527,45 @@ def attention(q, k, v, *, scale=None, residual=None, backend=None, out=None):
     # out may be the residual (added elementwise in the epilogue), never q, k or v: other rows still read them
     C.outputs({"out": out}, {"q": q, "k": k, "v": v, "residual": residual}, in_place=("residual",))
     tensors = {"q": q, "k": k, "v": v, "residual": residual}
-    backend = resolve("attention", backend, q.device, _needs_grad(q, k, v, residual), q.dtype, **tensors)
+    needs_grad = _needs_grad(q, k, v, residual)
+    requested = backend
+    backend = resolve("attention", requested, q.device, needs_grad, q.dtype, **tensors)
+    if needs_grad and out is None and resolve("attention", requested, q.device, False, q.dtype, **tensors) == "cpu":
+        if module("cpu").has_attention_backward():  # the cpu kernels have a backward
+            C.tensor("q", q, min_dim=4, dtypes=C.FUSED_DTYPES)
+            return _Attention.apply(q, k, v, residual, 1.0 / math.sqrt(q.shape[3]) if scale is None else scale)
     if backend != "torch":
         C.tensor("q", q, min_dim=4, dtypes=C.FUSED_DTYPES)
     return module(backend).attention(q, k, v, scale, residual, out)
+
+
+class _Attention(torch.autograd.Function):
+    """attention on the cpu kernels with their flash-style backward (csrc/cpu/attention_backward.cpp).
+
+    The forward keeps o = softmax(q k^T * scale) v (before the residual, added here) and each query's log-sum-exp
+    lse_i = ln sum_j exp(scale q_i k_j): the backward recomputes P = exp(q k^T * scale - lse) block by block (no
+    N x M matrix kept) and forms, with D_i = sum_c dO_ic o_ic, dS = P (dO v^T - D): dv = P^T dO, dq = scale dS k,
+    dk = scale dS^T q; d(residual) = dO. fp16/bf16 tensors run the fp32 kernels on converted copies, their
+    gradients rounded back once."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, residual, scale):
+        o, lse, qf, kf, vf = module("cpu").attention_train(q, k, v, scale)
+        ctx.save_for_backward(qf, kf, vf, o, lse)
+        ctx.scale = scale
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        out = o if residual is None else o + residual
+        return out if out.dtype == q.dtype else out.to(q.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: it says so if asked
+    def backward(ctx, grad):
+        qf, kf, vf, o, lse = ctx.saved_tensors
+        grads = module("cpu").attention_backward(qf, kf, vf, o, lse, grad, ctx.scale)
+        dq, dk, dv = (
+            g.to(dtype) if needed else None for g, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad)
+        )
+        return dq, dk, dv, grad if ctx.needs_input_grad[3] else None, None
 
 
 def winograd_weight(weight, tile=2):

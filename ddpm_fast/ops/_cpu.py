@@ -265,6 +265,47 @@ def attention(q, k, v, scale, residual, out):
     return finish(result, out)
 
 
+def has_attention_backward() -> bool:
+    """Whether attention_backward serves a gradient of attention: an extension that has it (fp16/bf16 tensors run
+    the fp32 kernels on converted copies)."""
+    return hasattr(torch.ops.ddpm_fast, "attention_backward")
+
+
+def _blas_rows(x):
+    """x in fp32 with unit stride in its last dim and rows that do not overlap: the backward's products run in the
+    BLAS, whose leading dimension is at least a row."""
+    x = x if x.dtype == torch.float32 else x.float()
+    if x.stride(-1) != 1 or (x.shape[2] > 1 and x.stride(2) < x.shape[3]):
+        x = x.contiguous()
+    return x
+
+
+def attention_train(q, k, v, scale):
+    """The forward without a residual, keeping each query's log-sum-exp ln sum_j exp(scale q_i k_j) for the
+    backward: (o in (B, N, H, Dv) memory, lse (B, H, N), and the fp32 q, k, v the kernel read)."""
+    record("attention", NAME, "native")
+    qf, kf, vf = (_blas_rows(t) for t in (q, k, v))
+    B, H, N, _ = q.shape
+    o = torch.empty(B, N, H, v.shape[3], dtype=torch.float32, device=q.device).transpose(1, 2)
+    lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    torch.ops.ddpm_fast.attention_train(qf, kf, vf, float(scale), None, o, lse)
+    return o, lse, qf, kf, vf
+
+
+def attention_backward(qf, kf, vf, o, lse, grad, scale):
+    """dq, dk, dv (fp32, in (B, N, H, D) memory like the forward's output: the U-Net's head split is then undone by
+    a view) from attention_train's results and dL/d(out) (attention_backward.cpp)."""
+    record("attention_backward", NAME, "native")
+    g = _blas_rows(grad)
+    B, H, N, D = qf.shape
+    M, Dv = kf.shape[2], vf.shape[3]
+    dq = torch.empty(B, N, H, D, dtype=torch.float32, device=qf.device).transpose(1, 2)
+    dk = torch.empty(B, M, H, D, dtype=torch.float32, device=qf.device).transpose(1, 2)
+    dv = torch.empty(B, M, H, Dv, dtype=torch.float32, device=qf.device).transpose(1, 2)
+    torch.ops.ddpm_fast.attention_backward(qf, kf, vf, o, g, lse, float(scale), dq, dk, dv)
+    return dq, dk, dv
+
+
 def winograd_weight(weight, tile=2):
     return torch.ops.ddpm_fast.winograd_weight(weight.detach(), tile)
 
@@ -439,7 +480,8 @@ def _register_fakes() -> None:
     through them."""
     if not hasattr(torch.ops.ddpm_fast, "ddpm_step"):
         return
-    for name in ("ddpm_step", "dpmpp_step", "q_sample", "keyed_normal", "group_norm_silu", "attention", "conv3x3"):
+    mutating = ("ddpm_step", "dpmpp_step", "q_sample", "keyed_normal", "group_norm_silu", "attention", "conv3x3")
+    for name in mutating + ("attention_train", "attention_backward"):
         if hasattr(torch.ops.ddpm_fast, name):  # an extension built before the op existed lacks it
             torch.library.register_fake(f"ddpm_fast::{name}")(lambda *args, **kwargs: None)
     torch.library.register_fake("ddpm_fast::winograd_weight")(
