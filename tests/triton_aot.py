@@ -282,11 +282,27 @@ def step_launches(quick: bool):
             f"dpmpp_step second order {tag}",
             lambda x=x, m=m, z=z: df.ops.dpmpp_step(x, m, 500, 400, s, z, 600, backend="triton"),
         )
+        yield (
+            f"dpmpp_step third order {tag}",
+            lambda x=x, m=m, z=z: df.ops.dpmpp_step(
+                x, m, 500, 400, s, z, 600, x0_last2=m, t_last2=700, backend="triton"
+            ),
+        )
+        yield (
+            f"dpmpp_step sde given noise {tag}",
+            lambda x=x, m=m, z=z: df.ops.dpmpp_step(x, m, 500, 400, s, z, 600, sde=True, noise=m, backend="triton"),
+        )
         for seed in SEEDS[:2] if quick else SEEDS:
             yield (
                 f"ddpm_step keyed {tag} seed={seed:#x}",
                 lambda x=x, m=m, seed=seed: df.ops.ddpm_step(
                     x, m, 500, s, seed=seed, clip_sample=True, backend="triton", sample_offset=1
+                ),
+            )
+            yield (
+                f"dpmpp_step sde keyed {tag} seed={seed:#x}",
+                lambda x=x, m=m, z=z, seed=seed: df.ops.dpmpp_step(
+                    x, m, 500, 400, s, z, 600, x0_last2=m, t_last2=700, sde=True, seed=seed, backend="triton"
                 ),
             )
             yield (

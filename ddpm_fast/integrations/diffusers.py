@@ -15,8 +15,9 @@ from diffusers' own float32 ``alphas_cumprod`` and ``final_alpha_cumprod`` in it
 
 FusedDPMSolverMultistepScheduler is diffusers' DPMSolverMultistepScheduler whose ``step`` runs the fused
 DPM-Solver++ step (ops.dpmpp_step: the data prediction and the multistep update in one pass) for
-``algorithm_type="dpmsolver++"``, ``solver_order`` 1 or 2, either solver type and any of diffusers' sigma schedules,
-with coefficients computed from diffusers' own float32 sigmas in its order of operations.
+``algorithm_type`` "dpmsolver++" and "sde-dpmsolver++", ``solver_order`` 1, 2 or 3, either solver type and any of
+diffusers' sigma schedules, with coefficients computed from diffusers' own float32 sigmas in its order of operations
+and the SDE's noise drawn as diffusers draws it.
 
 accelerate() swaps a pipeline's U-Net and scheduler for ddpm_fast's, or raises AccelerateError saying what it cannot
 swap (strict, the default); it returns an AccelerateReport.
@@ -387,23 +388,29 @@ def _noise_unfused_reason(variance_noise, sample: torch.Tensor) -> str | None:
 class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
     """diffusers.DPMSolverMultistepScheduler with ``step`` on ddpm_fast's fused DPM-Solver++ step.
 
-    Fused: ``algorithm_type="dpmsolver++"``, ``solver_order`` 1 or 2, ``solver_type`` "midpoint" or "heun",
-    prediction_type epsilon / sample / v_prediction, no thresholding, no learned variance, no flow sigmas, and
-    model output and sample of one shape and dtype (fp32/fp16/bf16). Anything else runs diffusers' own ``step``
-    (``unfused_reason`` says why); after each step ``fused`` says which ran.
+    Fused: ``algorithm_type`` "dpmsolver++" or "sde-dpmsolver++", ``solver_order`` 1, 2 or 3 (with diffusers'
+    lower-order warm-up and final steps), ``solver_type`` "midpoint" or "heun", prediction_type epsilon / sample /
+    v_prediction, no thresholding, no learned variance, no flow sigmas, and model output and sample of one shape and
+    dtype (fp32/fp16/bf16). The SDE's noise is drawn as diffusers draws it (``randn_tensor`` with the generator) or
+    taken from ``variance_noise``; ``use_keyed_noise(seed)`` draws it in the kernel instead (Philox, stream 0 at the
+    step's timestep; sample i of the batch is global sample ``sample_offset + i``). Anything else runs diffusers'
+    own ``step`` (``unfused_reason`` says why); after each step ``fused`` says which ran.
     """
 
     backend: str | None = None
     fused: bool | None = None  # whether the last step ran the fused kernel (None before the first)
+    _keyed_seed: int | None = None
+    _sample_offset: int = 0
     _schedule = FusedDDPMScheduler._schedule
+    use_keyed_noise = FusedDDPMScheduler.use_keyed_noise
 
     def config_unfused_reason(self) -> str | None:
         """None when this configuration's steps can run the fused kernel, else why they all run diffusers' code."""
         c = self.config
-        if c.algorithm_type != "dpmsolver++":
-            return f"algorithm_type={c.algorithm_type!r}: the kernel runs 'dpmsolver++'"
-        if c.solver_order not in (1, 2):
-            return f"solver_order={c.solver_order}: the kernel runs orders 1 and 2"
+        if c.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
+            return f"algorithm_type={c.algorithm_type!r}: the kernel runs 'dpmsolver++' and 'sde-dpmsolver++'"
+        if c.solver_order not in (1, 2, 3):
+            return f"solver_order={c.solver_order}: the kernel runs orders 1, 2 and 3"
         if c.solver_type not in ("midpoint", "heun"):
             return f"solver_type={c.solver_type!r}: the kernel runs 'midpoint' or 'heun'"
         if c.prediction_type not in C.PREDICTION_TYPES:
@@ -418,19 +425,24 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
             return "betas: not a valid schedule (outside (0, 1]); diffusers' own maths runs"
         return None
 
-    def unfused_reason(self, model_output: torch.Tensor, sample: torch.Tensor) -> str | None:
-        """None when ``step(model_output, timestep, sample)`` runs the fused dpmpp_step kernel, else why it runs
-        diffusers' code instead (the configuration or these tensors)."""
+    def unfused_reason(self, model_output: torch.Tensor, sample: torch.Tensor, variance_noise=None) -> str | None:
+        """None when ``step(model_output, timestep, sample, variance_noise=...)`` runs the fused dpmpp_step kernel,
+        else why it runs diffusers' code instead (the configuration, these tensors or the given noise)."""
         why = self.config_unfused_reason()
         if why is not None:
             return why
-        return _tensors_unfused_reason(model_output, sample)
+        why = _tensors_unfused_reason(model_output, sample)
+        if why is None and variance_noise is not None and self.config.algorithm_type == "sde-dpmsolver++":
+            why = _noise_unfused_reason(variance_noise, sample)
+        return why
 
     def _dpmpp_coefficients(self, order: int) -> torch.Tensor:
-        """(1, 6) [px, pm, q, a_x, a_0, a_d] from diffusers' float32 sigmas, each term computed as
-        DPMSolverMultistepScheduler computes it (convert_model_output and the first/second-order updates), the
-        per-term products folded in float64."""
+        """(1, 9) [px, pm, q, a_x, a_0, a_d, a_e, rho, a_z] from diffusers' float32 sigmas, each term computed as
+        DPMSolverMultistepScheduler computes it (convert_model_output and the first-, second- and third-order
+        updates, ODE or SDE), the per-term products folded in float64 (ddpm_fast/reference/dpmpp_step.py has the
+        formulas)."""
         i = self.step_index
+        sde = self.config.algorithm_type == "sde-dpmsolver++"
         alpha_s0, sigma_s0 = self._sigma_to_alpha_sigma_t(self.sigmas[i])
         alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(self.sigmas[i + 1])
         one, zero = torch.ones_like(alpha_s0), torch.zeros_like(alpha_s0)
@@ -444,29 +456,58 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
         lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
         lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
         h = lambda_t - lambda_s0
-        e = alpha_t * (torch.exp(-h) - 1.0)  # x_t = (sigma_t / sigma_s0) x - e D0 [+ second-order term]
-        a_x, a_0, a_d = (sigma_t / sigma_s0).double(), -e.double(), zero.double()
-        if order == 2:
+        a_z = zero
+        if sde:  # x_t = (sigma_t / sigma_s0 e^{-h}) x + alpha_t (1 - e^{-2h}) D0 + sigma_t sqrt(1 - e^{-2h}) z
+            a_x, a_0 = sigma_t / sigma_s0 * torch.exp(-h), alpha_t * (1 - torch.exp(-2.0 * h))
+            a_z = sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h))
+            mid = 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h)))
+            heun = alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)
+        else:  # x_t = (sigma_t / sigma_s0) x - alpha_t (e^{-h} - 1) D0
+            a_x, a_0 = sigma_t / sigma_s0, -(alpha_t * (torch.exp(-h) - 1.0))
+            mid = -0.5 * (alpha_t * (torch.exp(-h) - 1.0))
+            heun = alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)
+        a_d = a_e = rho = zero.double()
+        if order >= 2:
             alpha_s1, sigma_s1 = self._sigma_to_alpha_sigma_t(self.sigmas[i - 1])
             lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
-            inv_r0 = (1.0 / ((lambda_s0 - lambda_s1) / h)).double()  # D1 = (1 / r0) (m0 - m1)
-            if self.config.solver_type == "midpoint":  # - 0.5 e D1
-                a_d = -(0.5 * e).double() * inv_r0
-            else:  # + alpha_t ((e^{-h} - 1) / h + 1) D1
-                a_d = (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)).double() * inv_r0
-        return torch.stack([px.double(), pm.double(), q.double(), a_x, a_0, a_d]).to(torch.float32).view(1, 6)
+            r0 = (lambda_s0 - lambda_s1) / h
+            inv_r0 = (1.0 / r0).double()  # D1 = (1 / r0) (m0 - m1)
+        if order == 2:
+            a_d = (mid if self.config.solver_type == "midpoint" else heun).double() * inv_r0
+        if order == 3:  # + c1 D1 + c2 D2 with diffusers' D1, D2 (third-order update) over m0 - m1 and the second
+            # difference (m0 - m1) - rho (m1 - m2): D1_0 - D1_1 = (1 / r0) (m0 - m1) - (1 / r1) (m1 - m2)
+            alpha_s2, sigma_s2 = self._sigma_to_alpha_sigma_t(self.sigmas[i - 2])
+            lambda_s2 = torch.log(alpha_s2) - torch.log(sigma_s2)
+            r1 = (lambda_s1 - lambda_s2) / h
+            inv_r1 = (1.0 / r1).double()
+            w, v = (r0 / (r0 + r1)).double(), (1.0 / (r0 + r1)).double()
+            if sde:
+                c2 = alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
+            else:
+                c2 = -(alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5))
+            c1, c2 = heun.double(), c2.double()
+            a_d, a_e, rho = c1 * inv_r0, (c1 * w + c2 * v) * inv_r0, inv_r1 / inv_r0
+        row = [px, pm, q, a_x, a_0, a_d, a_e, rho, a_z]
+        return torch.stack([v.double() for v in row]).to(torch.float32).view(1, 9)
 
     def _order(self) -> int:
-        """The order diffusers' step takes here: first at the start, and at the end where lower_order_final,
-        euler_at_final or a final sigma of zero ask for it (DPMSolverMultistepScheduler.step)."""
+        """The order diffusers' step takes here: lower at the start (one more each step up to solver_order), and at
+        the end where lower_order_final, euler_at_final or a final sigma of zero ask for it
+        (DPMSolverMultistepScheduler.step)."""
         c = self.config
-        last = self.step_index == len(self.timesteps) - 1
+        n = len(self.timesteps)
+        last = self.step_index == n - 1
         lower_order_final = last and (
             getattr(c, "euler_at_final", False)
-            or (c.lower_order_final and len(self.timesteps) < 15)
+            or (c.lower_order_final and n < 15)
             or getattr(c, "final_sigmas_type", "zero") == "zero"
         )
-        return 1 if c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final else 2
+        lower_order_second = self.step_index == n - 2 and c.lower_order_final and n < 15
+        if c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
+            return 1
+        if c.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
+            return 2
+        return 3
 
     # ------------------------------------------------------------------ diffusers API
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, **kwargs):
@@ -508,7 +549,7 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict: bool = True):
         self._check_step(model_output, timestep, sample)
-        why = self.unfused_reason(model_output, sample)
+        why = self.unfused_reason(model_output, sample, variance_noise)
         if why is None and self.num_inference_steps is None:
             why = "set_timesteps has not run (diffusers' step raises)"
         if why is None:
@@ -525,6 +566,16 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
             log.debug("ddpm_fast: FusedDPMSolverMultistepScheduler.step runs diffusers' code (%s)", why)
             kwargs = dict(generator=generator, variance_noise=variance_noise, return_dict=return_dict)
             return super().step(model_output, timestep, sample, **kwargs)
+        noise, seed = None, None
+        if self.config.algorithm_type == "sde-dpmsolver++":  # drawn at every step, as diffusers draws it
+            if variance_noise is not None:
+                noise = variance_noise
+            elif self._keyed_seed is None:
+                noise = randn_tensor(
+                    model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32
+                ).to(sample.dtype)
+            else:
+                seed = self._keyed_seed
         # the table carries the step (diffusers' sigmas): t is only checked, and t_prev = -1 stands for any target
         prev_sample, x0 = ops.dpmpp_step(
             sample,
@@ -532,10 +583,14 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
             t,
             -1,
             self._schedule(),
-            self.model_outputs[-1] if order == 2 else None,
+            self.model_outputs[-1] if order >= 2 else None,
+            x0_last2=self.model_outputs[-2] if order == 3 else None,
+            noise=noise,
+            seed=seed,
+            sample_offset=self._sample_offset,
             prediction_type=self.config.prediction_type,
             solver_type=self.config.solver_type,
-            coefficients=coefficients.expand(sample.shape[0], 6),
+            coefficients=coefficients.expand(sample.shape[0], 9),
             backend=self.backend,
         )
         for i in range(self.config.solver_order - 1):  # the history, kept as diffusers keeps it
