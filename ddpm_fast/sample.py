@@ -542,7 +542,9 @@ def build_parser(prog: str = "python -m ddpm_fast.sample") -> argparse.ArgumentP
     p.add_argument("--chunk-size", type=int, default=64, help="global indices per chunk file (fixed per folder)")
     p.add_argument("--batch-size", type=int, default=64, help="images per U-Net forward")
     p.add_argument("--steps", type=int, default=None, help="respaced steps (default: every timestep)")
-    p.add_argument("--method", default="ddpm", choices=["ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "sde_dpmpp_2m"])
+    p.add_argument(
+        "--method", default="ddpm", choices=["ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "sde_dpmpp_2m", "unipc"]
+    )
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--backend", default=None, choices=["torch", "cpu", "triton", "cuda"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -3,7 +3,7 @@ corrector and predictor, Zhao et al. 2023), data prediction, one pass over memor
 
     D0     = (px * x + pm * m) * q                                  (x_0 predicted from epsilon, x_0 or v)
     y      = x, or with a corrector (UniPC's UniC, last sample L):
-             c_l L + c_1 D1 + c_d (D0 - D1) + c_e (D1 - D2) + c_f (D2 - D3)
+             c_l L + c_1 D1 + c_d (D0 - D1) + c_e (D1 - D2) + c_f (D1 - D3)
     x_next = a_x y + a_0 D0 + a_d (D0 - D1) + a_e ((D0 - D1) - rho (D1 - D2)) + a_z z
                                                         (z given or keyed Philox noise, stream 0 at t)
 
@@ -67,14 +67,14 @@ def _dpmpp_step_kernel(
         d2 = tl.load(d2_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
         e12 = d1 - d2
     if HIST >= 3:
-        e23 = d2 - tl.load(d3_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
+        e13 = d1 - tl.load(d3_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
     if CORR:
         lv = tl.load(l_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(cb + 9) * lv + (tl.load(cb + 10) * d1 + tl.load(cb + 11) * e01)
         if HIST >= 2:
             y += tl.load(cb + 12) * e12
         if HIST >= 3:
-            y += tl.load(cb + 13) * e23
+            y += tl.load(cb + 13) * e13
     o = tl.load(cb + 3) * y + tl.load(cb + 4) * d0
     if HIST >= 1:
         o += tl.load(cb + 5) * e01

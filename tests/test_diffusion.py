@@ -190,7 +190,7 @@ def test_dpmpp_2m_bad_arguments():
     d = df.GaussianDiffusion(Dummy(), S)
     with pytest.raises(ValueError, match="method"):
         d.sample(1, method="dpmpp_4m", progress=False)
-    for method in ("dpmpp_2m", "dpmpp_3m", "sde_dpmpp_2m"):
+    for method in ("dpmpp_2m", "dpmpp_3m", "sde_dpmpp_2m", "unipc"):
         with pytest.raises(ValueError, match="cuda_graph"):
             d.sample(1, method=method, cuda_graph=True, device="cuda", progress=False)
     with pytest.raises(ValueError, match="steps"):
@@ -240,6 +240,64 @@ def test_dpmpp_3m_and_sde_chains_equal_reference_loop(backend, method, steps):
         with torch.no_grad():
             two = _multistep_reference_chain(d.model, s, x_T, timesteps, 2)
         assert (two - expected).abs().max() > 1e-4
+
+
+def _unipc_reference_chain(model, schedule, x, timesteps, order=2, solver_type="bh2"):
+    """UniPC written out as diffusers' UniPCMultistepScheduler.step runs it (its update formulas, D1s and rho:
+    ddpm_fast.reference.unipc_step.unipc_step), float64, on the schedule's integer timesteps (-1: x_0)."""
+    from ddpm_fast.reference.unipc_step import _rhos, unipc_step
+
+    abar = torch.cat([schedule.alphas_cumprod, torch.ones(1, dtype=torch.float64)])  # abar[-1]: x_0
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    lam = alpha.log() - sigma.log()
+    n, B = len(timesteps), x.shape[0]
+    x = x.double()
+    ds, last, prev_order = [], None, 0
+    for i, t in enumerate(timesteps):
+        t_next = timesteps[i + 1] if i + 1 < n else -1
+        m = model(x.float(), torch.full((B,), t)).double()
+        d0 = (x - sigma[t] * m) / alpha[t]  # epsilon
+        hist = ds[::-1]  # D1, D2, .. newest first
+
+        def terms(t_, s0, earlier, k, corrector):
+            h = lam[t_] - lam[s0]
+            phi, b_h, rho, r = _rhos(h, lam[s0], [lam[e] for e in earlier], k, solver_type, corrector)
+            return sigma[t_] / sigma[s0], alpha[t_], phi, b_h, rho, r
+
+        p = min(order, n - i, i + 1)
+        terms_c = (
+            terms(t, timesteps[i - 1], timesteps[max(0, i - prev_order) : i - 1][::-1], prev_order, True) if i else None
+        )
+        if t_next < 0:  # the last step: first order, sigma = 0 there
+            y = x if terms_c is None else unipc_step(x, d0, last, hist, terms(t, t, [], 1, False), terms_c)[1]
+            x = d0 + 0 * y
+        else:
+            earlier = timesteps[max(0, i - p + 1) : i][::-1]
+            x, y = unipc_step(x, d0, last, hist, terms(t_next, t, earlier, p, False), terms_c)
+        ds.append(d0)
+        last, prev_order = y, p
+    return x
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("cpu", marks=needs_cpu)])
+@pytest.mark.parametrize("steps", [5, 10, 20])
+def test_unipc_chain_equals_diffusers_formulas(backend, steps):
+    s = df.NoiseSchedule.linear(1000, 1e-4, 0.02)
+    d = df.GaussianDiffusion(Dummy(), s, backend=backend)
+    with df.ops.trace() as calls:
+        got = d.sample(3, seed=11, steps=steps, method="unipc", progress=False, check_finite=False)
+    x_T = df.ops.keyed_normal((3, 3, 8, 8), seed=11, backend="torch")
+    timesteps = [i * (1000 // steps) for i in range(steps)][::-1]
+    with torch.no_grad():
+        expected = _unipc_reference_chain(d.model, s, x_T, timesteps)
+    err = (got.double() - expected).abs().max().item()
+    bound = 1e-5 * max(1.0, expected.abs().max().item())
+    print(f"unipc {backend} {steps} steps: max err {err:.3g} (bound {bound:.3g})")
+    assert err <= bound
+    assert [c.backend for c in calls if c.op == "dpmpp_step"] == [backend] * steps
+    with torch.no_grad():  # the corrector matters: DPM-Solver++(2M) (UniP-2 without UniC) gives other images
+        other = d.sample(3, seed=11, steps=steps, method="dpmpp_2m", progress=False)
+    assert (other.double() - expected).abs().max() > 1e-4
 
 
 def test_sde_dpmpp_2m_keyed_noise_is_split_invariant_and_backend_independent():

@@ -2,7 +2,7 @@
 // predictor, Zhao et al. 2023), data prediction, one pass over memory:
 //   D0     = (px * x + pm * m) * q                                   (x_0 predicted from epsilon, x_0 or v)
 //   y      = x, or with a corrector (UniPC's UniC, last sample L):
-//            c_l L + c_1 D1 + c_d (D0 - D1) + c_e (D1 - D2) + c_f (D2 - D3)
+//            c_l L + c_1 D1 + c_d (D0 - D1) + c_e (D1 - D2) + c_f (D1 - D3)
 //   x_next = a_x y + a_0 D0 + a_d (D0 - D1) + a_e ((D0 - D1) - rho (D1 - D2)) + a_z z
 //                                                   (z given or keyed Philox noise, stream 0)
 // D1, D2, D3: the data predictions of the previous steps, newest first. The differences (and 3M's second difference)
@@ -41,15 +41,15 @@ void multistep_chunk(const float* k, const Ptrs<T>& p, int64_t base, const float
   // v[0] x, v[1] m, v[2..4] D1..D3, v[5] L, v[6] z
   auto compute = [&](const Vec* v, Vec& o, Vec& d0v, Vec& yv) {
     d0v = at::vec::fmadd(px, v[0], pm * v[1]) * q;
-    Vec e01, e12, e23;
+    Vec e01, e12, e13;
     if constexpr (NH >= 1) e01 = d0v - v[2];
     if constexpr (NH >= 2) e12 = v[2] - v[3];
-    if constexpr (NH >= 3) e23 = v[3] - v[4];
+    if constexpr (NH >= 3) e13 = v[2] - v[4];
     yv = v[0];
     if constexpr (Corr) {
       yv = at::vec::fmadd(cl, v[5], at::vec::fmadd(c1, v[2], cd * e01));
       if constexpr (NH >= 2) yv = at::vec::fmadd(ce, e12, yv);
-      if constexpr (NH >= 3) yv = at::vec::fmadd(cf, e23, yv);
+      if constexpr (NH >= 3) yv = at::vec::fmadd(cf, e13, yv);
     }
     o = at::vec::fmadd(ax, yv, a0 * d0v);
     if constexpr (NH >= 1) o = at::vec::fmadd(ad, e01, o);
@@ -76,15 +76,15 @@ void multistep_chunk(const float* k, const Ptrs<T>& p, int64_t base, const float
   for (; i < n; ++i) {  // scalar tail, same maths
     const float xv = static_cast<float>(x[i]), mv = static_cast<float>(m[i]);
     const float d0v = (k[0] * xv + k[1] * mv) * k[2];
-    float e01 = 0.0f, e12 = 0.0f, e23 = 0.0f, d1v = 0.0f;
+    float e01 = 0.0f, e12 = 0.0f, e13 = 0.0f, d1v = 0.0f;
     if constexpr (NH >= 1) d1v = static_cast<float>(d1[i]), e01 = d0v - d1v;
     if constexpr (NH >= 2) e12 = d1v - static_cast<float>(d2[i]);
-    if constexpr (NH >= 3) e23 = static_cast<float>(d2[i]) - static_cast<float>(d3[i]);
+    if constexpr (NH >= 3) e13 = d1v - static_cast<float>(d3[i]);
     float yv = xv;
     if constexpr (Corr) {
       yv = k[9] * static_cast<float>(l[i]) + (k[10] * d1v + k[11] * e01);
       if constexpr (NH >= 2) yv += k[12] * e12;
-      if constexpr (NH >= 3) yv += k[13] * e23;
+      if constexpr (NH >= 3) yv += k[13] * e13;
     }
     float o = k[3] * yv + k[4] * d0v;
     if constexpr (NH >= 1) o += k[5] * e01;

@@ -48,7 +48,7 @@ struct StepArgs {
 };
 
 // Multistep solver step (csrc/cpu/dpmpp_step.cpp): D0 = (px x + pm m) q, y = x or (corrector) c_l L + c_1 D1 +
-// c_d (D0 - D1) + c_e (D1 - D2) + c_f (D2 - D3),
+// c_d (D0 - D1) + c_e (D1 - D2) + c_f (D1 - D3),
 // out = a_x y + a_0 D0 + a_d (D0 - D1) + a_e ((D0 - D1) - rho (D1 - D2)) + a_z z.
 constexpr int kDpmppColumns = 14;  // px, pm, q, a_x, a_0, a_d, a_e, rho, a_z, c_l, c_1, c_d, c_e, c_f
 struct DpmppArgs {

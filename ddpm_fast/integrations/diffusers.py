@@ -1,5 +1,5 @@
-"""Drop-ins for diffusers: FusedDDPMScheduler, FusedDDIMScheduler, FusedDPMSolverMultistepScheduler and
-accelerate()/deaccelerate().
+"""Drop-ins for diffusers: FusedDDPMScheduler, FusedDDIMScheduler, FusedDPMSolverMultistepScheduler,
+FusedUniPCMultistepScheduler and accelerate()/deaccelerate().
 
 FusedDDPMScheduler is diffusers' DDPMScheduler (same constructor, config, save/load, set_timesteps,
 scale_model_input, previous_timestep, custom timesteps) whose ``step`` and ``add_noise`` run ddpm_fast's fused
@@ -18,6 +18,9 @@ DPM-Solver++ step (ops.dpmpp_step: the data prediction and the multistep update 
 ``algorithm_type`` "dpmsolver++" and "sde-dpmsolver++", ``solver_order`` 1, 2 or 3, either solver type and any of
 diffusers' sigma schedules, with coefficients computed from diffusers' own float32 sigmas in its order of operations
 and the SDE's noise drawn as diffusers draws it.
+
+FusedUniPCMultistepScheduler is diffusers' UniPCMultistepScheduler whose ``step`` runs the corrector UniC and the
+predictor UniP in one fused pass (ops.unipc_step) for ``predict_x0=True``, bh1 and bh2, orders 1 to 3.
 
 accelerate() swaps a pipeline's U-Net and scheduler for ddpm_fast's, or raises AccelerateError saying what it cannot
 swap (strict, the default); it returns an AccelerateReport.
@@ -42,7 +45,7 @@ from ..schedule import NoiseSchedule
 log = logging.getLogger("ddpm_fast")
 
 try:
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
     from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
     from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
     from diffusers.schedulers.scheduling_utils import SchedulerOutput
@@ -604,6 +607,156 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
         return SchedulerOutput(prev_sample=prev_sample)
 
 
+class FusedUniPCMultistepScheduler(UniPCMultistepScheduler):
+    """diffusers.UniPCMultistepScheduler with ``step`` on ddpm_fast's fused multistep kernel (ops.unipc_step): the
+    data prediction, the corrector UniC and the predictor UniP of one step in one pass over memory, writing
+    x_{t-1}, the data prediction and the corrected sample (kept as diffusers keeps it, as ``last_sample``).
+
+    Fused: ``predict_x0=True``, ``solver_type`` "bh1" or "bh2", ``solver_order`` 1 to 3 (diffusers' warm-up,
+    lower_order_final, disable_corrector), prediction_type epsilon / sample / v_prediction, no thresholding, no
+    ``solver_p``, no flow sigmas, and model output and sample of one shape and dtype (fp32/fp16/bf16). The
+    coefficients are computed from diffusers' own float32 sigmas in its order of operations
+    (ddpm_fast/reference/unipc_step.py). Anything else runs diffusers' own ``step`` (``unfused_reason`` says why);
+    after each step ``fused`` says which ran.
+    """
+
+    backend: str | None = None
+    fused: bool | None = None  # whether the last step ran the fused kernel (None before the first)
+    _schedule = FusedDDPMScheduler._schedule
+
+    def config_unfused_reason(self) -> str | None:
+        """None when this configuration's steps can run the fused kernel, else why they all run diffusers' code."""
+        c = self.config
+        if not c.predict_x0:
+            return "predict_x0=False: the kernel runs UniPC's data prediction"
+        if self.solver_p is not None:
+            return "solver_p: another scheduler's predictor runs diffusers' code"
+        if c.solver_type not in ("bh1", "bh2"):
+            return f"solver_type={c.solver_type!r}: the kernel runs 'bh1' and 'bh2'"
+        if c.solver_order not in (1, 2, 3):
+            return f"solver_order={c.solver_order}: the kernel runs orders 1, 2 and 3"
+        if c.prediction_type not in C.PREDICTION_TYPES:
+            return f"prediction_type={c.prediction_type!r}: the kernel takes {', '.join(C.PREDICTION_TYPES)}"
+        if c.thresholding:
+            return "thresholding=True: dynamic thresholding (per-sample quantiles) runs diffusers' code"
+        if getattr(c, "use_flow_sigmas", False):
+            return "use_flow_sigmas=True: flow sigmas run diffusers' code"
+        if self._schedule() is None:
+            return "betas: not a valid schedule (outside (0, 1]); diffusers' own maths runs"
+        return None
+
+    def unfused_reason(self, model_output: torch.Tensor, sample: torch.Tensor) -> str | None:
+        """None when ``step(model_output, timestep, sample)`` runs the fused kernel, else why it runs diffusers'
+        code instead (the configuration or these tensors)."""
+        why = self.config_unfused_reason()
+        if why is not None:
+            return why
+        return _tensors_unfused_reason(model_output, sample)
+
+    def _lambda(self, i: int):
+        alpha, sigma = self._sigma_to_alpha_sigma_t(self.sigmas[i])
+        return alpha, sigma, torch.log(alpha) - torch.log(sigma)
+
+    def _unipc_coefficients(self, use_corrector: bool, order: int) -> torch.Tensor:
+        """(1, 14) rows of this step from diffusers' float32 sigmas: D0 as convert_model_output computes it, UniC of
+        the previous step's order (where ``use_corrector``) and UniP of ``order``, their terms computed as
+        multistep_uni_c_bh_update and multistep_uni_p_bh_update compute them, folded in float64."""
+        from ..reference.dpmpp_step import ROW
+        from ..reference.unipc_step import corrector_terms, predictor_terms
+
+        i, st = self.step_index, self.config.solver_type
+        alpha_s0, sigma_s0, lambda_s0 = self._lambda(i)
+        one, zero = torch.ones_like(alpha_s0), torch.zeros_like(alpha_s0)
+        pt = self.config.prediction_type
+        if pt == "epsilon":  # (sample - sigma_t * model_output) / alpha_t
+            px, pm, q = one, -sigma_s0, 1 / alpha_s0.double()
+        elif pt == "sample":
+            px, pm, q = zero, one, one
+        else:  # v_prediction: alpha_t * sample - sigma_t * model_output
+            px, pm, q = alpha_s0, -sigma_s0, one
+        row = torch.zeros(ROW, dtype=torch.float64)
+        row[:3] = torch.stack([px.double(), pm.double(), q.double()])
+        alpha_t, sigma_t, lambda_t = self._lambda(i + 1)
+        earlier = [self._lambda(i - k)[2] for k in range(1, order)]
+        p = predictor_terms(alpha_t, sigma_t, sigma_s0, lambda_t, lambda_s0, earlier, order, st)
+        row[3:8] = torch.stack([*p, torch.tensor(-1.0, dtype=torch.float64)])
+        if use_corrector:  # UniC from the previous step (i - 1) to this one (i), of the order that step took
+            _, sigma_p, lambda_p = self._lambda(i - 1)
+            older = [self._lambda(i - 1 - k)[2] for k in range(1, self.this_order)]
+            c = corrector_terms(alpha_s0, sigma_s0, sigma_p, lambda_s0, lambda_p, older, self.this_order, st)
+            row[9:14] = torch.stack(c)
+        return row.to(torch.float32).view(1, ROW)
+
+    def _orders(self) -> tuple[bool, int]:
+        """(whether the corrector runs, the predictor's order), as UniPCMultistepScheduler.step decides them."""
+        c, i = self.config, self.step_index
+        use_corrector = i > 0 and i - 1 not in self.disable_corrector and self.last_sample is not None
+        order = min(c.solver_order, len(self.timesteps) - i) if c.lower_order_final else c.solver_order
+        return use_corrector, min(order, self.lower_order_nums + 1)
+
+    # ------------------------------------------------------------------ diffusers API
+    def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+        """diffusers' set_timesteps, after checking what it would take silently: a solver order it has no update for
+        and more steps than the training schedule has timesteps."""
+        order = self.config.solver_order
+        if isinstance(order, bool) or order not in (1, 2, 3):
+            raise ValueError(f"solver_order: the fused UniPC has orders 1, 2 and 3, got {order!r}")
+        n = self.config.num_train_timesteps
+        if num_inference_steps is not None and not (
+            isinstance(num_inference_steps, numbers.Integral) and not isinstance(num_inference_steps, bool)
+            and 1 <= num_inference_steps <= n
+        ):  # fmt: skip
+            raise ValueError(
+                f"num_inference_steps: expected an int in [1, {n}] (num_train_timesteps), got {num_inference_steps!r}"
+            )
+        return super().set_timesteps(num_inference_steps, device=device, **kwargs)
+
+    _check_step = FusedDPMSolverMultistepScheduler._check_step
+
+    def step(self, model_output, timestep, sample, return_dict: bool = True):
+        self._check_step(model_output, timestep, sample)
+        why = self.unfused_reason(model_output, sample)
+        if why is None and self.num_inference_steps is None:
+            why = "set_timesteps has not run (diffusers' step raises)"
+        if why is None:
+            n = self.config.num_train_timesteps  # an out-of-range or meta timestep: a clear error, never an index
+            C.timesteps(timestep, 1, n, "cpu", name="timestep", data=("sample", sample.device))
+            if self.step_index is None:
+                self._init_step_index(timestep)
+            use_corrector, order = self._orders()
+            coefficients = self._unipc_coefficients(use_corrector, order)
+            if not torch.isfinite(coefficients).all():
+                why = f"step {self.step_index}: non-finite coefficients; diffusers' own inf/nan maths runs"
+            elif self.config.solver_type == "bh1" and float(self.sigmas[self.step_index + 1]) == 0:
+                why = "bh1 to a final sigma of zero: B(h) = -inf, diffusers' own inf/nan maths runs"
+        self.fused = why is None
+        if not self.fused:
+            log.debug("ddpm_fast: FusedUniPCMultistepScheduler.step runs diffusers' code (%s)", why)
+            return super().step(model_output, timestep, sample, return_dict=return_dict)
+        history = tuple(m for m in reversed(self.model_outputs) if m is not None)
+        prev_sample, x0, corrected = ops.unipc_step(
+            sample,
+            model_output,
+            coefficients.expand(sample.shape[0], coefficients.shape[1]),
+            history,
+            self.last_sample if use_corrector else None,
+            backend=self.backend,
+        )
+        for i in range(self.config.solver_order - 1):  # the history, kept as diffusers keeps it
+            self.model_outputs[i] = self.model_outputs[i + 1]
+            self.timestep_list[i] = self.timestep_list[i + 1]
+        self.model_outputs[-1] = x0
+        self.timestep_list[-1] = timestep
+        self.this_order = order
+        self.last_sample = corrected
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample,)
+        return SchedulerOutput(prev_sample=prev_sample)
+
+
 # ---------------------------------------------------------------------------------------------- accelerate()
 def _tied_unet(unet2d) -> UNet:
     """A ddpm_fast.UNet whose parameters are the diffusers model's own Parameter objects (no copy)."""
@@ -671,6 +824,7 @@ _DROP_INS = {
     DDPMScheduler: FusedDDPMScheduler,
     DDIMScheduler: FusedDDIMScheduler,
     DPMSolverMultistepScheduler: FusedDPMSolverMultistepScheduler,
+    UniPCMultistepScheduler: FusedUniPCMultistepScheduler,
 }
 
 
@@ -702,7 +856,8 @@ def accelerate(obj, backend: str | None = None, *, strict: bool = True) -> Accel
     in place.
 
     A pipeline's DDPMScheduler becomes a FusedDDPMScheduler with the same config (a DDIMScheduler a
-    FusedDDIMScheduler, a DPMSolverMultistepScheduler a FusedDPMSolverMultistepScheduler), and its U-Net (or the
+    FusedDDIMScheduler, a DPMSolverMultistepScheduler a FusedDPMSolverMultistepScheduler, a UniPCMultistepScheduler a
+    FusedUniPCMultistepScheduler), and its U-Net (or the
     given UNet2DModel) runs ddpm_fast's U-Net on the same Parameter objects: fused GroupNorm+SiLU and attention,
     and on the CPU channels_last with prepacked oneDNN convolutions. Returns an :class:`AccelerateReport` of what was swapped and what was left and why;
     :func:`deaccelerate` undoes it.

@@ -47,6 +47,7 @@ __all__ = [
     "linear",
     "q_sample",
     "trace",
+    "unipc_step",
     "why_not_fused",
     "winograd_weight",
     "winograd_weight_bf16",
@@ -360,6 +361,81 @@ def dpmpp_step(
         x_t, model_output, history, k, out, x0_out, noise=noise, t=t if draw else None, seed=seed,
         sample_offset=sample_offset,
     )  # fmt: skip
+
+
+def unipc_step(
+    x_t,
+    model_output,
+    coefficients,
+    x0_history=(),
+    last_sample=None,
+    *,
+    backend=None,
+    out=None,
+    x0_out=None,
+    sample_out=None,
+):
+    """One UniPC step (Zhao et al. 2023; diffusers' UniPCMultistepScheduler.step, predict_x0): the corrector UniC
+    and the predictor UniP in one pass over memory. Returns ``(x_next, x0, y)``: x0 = D0 the data prediction of
+    ``model_output`` at x_t, y the corrected sample (x_t where there is no corrector; the next step's
+    ``last_sample``), x_next the predictor's result from y.
+
+    ``coefficients``: the (B, 14) rows [px, pm, q, a_x, a_0, a_d, a_e, rho, a_z, c_l, c_1, c_d, c_e, c_f] of
+    ddpm_fast/reference/unipc_step.py (``unipc_coefficients`` from a schedule, or a drop-in's own numbers):
+    D0 = (px x_t + pm m) q, y = c_l L + c_1 D1 + c_d (D0 - D1) + c_e (D1 - D2) + c_f (D1 - D3),
+    x_next = a_x y + a_0 D0 + a_d (D0 - D1) + a_e ((D0 - D1) - rho (D1 - D2)) + a_z z. ``x0_history``: the earlier
+    steps' D (D1, D2, D3, newest first), as many as the rows read; ``last_sample`` L: the previous step's y, given
+    exactly where the rows have a corrector. No noise (a_z must be 0). ``out``, ``x0_out`` and ``sample_out`` may be
+    inputs (elementwise), not each other.
+    """
+    x_t = C.tensor("x_t", x_t)
+    if not isinstance(x0_history, (tuple, list)) or len(x0_history) > 3:
+        raise ValueError("x0_history: expected a tuple of at most 3 tensors (D1, D2, D3, newest first)")
+    names = [f"x0_history[{i}]" for i in range(len(x0_history))]
+    group = {"x_t": x_t, "model_output": model_output, **dict(zip(names, x0_history)), "last_sample": last_sample}
+    group.update(out=out, x0_out=x0_out, sample_out=sample_out)
+    for name in names:
+        if group[name] is None:
+            raise ValueError(f"{name}: expected a tensor, got None")
+    C.alike(group, required=("model_output",))
+    B = x_t.shape[0]
+    k = C.coefficient_table("coefficients", coefficients, B, 14)
+    if k is None:
+        raise ValueError("coefficients: expected the (B, 14) rows of ddpm_fast.reference.unipc_coefficients")
+    if bool((k[:, 8] != 0).any()):
+        raise ValueError("coefficients: UniPC adds no noise (a_z, column 8, must be 0)")
+    corrected = bool((k[:, 9:] != 0).any())
+    if corrected != (last_sample is not None):
+        raise ValueError(
+            "last_sample: the rows have a corrector (c_* != 0) but no last_sample was given"
+            if corrected
+            else "last_sample: given, but the rows have no corrector (c_* all 0)"
+        )
+    need = 0
+    if bool((k[:, 5] != 0).any()) or corrected:
+        need = 1
+    if bool((k[:, 6] != 0).any()) or (corrected and bool((k[:, 12] != 0).any())):
+        need = 2
+    if corrected and bool((k[:, 13] != 0).any()):
+        need = 3
+    if len(x0_history) < need:
+        raise ValueError(f"x0_history: the rows read {need} earlier data predictions, {len(x0_history)} given")
+    inputs = {"x_t": x_t, "model_output": model_output, **dict(zip(names, x0_history)), "last_sample": last_sample}
+    C.outputs({"out": out, "x0_out": x0_out, "sample_out": sample_out}, inputs, in_place=tuple(inputs))
+    tensors = (x_t, model_output, last_sample, *x0_history)
+    backend = resolve("dpmpp_step", backend, x_t.device, _needs_grad(*tensors), x_t.dtype)
+    if backend != "torch":
+        C.tensor("x_t", x_t, dtypes=C.FUSED_DTYPES)
+    if last_sample is None:  # no corrector: y is x_t, taken before the kernel (out may be x_t)
+        if sample_out is not None:
+            y = sample_out.copy_(x_t)
+        else:
+            y = x_t.clone() if out is not None and C.overlap(out, x_t) else x_t
+        result, x0 = module(backend).dpmpp_step(x_t, model_output, tuple(x0_history[:need]), k, out, x0_out)
+        return result, x0, y
+    return module(backend).dpmpp_step(
+        x_t, model_output, tuple(x0_history[:need]), k, out, x0_out, last_sample=last_sample, sample_out=sample_out
+    )
 
 
 # ----------------------------------------------------------------------------------------------- noise

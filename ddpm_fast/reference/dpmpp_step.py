@@ -133,11 +133,11 @@ def apply_row(k, x_t, model_output, history=(), noise=None, last_sample=None):
     k = full_row(k).to(x_t.dtype).view(-1, ROW, *([1] * (x_t.dim() - 1)))
     d0 = (k[:, 0] * x_t + k[:, 1] * model_output) * k[:, 2]
     d = [d0, *history]
-    diff = [d[j] - d[j + 1] for j in range(len(d) - 1)]  # D0 - D1, D1 - D2, D2 - D3
+    diff = [d[j] - d[j + 1] for j in range(min(len(d) - 1, 2))]  # D0 - D1, D1 - D2
     y = x_t
-    if last_sample is not None:
+    if last_sample is not None:  # the corrector: differences from D1 (UniC's m0), as diffusers forms them
         y = k[:, 9] * last_sample + k[:, 10] * d[1]
-        for j, dj in enumerate(diff):
+        for j, dj in enumerate([*diff, d[1] - d[3]] if len(d) > 3 else diff):  # D0 - D1, D1 - D2, D1 - D3
             y = y + k[:, 11 + j] * dj
     out = k[:, 3] * y + k[:, 4] * d0
     if diff:
