@@ -234,3 +234,41 @@ def test_bad_input_is_named_before_any_step():
     s.step(torch.randn_like(x), s.timesteps[1], x)  # the next one runs
     s.set_timesteps(10)  # starts over; a first step may start mid-schedule, as diffusers allows
     s.step(torch.randn_like(x), s.timesteps[4], x)
+
+
+def _sde_loop(scheduler, steps, x, noises=None):
+    scheduler.set_timesteps(steps)
+    for i, t in enumerate(scheduler.timesteps):
+        kw = {} if noises is None else dict(variance_noise=noises[i])
+        x = scheduler.step(_dummy(x, t), t, x, **kw).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_sde_variance_noise_and_keyed_noise(backend):
+    """The SDE's z given as variance_noise runs fused and equals diffusers with the same noise; use_keyed_noise(seed)
+    draws z in the kernel: a batch split in two (sample_offset) gives the whole batch's samples, the cpu and Triton
+    kernels the same ones, and another seed others."""
+    config = dict(algorithm_type="sde-dpmsolver++", solver_order=3)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(9)
+    noises = [torch.randn(4, 3, 8, 8, generator=g) for _ in range(10)]
+    theirs, ours = _pair(**config)
+    ours.backend = backend
+    expected = _sde_loop(theirs, 10, x, noises)
+    got = _sde_loop(ours, 10, x, noises)
+    err = (got - expected).abs().max().item()
+    print(f"{backend} sde 3M with variance_noise: max err {err:.3g}")
+    assert ours.fused and err <= 1e-6 * max(1.0, expected.abs().max().item())
+
+    def keyed(seed, xs, offset=0, be=backend):
+        s = df.FusedDPMSolverMultistepScheduler(**config).use_keyed_noise(seed, offset)
+        s.backend = be
+        return _sde_loop(s, 10, xs)
+
+    whole = keyed(5, x)
+    assert torch.allclose(keyed(5, x[2:], offset=2), whole[2:], rtol=0, atol=1e-6)
+    assert torch.allclose(keyed(5, x[:2]), whole[:2], rtol=0, atol=1e-6)
+    assert torch.allclose(keyed(5, x, be="torch"), whole, rtol=1e-5, atol=1e-5)
+    assert (keyed(6, x) - whole).abs().max() > 1e-2
+    assert (expected - whole).abs().max() > 1e-2  # keyed noise is not the generator's
