@@ -119,19 +119,44 @@ void ddpm_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, const 
 }
 
 void dpmpp_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, const std::optional<at::Tensor>& x0_last,
-                    const at::Tensor& coeffs, const at::Tensor& out, const at::Tensor& x0_out) {
-  const at::Tensor* d1 = x0_last ? &*x0_last : nullptr;
+                    const at::Tensor& coeffs, const at::Tensor& out, const at::Tensor& x0_out,
+                    const std::optional<at::Tensor>& x0_last2, const std::optional<at::Tensor>& x0_last3,
+                    const std::optional<at::Tensor>& last_sample, const std::optional<at::Tensor>& sample_out,
+                    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& t, int64_t seed,
+                    int64_t sample_offset) {
+  auto ptr = [](const std::optional<at::Tensor>& o) { return o ? &*o : nullptr; };
+  const at::Tensor *d1 = ptr(x0_last), *d2 = ptr(x0_last2), *d3 = ptr(x0_last3), *l = ptr(last_sample),
+                   *y = ptr(sample_out), *z = ptr(noise);
+  TORCH_CHECK((d2 == nullptr || d1 != nullptr) && (d3 == nullptr || d2 != nullptr),
+              "ddpm_fast: dpmpp_step's history is x0_last, x0_last2, x0_last3 in that order");
+  TORCH_CHECK((l == nullptr) == (y == nullptr), "ddpm_fast: dpmpp_step's last_sample and sample_out come together");
   cpu::DpmppArgs a;
-  a.geo = geometry(x_t, {&model_output, d1, &out, &x0_out});
+  a.geo = geometry(x_t, {&model_output, d1, d2, d3, l, y, z, &out, &x0_out});
   a.dtype = dtype_of(x_t);
   a.x = x_t.data_ptr();
   a.model_output = model_output.data_ptr();
   a.x0_last = d1 ? d1->data_ptr() : nullptr;
+  a.x0_last2 = d2 ? d2->data_ptr() : nullptr;
+  a.x0_last3 = d3 ? d3->data_ptr() : nullptr;
+  a.last_sample = l ? l->data_ptr() : nullptr;
+  a.sample_out = y ? y->data_ptr() : nullptr;
+  a.noise = z ? z->data_ptr() : nullptr;
   a.out = out.data_ptr();
   a.x0_out = x0_out.data_ptr();
-  const float* k = coeff_table(coeffs, a.geo.batch, 6);
-  TORCH_CHECK(k != nullptr, "ddpm_fast: dpmpp_step needs its (batch, 6) coefficients");
+  const float* k = coeff_table(coeffs, a.geo.batch, cpu::kDpmppColumns);
+  TORCH_CHECK(k != nullptr, "ddpm_fast: dpmpp_step needs its (batch, 14) coefficients");
+  const int have = d3 ? 3 : d2 ? 2 : d1 ? 1 : 0;
+  for (int64_t b = 0; b < a.geo.batch; ++b)
+    TORCH_CHECK(cpu::dpmpp_history_needed(k + cpu::kDpmppColumns * b, y != nullptr) <= have,
+                "ddpm_fast: dpmpp_step's coefficients read more history than was given");
   a.coeffs = k;
+  if (t) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->size(0) == a.geo.batch && t->is_contiguous() &&
+                    t->device().is_cpu(),
+                "ddpm_fast: t must be a contiguous int64 CPU tensor of shape (batch,)");
+    a.t = t->data_ptr<int64_t>();
+    a.key = noise_key(seed, sample_offset, kStreamStep);
+  }
   cpu::dpmpp_step(a);
 }
 
@@ -483,8 +508,9 @@ TORCH_LIBRARY(ddpm_fast, m) {
       "int seed, "
       "int sample_offset, Tensor(b!) out) -> ()");
   m.def(
-      "dpmpp_step(Tensor x_t, Tensor model_output, Tensor? x0_last, Tensor coeffs, Tensor(a!) out, Tensor(b!) x0_out) "
-      "-> ()");
+      "dpmpp_step(Tensor x_t, Tensor model_output, Tensor? x0_last, Tensor coeffs, Tensor(a!) out, Tensor(b!) x0_out, "
+      "Tensor? x0_last2=None, Tensor? x0_last3=None, Tensor? last_sample=None, Tensor(c!)? sample_out=None, "
+      "Tensor? noise=None, Tensor? t=None, int seed=0, int sample_offset=0) -> ()");
   m.def("keyed_normal(Tensor t, int seed, int sample_offset, int stream, Tensor(a!) out) -> ()");
   m.def(
       "group_norm_silu(Tensor x, int groups, Tensor? weight, Tensor? bias, Tensor? add, float eps, bool silu, "

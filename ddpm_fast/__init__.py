@@ -14,6 +14,7 @@ __all__ = [
     "FusedDDIMScheduler",
     "FusedDDPMScheduler",
     "FusedDPMSolverMultistepScheduler",
+    "FusedUniPCMultistepScheduler",
     "GaussianDiffusion",
     "NoiseSchedule",
     "NonFiniteSampleError",
@@ -29,7 +30,12 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # the diffusers drop-ins import diffusers, which is optional: load them on first use
-    drop_ins = ("FusedDDPMScheduler", "FusedDDIMScheduler", "FusedDPMSolverMultistepScheduler")
+    drop_ins = (
+        "FusedDDPMScheduler",
+        "FusedDDIMScheduler",
+        "FusedDPMSolverMultistepScheduler",
+        "FusedUniPCMultistepScheduler",
+    )
     if name in ("AccelerateError", "AccelerateReport", *drop_ins, "accelerate", "deaccelerate"):
         from .integrations import diffusers as _integration
 

@@ -16,6 +16,10 @@ from .ops import _checks as C
 from .reference.noise import STREAM_X_T
 from .schedule import NoiseSchedule
 
+METHODS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "sde_dpmpp_2m", "unipc")
+MULTISTEP = ("dpmpp_2m", "dpmpp_3m", "sde_dpmpp_2m")  # ops.dpmpp_step with a history of data predictions
+ODES = ("dpmpp_2m", "dpmpp_3m", "unipc")  # no noise after x_T
+
 
 class NonFiniteSampleError(FloatingPointError):
     """A sampling chain produced NaN or inf (broken weights, or an overflow in a low-precision dtype).
@@ -109,6 +113,24 @@ class GaussianDiffusion:
         return cache[key]
 
     # ------------------------------------------------------------------ Algorithm 2
+    def _unipc_step(self, x, model_output, timesteps, i, x0s, last, orders, order=2, solver_type="bh2"):
+        """Step i of the UniPC chain in place: x becomes x_{t_next}, x0s[i % 2] this step's D0 (over D2), last the
+        corrected sample. ``orders``: the predictor orders so far (the corrector's order is the previous step's)."""
+        from .reference.unipc_step import unipc_coefficients
+
+        n, B = len(timesteps), x.shape[0]
+        t_next = timesteps[i + 1] if i + 1 < n else -1
+        p = min(order, n - i, i + 1)  # lower_order_final and the warm-up, as diffusers' step
+        c = orders[-1] if i > 0 else 0
+        full = [torch.full((B,), v) for v in (timesteps[i], t_next, *timesteps[max(0, i - 2) : i][::-1])]
+        rows = unipc_coefficients(full[0], full[1], self.schedule, self.prediction_type, full[2:], p, c, solver_type)
+        history = tuple(x0s[(i - j) % 2] for j in range(1, min(i, 2) + 1))  # D1, D2 newest first
+        ops.unipc_step(
+            x, model_output, rows.to(torch.float32), history, last if c else None, backend=self.backend, out=x,
+            x0_out=x0s[i % 2], sample_out=last,
+        )  # fmt: skip
+        orders.append(p)
+
     @_model_in_eval_mode
     @torch.inference_mode()
     def sample(
@@ -132,10 +154,15 @@ class GaussianDiffusion:
 
         ``steps``: run a subsequence of that many timesteps (diffusers' "leading" spacing: 0, T/steps, ...) with
         the step's own alpha recomputed from abar (respacing, Nichol & Dhariwal 2021); ``method`` "ddpm" (the
-        posterior of the respaced chain), "ddim" (Song et al. 2021, ``eta`` = 0 deterministic) or "dpmpp_2m"
+        posterior of the respaced chain), "ddim" (Song et al. 2021, ``eta`` = 0 deterministic), "dpmpp_2m"
         (DPM-Solver++(2M), Lu et al. 2022: :func:`ddpm_fast.ops.dpmpp_step`, first order at the first and the last
         step as diffusers' DPMSolverMultistepScheduler runs it; an ODE solver: no noise after x_T, and
-        ``clip_sample`` does not apply).
+        ``clip_sample`` does not apply), "dpmpp_3m" (DPM-Solver++(3M): orders 1, 2, then 3, as diffusers'
+        ``solver_order=3`` with ``lower_order_final``: the last step first order, the one before it at most second
+        order below 15 steps) or "sde_dpmpp_2m" (SDE-DPM-Solver++(2M), midpoint, diffusers' "sde-dpmsolver++": the
+        same noise as "ddpm", keyed or from the generator, enters every step but the last) or "unipc" (UniPC,
+        Zhao et al. 2023, as diffusers' UniPCMultistepScheduler defaults: bh2, order 2, the corrector UniC at every
+        step after the first, the last step first order: :func:`ddpm_fast.ops.unipc_step`).
 
         With ``seed`` (or neither seed nor generator: a seed from torch's generator), x_T and every z come from the
         keyed generator, so sample i depends only on (seed, sample_offset + i): ``sample(8, seed=s)[:4]`` equals
@@ -169,7 +196,7 @@ class GaussianDiffusion:
             shape = (self.model.in_channels, self.model.sample_size, self.model.sample_size)
         full = (int(n), *shape)
         sample_offset = C.sample_offset(sample_offset, n)
-        C.choice("method", method, ("ddpm", "ddim", "dpmpp_2m"))
+        C.choice("method", method, METHODS)
         if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not (math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta: expected a finite number >= 0, got {eta!r}")
         T = self.num_timesteps
@@ -185,8 +212,8 @@ class GaussianDiffusion:
                 raise ValueError("cuda_graph: needs keyed noise (seed), not a generator")
             if device.type != "cuda":
                 raise ValueError(f"cuda_graph: needs a CUDA device, got {device}")
-            if method == "dpmpp_2m":
-                raise ValueError("cuda_graph: runs the ddpm and ddim methods, not dpmpp_2m")
+            if method in (*MULTISTEP, "unipc"):
+                raise ValueError(f"cuda_graph: runs the ddpm and ddim methods, not {method}")
             x = self._graphed(full, timesteps, method, eta, device, dtype).sample(
                 seed=C.seed_value(seed), sample_offset=sample_offset
             )
@@ -210,8 +237,14 @@ class GaussianDiffusion:
             z = None
         else:
             x = torch.randn(full, generator=generator, device=device, dtype=dtype)
-            z = None if method == "dpmpp_2m" else torch.empty_like(x)
-        x0 = torch.empty_like(x) if method == "dpmpp_2m" else None  # the last step's data prediction, in place
+            z = None if method in ODES else torch.empty_like(x)
+        # the last steps' data predictions, in place: step i reads D1 = x0s[(i - 1) % 2] (and D2 = x0s[i % 2]) and
+        # writes its D0 over the oldest
+        x0s = [torch.empty_like(x), torch.empty_like(x)] if method in MULTISTEP else None
+        order = {"dpmpp_2m": 2, "dpmpp_3m": 3, "sde_dpmpp_2m": 2}.get(method, 0)
+        if method == "unipc":  # D1, D2 (the corrector of order 2 reads both) and the corrected sample
+            x0s, last = [torch.empty_like(x), torch.empty_like(x)], torch.empty_like(x)
+            unipc_orders = []
         model_in = x if model_dtype == x.dtype else torch.empty_like(x, dtype=model_dtype)
         t_batch = torch.empty(n, dtype=torch.int64, device=device)
         # per step: model output finite, x_t finite; written on the device, read once after the chain
@@ -227,20 +260,31 @@ class GaussianDiffusion:
                 finite[i, 0] = torch.isfinite(model_output).all()
             if z is not None and t > 0:
                 torch.randn(full, generator=generator, device=device, dtype=dtype, out=z)
-            if method == "dpmpp_2m":
+            if method in MULTISTEP:
+                # diffusers' order: one more each step up to the solver's, the last step first order (t_prev = -1
+                # is), the one before it at most second order below 15 steps (lower_order_final)
+                k = min(order, i + 1, 2 if i == len(timesteps) - 2 and len(timesteps) < 15 else order)
                 ops.dpmpp_step(
                     x,
                     model_output,
                     t,
                     t_prev,
                     self.schedule,
-                    x0 if i > 0 else None,
-                    timesteps[i - 1] if i > 0 else None,
+                    x0s[(i - 1) % 2] if k >= 2 else None,
+                    timesteps[i - 1] if k >= 2 else None,
+                    x0_last2=x0s[i % 2] if k == 3 else None,
+                    t_last2=timesteps[i - 2] if k == 3 else None,
+                    sde=method == "sde_dpmpp_2m",
+                    noise=z if method == "sde_dpmpp_2m" and generator is not None else None,
+                    seed=seed,
+                    sample_offset=sample_offset,
                     prediction_type=self.prediction_type,
                     backend=self.backend,
                     out=x,
-                    x0_out=x0,
+                    x0_out=x0s[i % 2],
                 )
+            elif method == "unipc":
+                self._unipc_step(x, model_output, timesteps, i, x0s, last, unipc_orders)
             elif method == "ddim":
                 ops.ddim_step(
                     x,

@@ -369,8 +369,10 @@ def sample_to_folder(
         raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
     if steps is not None:
         steps = _positive_int("steps", steps)
-    if method not in ("ddpm", "ddim", "dpmpp_2m"):
-        raise ValueError(f"method: expected ddpm, ddim or dpmpp_2m, got {method!r}")
+    from .diffusion import METHODS
+
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
     if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not (math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta: expected a finite number >= 0, got {eta!r}")
     if method != "ddim" and eta != 0:
@@ -540,7 +542,9 @@ def build_parser(prog: str = "python -m ddpm_fast.sample") -> argparse.ArgumentP
     p.add_argument("--chunk-size", type=int, default=64, help="global indices per chunk file (fixed per folder)")
     p.add_argument("--batch-size", type=int, default=64, help="images per U-Net forward")
     p.add_argument("--steps", type=int, default=None, help="respaced steps (default: every timestep)")
-    p.add_argument("--method", default="ddpm", choices=["ddpm", "ddim", "dpmpp_2m"])
+    p.add_argument(
+        "--method", default="ddpm", choices=["ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "sde_dpmpp_2m", "unipc"]
+    )
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--backend", default=None, choices=["torch", "cpu", "triton", "cuda"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

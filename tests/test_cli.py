@@ -92,6 +92,8 @@ def test_sample_mistakes_are_one_line_and_write_nothing(tiny, tmp_path, capsys, 
         (["--eta", "inf", "--method", "ddim"], "eta"),
         (["--eta", "-1", "--method", "ddim"], "eta"),
         (["--eta", "0.5"], "eta"),  # eta with DDPM sampling would be ignored
+        (["--eta", "0.5", "--method", "sde_dpmpp_2m"], "eta"),
+        (["--method", "dpmpp_4m"], "--method"),
         (["-n", "0"], "n:"),
         (["--chunk-size", "0"], "chunk_size"),
         (["--batch-size", "-1"], "batch_size"),

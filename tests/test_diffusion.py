@@ -189,9 +189,138 @@ def test_dpmpp_2m_keyed_samples_and_no_noise_after_x_T():
 def test_dpmpp_2m_bad_arguments():
     d = df.GaussianDiffusion(Dummy(), S)
     with pytest.raises(ValueError, match="method"):
-        d.sample(1, method="dpmpp_3m", progress=False)
-    with pytest.raises(ValueError, match="cuda_graph"):
-        d.sample(1, method="dpmpp_2m", cuda_graph=True, device="cuda", progress=False)
+        d.sample(1, method="dpmpp_4m", progress=False)
+    for method in ("dpmpp_2m", "dpmpp_3m", "sde_dpmpp_2m", "unipc"):
+        with pytest.raises(ValueError, match="cuda_graph"):
+            d.sample(1, method=method, cuda_graph=True, device="cuda", progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        d.sample(1, method="dpmpp_3m", steps=1001, progress=False)
+
+
+def _multistep_reference_chain(model, schedule, x, timesteps, order, sde=False, seed=None, sample_offset=0):
+    """DPM-Solver++(3M) / SDE-DPM-Solver++(2M) written out with the reference step as diffusers' step orders it:
+    one order more each step up to ``order``, the step to x_0 first order (the reference makes it so), the one
+    before it at most second order below 15 steps."""
+    B = x.shape[0]
+    hist = []  # (D, t) of the previous steps, newest last
+    n = len(timesteps)
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < n else -1
+        k = min(order, i + 1, 2 if i == n - 2 and n < 15 else order)
+        full = lambda v: None if v is None else torch.full((B,), v)  # noqa: E731
+        d1, t1 = hist[-1] if k >= 2 else (None, None)
+        d2, t2 = hist[-2] if k >= 3 else (None, None)
+        x, d0 = df.reference.dpmpp_step(
+            x, model(x, full(t)), full(t), full(t_prev), schedule, d1, full(t1), x0_last2=d2, t_last2=full(t2),
+            sde=sde, seed=seed, sample_offset=sample_offset,
+        )  # fmt: skip
+        hist.append((d0, t))
+    return x
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("cpu", marks=needs_cpu)])
+@pytest.mark.parametrize("method", ["dpmpp_3m", "sde_dpmpp_2m"])
+@pytest.mark.parametrize("steps", [5, 10, 20])
+def test_dpmpp_3m_and_sde_chains_equal_reference_loop(backend, method, steps):
+    s = df.NoiseSchedule.linear(1000, 1e-4, 0.02)
+    d = df.GaussianDiffusion(Dummy(), s, backend=backend)
+    with df.ops.trace() as calls:
+        got = d.sample(3, seed=11, steps=steps, method=method, progress=False, check_finite=False)
+    x_T = df.ops.keyed_normal((3, 3, 8, 8), seed=11, backend="torch")
+    timesteps = [i * (1000 // steps) for i in range(steps)][::-1]
+    order, sde = (3, False) if method == "dpmpp_3m" else (2, True)
+    with torch.no_grad():
+        expected = _multistep_reference_chain(d.model, s, x_T, timesteps, order, sde, seed=11)
+    err = (got - expected).abs().max().item()
+    bound = 1e-5 * max(1.0, expected.abs().max().item())
+    print(f"{method} {backend} {steps} steps: max err {err:.3g} (bound {bound:.3g})")
+    assert err <= bound
+    assert [c.backend for c in calls if c.op == "dpmpp_step"] == [backend] * steps
+    if method == "dpmpp_3m":  # the third-order terms are there: a 2M chain differs
+        with torch.no_grad():
+            two = _multistep_reference_chain(d.model, s, x_T, timesteps, 2)
+        assert (two - expected).abs().max() > 1e-4
+
+
+def _unipc_reference_chain(model, schedule, x, timesteps, order=2, solver_type="bh2"):
+    """UniPC written out as diffusers' UniPCMultistepScheduler.step runs it (its update formulas, D1s and rho:
+    ddpm_fast.reference.unipc_step.unipc_step), float64, on the schedule's integer timesteps (-1: x_0)."""
+    from ddpm_fast.reference.unipc_step import _rhos, unipc_step
+
+    abar = torch.cat([schedule.alphas_cumprod, torch.ones(1, dtype=torch.float64)])  # abar[-1]: x_0
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    lam = alpha.log() - sigma.log()
+    n, B = len(timesteps), x.shape[0]
+    x = x.double()
+    ds, last, prev_order = [], None, 0
+    for i, t in enumerate(timesteps):
+        t_next = timesteps[i + 1] if i + 1 < n else -1
+        m = model(x.float(), torch.full((B,), t)).double()
+        d0 = (x - sigma[t] * m) / alpha[t]  # epsilon
+        hist = ds[::-1]  # D1, D2, .. newest first
+
+        def terms(t_, s0, earlier, k, corrector):
+            h = lam[t_] - lam[s0]
+            phi, b_h, rho, r = _rhos(h, lam[s0], [lam[e] for e in earlier], k, solver_type, corrector)
+            return sigma[t_] / sigma[s0], alpha[t_], phi, b_h, rho, r
+
+        p = min(order, n - i, i + 1)
+        terms_c = (
+            terms(t, timesteps[i - 1], timesteps[max(0, i - prev_order) : i - 1][::-1], prev_order, True) if i else None
+        )
+        if t_next < 0:  # the last step: first order, sigma = 0 there
+            y = x if terms_c is None else unipc_step(x, d0, last, hist, terms(t, t, [], 1, False), terms_c)[1]
+            x = d0 + 0 * y
+        else:
+            earlier = timesteps[max(0, i - p + 1) : i][::-1]
+            x, y = unipc_step(x, d0, last, hist, terms(t_next, t, earlier, p, False), terms_c)
+        ds.append(d0)
+        last, prev_order = y, p
+    return x
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("cpu", marks=needs_cpu)])
+@pytest.mark.parametrize("steps", [5, 10, 20])
+def test_unipc_chain_equals_diffusers_formulas(backend, steps):
+    s = df.NoiseSchedule.linear(1000, 1e-4, 0.02)
+    d = df.GaussianDiffusion(Dummy(), s, backend=backend)
+    with df.ops.trace() as calls:
+        got = d.sample(3, seed=11, steps=steps, method="unipc", progress=False, check_finite=False)
+    x_T = df.ops.keyed_normal((3, 3, 8, 8), seed=11, backend="torch")
+    timesteps = [i * (1000 // steps) for i in range(steps)][::-1]
+    with torch.no_grad():
+        expected = _unipc_reference_chain(d.model, s, x_T, timesteps)
+    err = (got.double() - expected).abs().max().item()
+    bound = 1e-5 * max(1.0, expected.abs().max().item())
+    print(f"unipc {backend} {steps} steps: max err {err:.3g} (bound {bound:.3g})")
+    assert err <= bound
+    assert [c.backend for c in calls if c.op == "dpmpp_step"] == [backend] * steps
+    with torch.no_grad():  # the corrector matters: DPM-Solver++(2M) (UniP-2 without UniC) gives other images
+        other = d.sample(3, seed=11, steps=steps, method="dpmpp_2m", progress=False)
+    assert (other.double() - expected).abs().max() > 1e-4
+
+
+def test_sde_dpmpp_2m_keyed_noise_is_split_invariant_and_backend_independent():
+    """sample(8)[:4] == sample(4) (z keyed by the sample's global index), the same images on the cpu and Triton
+    kernels for the same seed, another seed gives others; with a generator, z comes from it in order."""
+    d = df.GaussianDiffusion(Dummy(), df.NoiseSchedule.linear(100, 1e-4, 0.02))
+    opts = dict(steps=10, method="sde_dpmpp_2m", progress=False)
+    big = d.sample(8, seed=4, **opts)
+    assert torch.equal(big[:4], d.sample(4, seed=4, **opts))
+    assert torch.equal(big[5:7], d.sample(2, seed=4, sample_offset=5, **opts))
+    runs = {}
+    for backend in ["torch", "triton"] + (["cpu"] if df.backends()["cpu"].startswith("available") else []):
+        runs[backend] = df.GaussianDiffusion(Dummy(), d.schedule, backend=backend).sample(4, seed=4, **opts)
+    for backend, x in runs.items():
+        err = (x - runs["torch"]).abs().max().item()
+        print(f"sde_dpmpp_2m keyed, {backend} vs torch: max err {err:.3g}")
+        assert err <= 1e-5 * max(1.0, runs["torch"].abs().max().item())
+    ode = d.sample(4, seed=4, **{**opts, "method": "dpmpp_2m"})
+    assert (ode - big[:4]).abs().max() > 1e-2  # the noise enters
+    assert (d.sample(4, seed=5, **opts) - big[:4]).abs().max() > 1e-2
+    a = d.sample(2, generator=torch.Generator().manual_seed(0), **opts)
+    assert torch.equal(a, d.sample(2, generator=torch.Generator().manual_seed(0), **opts))
+    assert not torch.equal(a, d.sample(2, generator=torch.Generator().manual_seed(1), **opts))
 
 
 class _CastForFp32Chain(torch.nn.Module):

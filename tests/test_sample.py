@@ -201,15 +201,16 @@ def test_torchrun_two_ranks_equal_one_and_survive_a_killed_rank(tiny, tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-def test_dpmpp_2m_folder_holds_the_keyed_samples(tiny, tmp_path):
+@pytest.mark.parametrize("method", ["dpmpp_2m", "dpmpp_3m", "sde_dpmpp_2m", "unipc"])
+def test_multistep_folder_holds_the_keyed_samples(tiny, tmp_path, method):
     out = str(tmp_path / "out")
-    path = sample_to_folder(
-        tiny, out, 4, seed=5, chunk_size=4, batch_size=2, steps=8, method="dpmpp_2m", progress=False
-    )
+    path = sample_to_folder(tiny, out, 4, seed=5, chunk_size=4, batch_size=2, steps=8, method=method, progress=False)
     model, schedule, sampling = load_pretrained(tiny)
     d = df.GaussianDiffusion(model, schedule, **sampling)
-    opts = dict(seed=5, steps=8, method="dpmpp_2m", progress=False)
+    opts = dict(seed=5, steps=8, method=method, progress=False)
     direct = [to_uint8_nhwc(d.sample(2, sample_offset=o, **opts)) for o in (0, 2)]
     assert np.array_equal(np.load(path)["arr_0"], np.concatenate(direct))
     with pytest.raises(ValueError, match="eta"):
-        sample_to_folder(tiny, str(tmp_path / "o2"), 4, method="dpmpp_2m", eta=0.5)
+        sample_to_folder(tiny, str(tmp_path / "o2"), 4, method=method, eta=0.5)
+    with pytest.raises(ValueError, match="method"):
+        sample_to_folder(tiny, str(tmp_path / "o3"), 4, method=method + "_4m")

@@ -251,6 +251,14 @@ def _tensor(shape, dtype, channels_last=False):
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
+def _unipc_rows(B, order, corrector_order, s):
+    """UniPC's (B, 14) rows of a middle step (host tensors: the launch reads them before any kernel runs)."""
+    from ddpm_fast.reference.unipc_step import unipc_coefficients
+
+    t, t_next, *hist = (torch.full((B,), v) for v in (500, 400, 600, 700, 800))
+    return unipc_coefficients(t, t_next, s, "epsilon", hist, order, corrector_order).float()
+
+
 def step_launches(quick: bool):
     import ddpm_fast as df
 
@@ -282,11 +290,34 @@ def step_launches(quick: bool):
             f"dpmpp_step second order {tag}",
             lambda x=x, m=m, z=z: df.ops.dpmpp_step(x, m, 500, 400, s, z, 600, backend="triton"),
         )
+        yield (
+            f"dpmpp_step third order {tag}",
+            lambda x=x, m=m, z=z: df.ops.dpmpp_step(
+                x, m, 500, 400, s, z, 600, x0_last2=m, t_last2=700, backend="triton"
+            ),
+        )
+        for p_order, c_order in ((2, 1), (3, 2), (3, 3)):
+            yield (
+                f"unipc_step predictor {p_order} corrector {c_order} {tag}",
+                lambda x=x, m=m, z=z, p=p_order, c=c_order: df.ops.unipc_step(
+                    x, m, _unipc_rows(x.shape[0], p, c, s), (z, m, z), x, backend="triton"
+                ),
+            )
+        yield (
+            f"dpmpp_step sde given noise {tag}",
+            lambda x=x, m=m, z=z: df.ops.dpmpp_step(x, m, 500, 400, s, z, 600, sde=True, noise=m, backend="triton"),
+        )
         for seed in SEEDS[:2] if quick else SEEDS:
             yield (
                 f"ddpm_step keyed {tag} seed={seed:#x}",
                 lambda x=x, m=m, seed=seed: df.ops.ddpm_step(
                     x, m, 500, s, seed=seed, clip_sample=True, backend="triton", sample_offset=1
+                ),
+            )
+            yield (
+                f"dpmpp_step sde keyed {tag} seed={seed:#x}",
+                lambda x=x, m=m, z=z, seed=seed: df.ops.dpmpp_step(
+                    x, m, 500, 400, s, z, 600, x0_last2=m, t_last2=700, sde=True, seed=seed, backend="triton"
                 ),
             )
             yield (

@@ -47,17 +47,29 @@ struct StepArgs {
   float clip_range;
 };
 
-// DPM-Solver++ multistep step (csrc/cpu/dpmpp_step.cpp): D0 = (px x + pm m) q, out = a_x x + a_0 D0 + a_d (D0 - D1).
+// Multistep solver step (csrc/cpu/dpmpp_step.cpp): D0 = (px x + pm m) q, y = x or (corrector) c_l L + c_1 D1 +
+// c_d (D0 - D1) + c_e (D1 - D2) + c_f (D1 - D3),
+// out = a_x y + a_0 D0 + a_d (D0 - D1) + a_e ((D0 - D1) - rho (D1 - D2)) + a_z z.
+constexpr int kDpmppColumns = 14;  // px, pm, q, a_x, a_0, a_d, a_e, rho, a_z, c_l, c_1, c_d, c_e, c_f
 struct DpmppArgs {
   Geometry geo;
   DType dtype;
   const void* x;             // (B, ...) x_t
   const void* model_output;  // (B, ...) epsilon, x_0 or v
-  const void* x0_last;       // (B, ...) D1, the previous step's D0, or nullptr: first order
+  const void* x0_last;       // (B, ...) D1, the previous step's D0, or nullptr
+  const void* x0_last2 = nullptr;     // (B, ...) D2 (the one before), or nullptr
+  const void* x0_last3 = nullptr;     // (B, ...) D3, or nullptr
+  const void* last_sample = nullptr;  // (B, ...) L, the corrector's last sample, or nullptr: y = x
+  const void* noise = nullptr;        // (B, ...) z, or nullptr: keyed noise where t is given and a_z != 0
   void* out;                 // (B, ...) x_next; may alias an input
   void* x0_out;              // (B, ...) D0; may alias an input
-  const float* coeffs;       // (B, 6) px, pm, q, a_x, a_0, a_d
+  void* sample_out = nullptr;  // (B, ...) y (with last_sample); may alias an input
+  const float* coeffs;       // (B, kDpmppColumns)
+  const int64_t* t = nullptr;  // (B,) timesteps keying the noise, or nullptr
+  NoiseKey key{0, 0, 0};
 };
+// The history (0-3 tensors) a coefficient row reads, corrected or not.
+int dpmpp_history_needed(const float* row, bool corrected);
 
 struct QSampleArgs {
   Geometry geo;

@@ -1,5 +1,5 @@
-"""Drop-ins for diffusers: FusedDDPMScheduler, FusedDDIMScheduler, FusedDPMSolverMultistepScheduler and
-accelerate()/deaccelerate().
+"""Drop-ins for diffusers: FusedDDPMScheduler, FusedDDIMScheduler, FusedDPMSolverMultistepScheduler,
+FusedUniPCMultistepScheduler and accelerate()/deaccelerate().
 
 FusedDDPMScheduler is diffusers' DDPMScheduler (same constructor, config, save/load, set_timesteps,
 scale_model_input, previous_timestep, custom timesteps) whose ``step`` and ``add_noise`` run ddpm_fast's fused
@@ -15,8 +15,12 @@ from diffusers' own float32 ``alphas_cumprod`` and ``final_alpha_cumprod`` in it
 
 FusedDPMSolverMultistepScheduler is diffusers' DPMSolverMultistepScheduler whose ``step`` runs the fused
 DPM-Solver++ step (ops.dpmpp_step: the data prediction and the multistep update in one pass) for
-``algorithm_type="dpmsolver++"``, ``solver_order`` 1 or 2, either solver type and any of diffusers' sigma schedules,
-with coefficients computed from diffusers' own float32 sigmas in its order of operations.
+``algorithm_type`` "dpmsolver++" and "sde-dpmsolver++", ``solver_order`` 1, 2 or 3, either solver type and any of
+diffusers' sigma schedules, with coefficients computed from diffusers' own float32 sigmas in its order of operations
+and the SDE's noise drawn as diffusers draws it.
+
+FusedUniPCMultistepScheduler is diffusers' UniPCMultistepScheduler whose ``step`` runs the corrector UniC and the
+predictor UniP in one fused pass (ops.unipc_step) for ``predict_x0=True``, bh1 and bh2, orders 1 to 3.
 
 accelerate() swaps a pipeline's U-Net and scheduler for ddpm_fast's, or raises AccelerateError saying what it cannot
 swap (strict, the default); it returns an AccelerateReport.
@@ -41,7 +45,7 @@ from ..schedule import NoiseSchedule
 log = logging.getLogger("ddpm_fast")
 
 try:
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
     from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
     from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
     from diffusers.schedulers.scheduling_utils import SchedulerOutput
@@ -387,23 +391,29 @@ def _noise_unfused_reason(variance_noise, sample: torch.Tensor) -> str | None:
 class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
     """diffusers.DPMSolverMultistepScheduler with ``step`` on ddpm_fast's fused DPM-Solver++ step.
 
-    Fused: ``algorithm_type="dpmsolver++"``, ``solver_order`` 1 or 2, ``solver_type`` "midpoint" or "heun",
-    prediction_type epsilon / sample / v_prediction, no thresholding, no learned variance, no flow sigmas, and
-    model output and sample of one shape and dtype (fp32/fp16/bf16). Anything else runs diffusers' own ``step``
-    (``unfused_reason`` says why); after each step ``fused`` says which ran.
+    Fused: ``algorithm_type`` "dpmsolver++" or "sde-dpmsolver++", ``solver_order`` 1, 2 or 3 (with diffusers'
+    lower-order warm-up and final steps), ``solver_type`` "midpoint" or "heun", prediction_type epsilon / sample /
+    v_prediction, no thresholding, no learned variance, no flow sigmas, and model output and sample of one shape and
+    dtype (fp32/fp16/bf16). The SDE's noise is drawn as diffusers draws it (``randn_tensor`` with the generator) or
+    taken from ``variance_noise``; ``use_keyed_noise(seed)`` draws it in the kernel instead (Philox, stream 0 at the
+    step's timestep; sample i of the batch is global sample ``sample_offset + i``). Anything else runs diffusers'
+    own ``step`` (``unfused_reason`` says why); after each step ``fused`` says which ran.
     """
 
     backend: str | None = None
     fused: bool | None = None  # whether the last step ran the fused kernel (None before the first)
+    _keyed_seed: int | None = None
+    _sample_offset: int = 0
     _schedule = FusedDDPMScheduler._schedule
+    use_keyed_noise = FusedDDPMScheduler.use_keyed_noise
 
     def config_unfused_reason(self) -> str | None:
         """None when this configuration's steps can run the fused kernel, else why they all run diffusers' code."""
         c = self.config
-        if c.algorithm_type != "dpmsolver++":
-            return f"algorithm_type={c.algorithm_type!r}: the kernel runs 'dpmsolver++'"
-        if c.solver_order not in (1, 2):
-            return f"solver_order={c.solver_order}: the kernel runs orders 1 and 2"
+        if c.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
+            return f"algorithm_type={c.algorithm_type!r}: the kernel runs 'dpmsolver++' and 'sde-dpmsolver++'"
+        if c.solver_order not in (1, 2, 3):
+            return f"solver_order={c.solver_order}: the kernel runs orders 1, 2 and 3"
         if c.solver_type not in ("midpoint", "heun"):
             return f"solver_type={c.solver_type!r}: the kernel runs 'midpoint' or 'heun'"
         if c.prediction_type not in C.PREDICTION_TYPES:
@@ -418,19 +428,24 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
             return "betas: not a valid schedule (outside (0, 1]); diffusers' own maths runs"
         return None
 
-    def unfused_reason(self, model_output: torch.Tensor, sample: torch.Tensor) -> str | None:
-        """None when ``step(model_output, timestep, sample)`` runs the fused dpmpp_step kernel, else why it runs
-        diffusers' code instead (the configuration or these tensors)."""
+    def unfused_reason(self, model_output: torch.Tensor, sample: torch.Tensor, variance_noise=None) -> str | None:
+        """None when ``step(model_output, timestep, sample, variance_noise=...)`` runs the fused dpmpp_step kernel,
+        else why it runs diffusers' code instead (the configuration, these tensors or the given noise)."""
         why = self.config_unfused_reason()
         if why is not None:
             return why
-        return _tensors_unfused_reason(model_output, sample)
+        why = _tensors_unfused_reason(model_output, sample)
+        if why is None and variance_noise is not None and self.config.algorithm_type == "sde-dpmsolver++":
+            why = _noise_unfused_reason(variance_noise, sample)
+        return why
 
     def _dpmpp_coefficients(self, order: int) -> torch.Tensor:
-        """(1, 6) [px, pm, q, a_x, a_0, a_d] from diffusers' float32 sigmas, each term computed as
-        DPMSolverMultistepScheduler computes it (convert_model_output and the first/second-order updates), the
-        per-term products folded in float64."""
+        """(1, 9) [px, pm, q, a_x, a_0, a_d, a_e, rho, a_z] from diffusers' float32 sigmas, each term computed as
+        DPMSolverMultistepScheduler computes it (convert_model_output and the first-, second- and third-order
+        updates, ODE or SDE), the per-term products folded in float64 (ddpm_fast/reference/dpmpp_step.py has the
+        formulas)."""
         i = self.step_index
+        sde = self.config.algorithm_type == "sde-dpmsolver++"
         alpha_s0, sigma_s0 = self._sigma_to_alpha_sigma_t(self.sigmas[i])
         alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(self.sigmas[i + 1])
         one, zero = torch.ones_like(alpha_s0), torch.zeros_like(alpha_s0)
@@ -444,29 +459,58 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
         lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
         lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
         h = lambda_t - lambda_s0
-        e = alpha_t * (torch.exp(-h) - 1.0)  # x_t = (sigma_t / sigma_s0) x - e D0 [+ second-order term]
-        a_x, a_0, a_d = (sigma_t / sigma_s0).double(), -e.double(), zero.double()
-        if order == 2:
+        a_z = zero
+        if sde:  # x_t = (sigma_t / sigma_s0 e^{-h}) x + alpha_t (1 - e^{-2h}) D0 + sigma_t sqrt(1 - e^{-2h}) z
+            a_x, a_0 = sigma_t / sigma_s0 * torch.exp(-h), alpha_t * (1 - torch.exp(-2.0 * h))
+            a_z = sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h))
+            mid = 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h)))
+            heun = alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)
+        else:  # x_t = (sigma_t / sigma_s0) x - alpha_t (e^{-h} - 1) D0
+            a_x, a_0 = sigma_t / sigma_s0, -(alpha_t * (torch.exp(-h) - 1.0))
+            mid = -0.5 * (alpha_t * (torch.exp(-h) - 1.0))
+            heun = alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)
+        a_d = a_e = rho = zero.double()
+        if order >= 2:
             alpha_s1, sigma_s1 = self._sigma_to_alpha_sigma_t(self.sigmas[i - 1])
             lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
-            inv_r0 = (1.0 / ((lambda_s0 - lambda_s1) / h)).double()  # D1 = (1 / r0) (m0 - m1)
-            if self.config.solver_type == "midpoint":  # - 0.5 e D1
-                a_d = -(0.5 * e).double() * inv_r0
-            else:  # + alpha_t ((e^{-h} - 1) / h + 1) D1
-                a_d = (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)).double() * inv_r0
-        return torch.stack([px.double(), pm.double(), q.double(), a_x, a_0, a_d]).to(torch.float32).view(1, 6)
+            r0 = (lambda_s0 - lambda_s1) / h
+            inv_r0 = (1.0 / r0).double()  # D1 = (1 / r0) (m0 - m1)
+        if order == 2:
+            a_d = (mid if self.config.solver_type == "midpoint" else heun).double() * inv_r0
+        if order == 3:  # + c1 D1 + c2 D2 with diffusers' D1, D2 (third-order update) over m0 - m1 and the second
+            # difference (m0 - m1) - rho (m1 - m2): D1_0 - D1_1 = (1 / r0) (m0 - m1) - (1 / r1) (m1 - m2)
+            alpha_s2, sigma_s2 = self._sigma_to_alpha_sigma_t(self.sigmas[i - 2])
+            lambda_s2 = torch.log(alpha_s2) - torch.log(sigma_s2)
+            r1 = (lambda_s1 - lambda_s2) / h
+            inv_r1 = (1.0 / r1).double()
+            w, v = (r0 / (r0 + r1)).double(), (1.0 / (r0 + r1)).double()
+            if sde:
+                c2 = alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
+            else:
+                c2 = -(alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5))
+            c1, c2 = heun.double(), c2.double()
+            a_d, a_e, rho = c1 * inv_r0, (c1 * w + c2 * v) * inv_r0, inv_r1 / inv_r0
+        row = [px, pm, q, a_x, a_0, a_d, a_e, rho, a_z]
+        return torch.stack([v.double() for v in row]).to(torch.float32).view(1, 9)
 
     def _order(self) -> int:
-        """The order diffusers' step takes here: first at the start, and at the end where lower_order_final,
-        euler_at_final or a final sigma of zero ask for it (DPMSolverMultistepScheduler.step)."""
+        """The order diffusers' step takes here: lower at the start (one more each step up to solver_order), and at
+        the end where lower_order_final, euler_at_final or a final sigma of zero ask for it
+        (DPMSolverMultistepScheduler.step)."""
         c = self.config
-        last = self.step_index == len(self.timesteps) - 1
+        n = len(self.timesteps)
+        last = self.step_index == n - 1
         lower_order_final = last and (
             getattr(c, "euler_at_final", False)
-            or (c.lower_order_final and len(self.timesteps) < 15)
+            or (c.lower_order_final and n < 15)
             or getattr(c, "final_sigmas_type", "zero") == "zero"
         )
-        return 1 if c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final else 2
+        lower_order_second = self.step_index == n - 2 and c.lower_order_final and n < 15
+        if c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
+            return 1
+        if c.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
+            return 2
+        return 3
 
     # ------------------------------------------------------------------ diffusers API
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, **kwargs):
@@ -508,7 +552,7 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict: bool = True):
         self._check_step(model_output, timestep, sample)
-        why = self.unfused_reason(model_output, sample)
+        why = self.unfused_reason(model_output, sample, variance_noise)
         if why is None and self.num_inference_steps is None:
             why = "set_timesteps has not run (diffusers' step raises)"
         if why is None:
@@ -525,6 +569,16 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
             log.debug("ddpm_fast: FusedDPMSolverMultistepScheduler.step runs diffusers' code (%s)", why)
             kwargs = dict(generator=generator, variance_noise=variance_noise, return_dict=return_dict)
             return super().step(model_output, timestep, sample, **kwargs)
+        noise, seed = None, None
+        if self.config.algorithm_type == "sde-dpmsolver++":  # drawn at every step, as diffusers draws it
+            if variance_noise is not None:
+                noise = variance_noise
+            elif self._keyed_seed is None:
+                noise = randn_tensor(
+                    model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32
+                ).to(sample.dtype)
+            else:
+                seed = self._keyed_seed
         # the table carries the step (diffusers' sigmas): t is only checked, and t_prev = -1 stands for any target
         prev_sample, x0 = ops.dpmpp_step(
             sample,
@@ -532,15 +586,169 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
             t,
             -1,
             self._schedule(),
-            self.model_outputs[-1] if order == 2 else None,
+            self.model_outputs[-1] if order >= 2 else None,
+            x0_last2=self.model_outputs[-2] if order == 3 else None,
+            noise=noise,
+            seed=seed,
+            sample_offset=self._sample_offset,
             prediction_type=self.config.prediction_type,
             solver_type=self.config.solver_type,
-            coefficients=coefficients.expand(sample.shape[0], 6),
+            coefficients=coefficients.expand(sample.shape[0], 9),
             backend=self.backend,
         )
         for i in range(self.config.solver_order - 1):  # the history, kept as diffusers keeps it
             self.model_outputs[i] = self.model_outputs[i + 1]
         self.model_outputs[-1] = x0
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample,)
+        return SchedulerOutput(prev_sample=prev_sample)
+
+
+class FusedUniPCMultistepScheduler(UniPCMultistepScheduler):
+    """diffusers.UniPCMultistepScheduler with ``step`` on ddpm_fast's fused multistep kernel (ops.unipc_step): the
+    data prediction, the corrector UniC and the predictor UniP of one step in one pass over memory, writing
+    x_{t-1}, the data prediction and the corrected sample (kept as diffusers keeps it, as ``last_sample``).
+
+    Fused: ``predict_x0=True``, ``solver_type`` "bh1" or "bh2", ``solver_order`` 1 to 3 (diffusers' warm-up,
+    lower_order_final, disable_corrector), prediction_type epsilon / sample / v_prediction, no thresholding, no
+    ``solver_p``, no flow sigmas, and model output and sample of one shape and dtype (fp32/fp16/bf16). The
+    coefficients are computed from diffusers' own float32 sigmas in its order of operations
+    (ddpm_fast/reference/unipc_step.py). Anything else runs diffusers' own ``step`` (``unfused_reason`` says why);
+    after each step ``fused`` says which ran.
+    """
+
+    backend: str | None = None
+    fused: bool | None = None  # whether the last step ran the fused kernel (None before the first)
+    _schedule = FusedDDPMScheduler._schedule
+
+    def config_unfused_reason(self) -> str | None:
+        """None when this configuration's steps can run the fused kernel, else why they all run diffusers' code."""
+        c = self.config
+        if not c.predict_x0:
+            return "predict_x0=False: the kernel runs UniPC's data prediction"
+        if self.solver_p is not None:
+            return "solver_p: another scheduler's predictor runs diffusers' code"
+        if c.solver_type not in ("bh1", "bh2"):
+            return f"solver_type={c.solver_type!r}: the kernel runs 'bh1' and 'bh2'"
+        if c.solver_order not in (1, 2, 3):
+            return f"solver_order={c.solver_order}: the kernel runs orders 1, 2 and 3"
+        if c.prediction_type not in C.PREDICTION_TYPES:
+            return f"prediction_type={c.prediction_type!r}: the kernel takes {', '.join(C.PREDICTION_TYPES)}"
+        if c.thresholding:
+            return "thresholding=True: dynamic thresholding (per-sample quantiles) runs diffusers' code"
+        if getattr(c, "use_flow_sigmas", False):
+            return "use_flow_sigmas=True: flow sigmas run diffusers' code"
+        if self._schedule() is None:
+            return "betas: not a valid schedule (outside (0, 1]); diffusers' own maths runs"
+        return None
+
+    def unfused_reason(self, model_output: torch.Tensor, sample: torch.Tensor) -> str | None:
+        """None when ``step(model_output, timestep, sample)`` runs the fused kernel, else why it runs diffusers'
+        code instead (the configuration or these tensors)."""
+        why = self.config_unfused_reason()
+        if why is not None:
+            return why
+        return _tensors_unfused_reason(model_output, sample)
+
+    def _lambda(self, i: int):
+        alpha, sigma = self._sigma_to_alpha_sigma_t(self.sigmas[i])
+        return alpha, sigma, torch.log(alpha) - torch.log(sigma)
+
+    def _unipc_coefficients(self, use_corrector: bool, order: int) -> torch.Tensor:
+        """(1, 14) rows of this step from diffusers' float32 sigmas: D0 as convert_model_output computes it, UniC of
+        the previous step's order (where ``use_corrector``) and UniP of ``order``, their terms computed as
+        multistep_uni_c_bh_update and multistep_uni_p_bh_update compute them, folded in float64."""
+        from ..reference.dpmpp_step import ROW
+        from ..reference.unipc_step import corrector_terms, predictor_terms
+
+        i, st = self.step_index, self.config.solver_type
+        alpha_s0, sigma_s0, lambda_s0 = self._lambda(i)
+        one, zero = torch.ones_like(alpha_s0), torch.zeros_like(alpha_s0)
+        pt = self.config.prediction_type
+        if pt == "epsilon":  # (sample - sigma_t * model_output) / alpha_t
+            px, pm, q = one, -sigma_s0, 1 / alpha_s0.double()
+        elif pt == "sample":
+            px, pm, q = zero, one, one
+        else:  # v_prediction: alpha_t * sample - sigma_t * model_output
+            px, pm, q = alpha_s0, -sigma_s0, one
+        row = torch.zeros(ROW, dtype=torch.float64)
+        row[:3] = torch.stack([px.double(), pm.double(), q.double()])
+        alpha_t, sigma_t, lambda_t = self._lambda(i + 1)
+        earlier = [self._lambda(i - k)[2] for k in range(1, order)]
+        p = predictor_terms(alpha_t, sigma_t, sigma_s0, lambda_t, lambda_s0, earlier, order, st)
+        row[3:8] = torch.stack([*p, torch.tensor(-1.0, dtype=torch.float64)])
+        if use_corrector:  # UniC from the previous step (i - 1) to this one (i), of the order that step took
+            _, sigma_p, lambda_p = self._lambda(i - 1)
+            older = [self._lambda(i - 1 - k)[2] for k in range(1, self.this_order)]
+            c = corrector_terms(alpha_s0, sigma_s0, sigma_p, lambda_s0, lambda_p, older, self.this_order, st)
+            row[9:14] = torch.stack(c)
+        return row.to(torch.float32).view(1, ROW)
+
+    def _orders(self) -> tuple[bool, int]:
+        """(whether the corrector runs, the predictor's order), as UniPCMultistepScheduler.step decides them."""
+        c, i = self.config, self.step_index
+        use_corrector = i > 0 and i - 1 not in self.disable_corrector and self.last_sample is not None
+        order = min(c.solver_order, len(self.timesteps) - i) if c.lower_order_final else c.solver_order
+        return use_corrector, min(order, self.lower_order_nums + 1)
+
+    # ------------------------------------------------------------------ diffusers API
+    def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+        """diffusers' set_timesteps, after checking what it would take silently: a solver order it has no update for
+        and more steps than the training schedule has timesteps."""
+        order = self.config.solver_order
+        if isinstance(order, bool) or order not in (1, 2, 3):
+            raise ValueError(f"solver_order: the fused UniPC has orders 1, 2 and 3, got {order!r}")
+        n = self.config.num_train_timesteps
+        if num_inference_steps is not None and not (
+            isinstance(num_inference_steps, numbers.Integral) and not isinstance(num_inference_steps, bool)
+            and 1 <= num_inference_steps <= n
+        ):  # fmt: skip
+            raise ValueError(
+                f"num_inference_steps: expected an int in [1, {n}] (num_train_timesteps), got {num_inference_steps!r}"
+            )
+        return super().set_timesteps(num_inference_steps, device=device, **kwargs)
+
+    _check_step = FusedDPMSolverMultistepScheduler._check_step
+
+    def step(self, model_output, timestep, sample, return_dict: bool = True):
+        self._check_step(model_output, timestep, sample)
+        why = self.unfused_reason(model_output, sample)
+        if why is None and self.num_inference_steps is None:
+            why = "set_timesteps has not run (diffusers' step raises)"
+        if why is None:
+            n = self.config.num_train_timesteps  # an out-of-range or meta timestep: a clear error, never an index
+            C.timesteps(timestep, 1, n, "cpu", name="timestep", data=("sample", sample.device))
+            if self.step_index is None:
+                self._init_step_index(timestep)
+            use_corrector, order = self._orders()
+            coefficients = self._unipc_coefficients(use_corrector, order)
+            if not torch.isfinite(coefficients).all():
+                why = f"step {self.step_index}: non-finite coefficients; diffusers' own inf/nan maths runs"
+            elif self.config.solver_type == "bh1" and float(self.sigmas[self.step_index + 1]) == 0:
+                why = "bh1 to a final sigma of zero: B(h) = -inf, diffusers' own inf/nan maths runs"
+        self.fused = why is None
+        if not self.fused:
+            log.debug("ddpm_fast: FusedUniPCMultistepScheduler.step runs diffusers' code (%s)", why)
+            return super().step(model_output, timestep, sample, return_dict=return_dict)
+        history = tuple(m for m in reversed(self.model_outputs) if m is not None)
+        prev_sample, x0, corrected = ops.unipc_step(
+            sample,
+            model_output,
+            coefficients.expand(sample.shape[0], coefficients.shape[1]),
+            history,
+            self.last_sample if use_corrector else None,
+            backend=self.backend,
+        )
+        for i in range(self.config.solver_order - 1):  # the history, kept as diffusers keeps it
+            self.model_outputs[i] = self.model_outputs[i + 1]
+            self.timestep_list[i] = self.timestep_list[i + 1]
+        self.model_outputs[-1] = x0
+        self.timestep_list[-1] = timestep
+        self.this_order = order
+        self.last_sample = corrected
         if self.lower_order_nums < self.config.solver_order:
             self.lower_order_nums += 1
         self._step_index += 1
@@ -616,6 +824,7 @@ _DROP_INS = {
     DDPMScheduler: FusedDDPMScheduler,
     DDIMScheduler: FusedDDIMScheduler,
     DPMSolverMultistepScheduler: FusedDPMSolverMultistepScheduler,
+    UniPCMultistepScheduler: FusedUniPCMultistepScheduler,
 }
 
 
@@ -647,7 +856,8 @@ def accelerate(obj, backend: str | None = None, *, strict: bool = True) -> Accel
     in place.
 
     A pipeline's DDPMScheduler becomes a FusedDDPMScheduler with the same config (a DDIMScheduler a
-    FusedDDIMScheduler, a DPMSolverMultistepScheduler a FusedDPMSolverMultistepScheduler), and its U-Net (or the
+    FusedDDIMScheduler, a DPMSolverMultistepScheduler a FusedDPMSolverMultistepScheduler, a UniPCMultistepScheduler a
+    FusedUniPCMultistepScheduler), and its U-Net (or the
     given UNet2DModel) runs ddpm_fast's U-Net on the same Parameter objects: fused GroupNorm+SiLU and attention,
     and on the CPU channels_last with prepacked oneDNN convolutions. Returns an :class:`AccelerateReport` of what was swapped and what was left and why;
     :func:`deaccelerate` undoes it.

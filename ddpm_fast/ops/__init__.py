@@ -22,7 +22,7 @@ import os
 import torch
 
 from ..reference.ddim_step import ddim_coefficients
-from ..reference.dpmpp_step import SOLVER_TYPES, dpmpp_coefficients
+from ..reference.dpmpp_step import SOLVER_TYPES, dpmpp_coefficients, full_row
 from ..reference.noise import STREAM_X_T
 from . import _checks as C
 from ._layout import MEMORY_FORMATS
@@ -51,6 +51,7 @@ __all__ = [
     "linear",
     "q_sample",
     "trace",
+    "unipc_step",
     "why_not_fused",
     "winograd_weight",
     "winograd_weight_bf16",
@@ -293,6 +294,12 @@ def dpmpp_step(
     x0_last=None,
     t_last=None,
     *,
+    x0_last2=None,
+    t_last2=None,
+    sde=False,
+    noise=None,
+    seed=None,
+    sample_offset=0,
     prediction_type="epsilon",
     solver_type="midpoint",
     coefficients=None,
@@ -304,47 +311,153 @@ def dpmpp_step(
     returns ``(x_{t_prev}, x0)``, x0 the data prediction D0 to pass as ``x0_last`` to the next step.
 
     First order (DDIM's update) without ``x0_last``; second order ("2M") with ``x0_last``, the x0 returned by the
-    previous step, taken at timestep ``t_last`` (> t). ``solver_type``: "midpoint" or "heun" (diffusers' names).
-    ``t_prev`` = -1 steps to x_0, and that step is first order. t, t_prev, t_last: ints or (B,) integer tensors.
-    One pass over memory: reads x_t, model_output and x0_last, writes the result and x0 (``out`` and ``x0_out``
-    may be the inputs: a chain runs in place). ``coefficients``: an optional (B, 6) table
-    [px, pm, q, a_x, a_0, a_d] (x0 = (px x_t + pm m) q, result = a_x x_t + a_0 x0 + a_d (x0 - x0_last)) used instead
-    of the schedule's (ddpm_fast/reference/dpmpp_step.py), e.g. a drop-in scheduler's own numbers; t_prev and t_last
-    are then not used.
+    previous step, taken at timestep ``t_last`` (> t); third order ("3M") with ``x0_last2`` and ``t_last2`` (> t_last)
+    from the step before that as well. ``solver_type``: "midpoint" or "heun" (diffusers' names; order 3 has one
+    form). ``sde=True`` runs SDE-DPM-Solver++ (diffusers' "sde-dpmsolver++"): the update adds
+    sigma_t' sqrt(1 - e^{-2h}) z with z = ``noise``, or keyed noise from ``seed`` and ``sample_offset`` (stream 0
+    at step t, as :func:`ddpm_step`'s) when ``noise`` is None. ``t_prev`` = -1 steps to x_0, and that step is first
+    order and noiseless. t, t_prev, t_last, t_last2: ints or (B,) integer tensors. The formulas are in
+    ddpm_fast/reference/dpmpp_step.py. One pass over memory: reads x_t, model_output, the history (and noise),
+    writes the result and x0 (``out`` and ``x0_out`` may be the inputs: a chain runs in place).
+
+    ``coefficients``: an optional table of rows [px, pm, q, a_x, a_0, a_d] (B, 6) or [..., a_e, rho, a_z] (B, 9)
+    (x0 = (px x_t + pm m) q, result = a_x x_t + a_0 x0 + a_d (x0 - x0_last)
+    + a_e ((x0 - x0_last) - rho (x0_last - x0_last2)) + a_z z) used instead of the schedule's, e.g. a drop-in
+    scheduler's own numbers; t_prev, t_last, t_last2 and sde are then not used (a_z != 0 draws z as above).
     """
     s = C.schedule(schedule)
     x_t = C.tensor("x_t", x_t)
-    group = {"x_t": x_t, "model_output": model_output, "x0_last": x0_last, "out": out, "x0_out": x0_out}
+    group = {"x_t": x_t, "model_output": model_output, "x0_last": x0_last, "x0_last2": x0_last2, "noise": noise}
+    group.update(out=out, x0_out=x0_out)
     C.alike(group, required=("model_output",))
     C.choice("prediction_type", prediction_type, C.PREDICTION_TYPES)
     C.choice("solver_type", solver_type, SOLVER_TYPES)
+    if not isinstance(sde, bool):
+        raise TypeError(f"sde: expected a bool, got {type(sde).__name__}")
     B = x_t.shape[0]
     data = ("x_t", x_t.device)
-    given = {"x_t": x_t, "model_output": model_output, "x0_last": x0_last, "t": t, "t_prev": t_prev}
-    given.update(t_last=t_last, coefficients=coefficients)
+    given = {"x_t": x_t, "model_output": model_output, "x0_last": x0_last, "x0_last2": x0_last2, "noise": noise}
+    given.update(t=t, t_prev=t_prev, t_last=t_last, t_last2=t_last2, coefficients=coefficients)
     t = C.timesteps(t, B, len(s), "cpu", data=data)  # the coefficients are computed on the host
     t_prev = C.previous_timesteps(t_prev, t, len(s), data=data)
+    if x0_last2 is not None and x0_last is None:
+        raise ValueError("x0_last: the third-order step needs x0_last beside x0_last2")
     if coefficients is None:
-        if (x0_last is None) != (t_last is None):
-            missing = "t_last" if t_last is None else "x0_last"
-            raise ValueError(f"{missing}: the second-order step needs both x0_last and t_last (neither: first order)")
+        for hist, when in (("x0_last", "t_last"), ("x0_last2", "t_last2")):
+            if (given[hist] is None) != (given[when] is None):
+                missing = when if given[when] is None else hist
+                order = "second" if hist == "x0_last" else "third"
+                raise ValueError(
+                    f"{missing}: the {order}-order step needs both {hist} and {when} (neither: lower order)"
+                )
         if t_last is not None:
             t_last = C.timesteps(t_last, B, len(s), "cpu", name="t_last", data=data)
             if (t_last <= t).any():
                 raise ValueError("t_last: every last timestep must be larger than its t (the previous step's)")
-        k = dpmpp_coefficients(t, t_prev, s, prediction_type, t_last, solver_type)  # float64
+        if t_last2 is not None:
+            t_last2 = C.timesteps(t_last2, B, len(s), "cpu", name="t_last2", data=data)
+            if (t_last2 <= t_last).any():
+                raise ValueError("t_last2: every timestep must be larger than its t_last (the step before's)")
+        k = dpmpp_coefficients(t, t_prev, s, prediction_type, t_last, solver_type, t_last2, sde)  # float64
     else:
-        k = C.coefficient_table("coefficients", coefficients, B, 6)
-        if x0_last is None and bool((k[:, 5] != 0).any()):
+        width = coefficients.shape[-1] if isinstance(coefficients, torch.Tensor) and coefficients.dim() else 6
+        k = C.coefficient_table("coefficients", coefficients, B, width if width in (6, 9) else 6)
+        if x0_last is None and bool((k[:, 5:7] != 0).any()):
             raise ValueError("x0_last: coefficients has a second-order term (a_d != 0) but no x0_last was given")
+        if x0_last2 is None and width == 9 and bool((k[:, 6] != 0).any()):
+            raise ValueError("x0_last2: coefficients has a third-order term (a_e != 0) but no x0_last2 was given")
+    k = full_row(k)
+    draw = noise is None and bool((k[:, 8] != 0).any())
+    seed = C.seed_value(seed) if draw else 0
+    sample_offset = C.sample_offset(sample_offset, B)
     # elementwise (every backend reads an element's inputs before writing its outputs): out and x0_out may each be
-    # x_t, model_output or x0_last, but not each other
-    C.outputs({"out": out, "x0_out": x0_out}, given, in_place=("x_t", "model_output", "x0_last"))
-    backend = resolve("dpmpp_step", backend, x_t.device, _needs_grad(x_t, model_output, x0_last), x_t.dtype)
+    # an input, but not each other
+    C.outputs({"out": out, "x0_out": x0_out}, given, in_place=("x_t", "model_output", "x0_last", "x0_last2", "noise"))
+    tensors = (x_t, model_output, x0_last, x0_last2, noise)
+    backend = resolve("dpmpp_step", backend, x_t.device, _needs_grad(*tensors), x_t.dtype)
     if backend != "torch":
         C.tensor("x_t", x_t, dtypes=C.FUSED_DTYPES)
         k = k.to(torch.float32).contiguous()  # the kernels' table; the reference keeps float64 for float64 data
-    return module(backend).dpmpp_step(x_t, model_output, x0_last, k, out, x0_out)
+    history = tuple(h for h in (x0_last, x0_last2) if h is not None)
+    return module(backend).dpmpp_step(
+        x_t, model_output, history, k, out, x0_out, noise=noise, t=t if draw else None, seed=seed,
+        sample_offset=sample_offset,
+    )  # fmt: skip
+
+
+def unipc_step(
+    x_t,
+    model_output,
+    coefficients,
+    x0_history=(),
+    last_sample=None,
+    *,
+    backend=None,
+    out=None,
+    x0_out=None,
+    sample_out=None,
+):
+    """One UniPC step (Zhao et al. 2023; diffusers' UniPCMultistepScheduler.step, predict_x0): the corrector UniC
+    and the predictor UniP in one pass over memory. Returns ``(x_next, x0, y)``: x0 = D0 the data prediction of
+    ``model_output`` at x_t, y the corrected sample (x_t where there is no corrector; the next step's
+    ``last_sample``), x_next the predictor's result from y.
+
+    ``coefficients``: the (B, 14) rows [px, pm, q, a_x, a_0, a_d, a_e, rho, a_z, c_l, c_1, c_d, c_e, c_f] of
+    ddpm_fast/reference/unipc_step.py (``unipc_coefficients`` from a schedule, or a drop-in's own numbers):
+    D0 = (px x_t + pm m) q, y = c_l L + c_1 D1 + c_d (D0 - D1) + c_e (D1 - D2) + c_f (D1 - D3),
+    x_next = a_x y + a_0 D0 + a_d (D0 - D1) + a_e ((D0 - D1) - rho (D1 - D2)) + a_z z. ``x0_history``: the earlier
+    steps' D (D1, D2, D3, newest first), as many as the rows read; ``last_sample`` L: the previous step's y, given
+    exactly where the rows have a corrector. No noise (a_z must be 0). ``out``, ``x0_out`` and ``sample_out`` may be
+    inputs (elementwise), not each other.
+    """
+    x_t = C.tensor("x_t", x_t)
+    if not isinstance(x0_history, (tuple, list)) or len(x0_history) > 3:
+        raise ValueError("x0_history: expected a tuple of at most 3 tensors (D1, D2, D3, newest first)")
+    names = [f"x0_history[{i}]" for i in range(len(x0_history))]
+    group = {"x_t": x_t, "model_output": model_output, **dict(zip(names, x0_history)), "last_sample": last_sample}
+    group.update(out=out, x0_out=x0_out, sample_out=sample_out)
+    for name in names:
+        if group[name] is None:
+            raise ValueError(f"{name}: expected a tensor, got None")
+    C.alike(group, required=("model_output",))
+    B = x_t.shape[0]
+    k = C.coefficient_table("coefficients", coefficients, B, 14)
+    if k is None:
+        raise ValueError("coefficients: expected the (B, 14) rows of ddpm_fast.reference.unipc_coefficients")
+    if bool((k[:, 8] != 0).any()):
+        raise ValueError("coefficients: UniPC adds no noise (a_z, column 8, must be 0)")
+    corrected = bool((k[:, 9:] != 0).any())
+    if corrected != (last_sample is not None):
+        raise ValueError(
+            "last_sample: the rows have a corrector (c_* != 0) but no last_sample was given"
+            if corrected
+            else "last_sample: given, but the rows have no corrector (c_* all 0)"
+        )
+    need = 0
+    if bool((k[:, 5] != 0).any()) or corrected:
+        need = 1
+    if bool((k[:, 6] != 0).any()) or (corrected and bool((k[:, 12] != 0).any())):
+        need = 2
+    if corrected and bool((k[:, 13] != 0).any()):
+        need = 3
+    if len(x0_history) < need:
+        raise ValueError(f"x0_history: the rows read {need} earlier data predictions, {len(x0_history)} given")
+    inputs = {"x_t": x_t, "model_output": model_output, **dict(zip(names, x0_history)), "last_sample": last_sample}
+    C.outputs({"out": out, "x0_out": x0_out, "sample_out": sample_out}, inputs, in_place=tuple(inputs))
+    tensors = (x_t, model_output, last_sample, *x0_history)
+    backend = resolve("dpmpp_step", backend, x_t.device, _needs_grad(*tensors), x_t.dtype)
+    if backend != "torch":
+        C.tensor("x_t", x_t, dtypes=C.FUSED_DTYPES)
+    if last_sample is None:  # no corrector: y is x_t, taken before the kernel (out may be x_t)
+        if sample_out is not None:
+            y = sample_out.copy_(x_t)
+        else:
+            y = x_t.clone() if out is not None and C.overlap(out, x_t) else x_t
+        result, x0 = module(backend).dpmpp_step(x_t, model_output, tuple(x0_history[:need]), k, out, x0_out)
+        return result, x0, y
+    return module(backend).dpmpp_step(
+        x_t, model_output, tuple(x0_history[:need]), k, out, x0_out, last_sample=last_sample, sample_out=sample_out
+    )
 
 
 # ----------------------------------------------------------------------------------------------- noise

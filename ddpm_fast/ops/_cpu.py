@@ -85,8 +85,11 @@ def _mkldnn() -> bool:
 
 def refuses(op: str, dtype=None, padding=None, **facts) -> str | None:
     """The calls the cpu kernels do not take (auto then runs the reference; by name, a TypeError)."""
-    if op == "dpmpp_step" and not hasattr(torch.ops.ddpm_fast, "dpmpp_step"):
-        return "the cpu extension was built before dpmpp_step existed; rebuild it (pip install -e .)"
+    if op == "dpmpp_step" and (
+        not hasattr(torch.ops.ddpm_fast, "dpmpp_step")
+        or len(torch.ops.ddpm_fast.dpmpp_step.default._schema.arguments) < 14
+    ):
+        return "the cpu extension was built before dpmpp_step's third order and noise existed; rebuild it (pip install -e .)"
     if op in ("conv3x3", "conv2d", "linear") and dtype is not None and dtype not in (torch.float32, torch.bfloat16):
         return f"x: the cpu {op} kernel takes float32 or bfloat16, got {dtype}"
     if op == "conv2d":
@@ -170,14 +173,47 @@ def ddpm_step(
     return finish(result, out)
 
 
-def dpmpp_step(x_t, model_output, x0_last, coefficients, out, x0_out, _name=NAME):
+def dpmpp_step(
+    x_t,
+    model_output,
+    history,
+    coefficients,
+    out,
+    x0_out,
+    *,
+    last_sample=None,
+    sample_out=None,
+    noise=None,
+    t=None,
+    seed=0,
+    sample_offset=0,
+    _name=NAME,
+):
     record("dpmpp_step", _name, "native")
     fmt = memory_format(x_t)
     xd = dense(x_t, fmt)
     result = result_buffer(out, xd, fmt)
     x0 = result_buffer(x0_out, xd, fmt)
-    d1 = None if x0_last is None else dense(x0_last, fmt)
-    torch.ops.ddpm_fast.dpmpp_step(xd, dense(model_output, fmt), d1, coefficients, result, x0)
+    hist = [dense(h, fmt) for h in history] + [None] * (3 - len(history))
+    y = None if sample_out is None and last_sample is None else result_buffer(sample_out, xd, fmt)
+    torch.ops.ddpm_fast.dpmpp_step(
+        xd,
+        dense(model_output, fmt),
+        hist[0],
+        coefficients,
+        result,
+        x0,
+        hist[1],
+        hist[2],
+        None if last_sample is None else dense(last_sample, fmt),
+        y,
+        None if noise is None else dense(noise, fmt),
+        t,
+        signed64(seed),
+        sample_offset,
+    )
+    if y is not None:
+        return finish(result, out), finish(x0, x0_out), finish(y, sample_out)
     return finish(result, out), finish(x0, x0_out)
 
 

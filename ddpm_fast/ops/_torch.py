@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as ref
+from ..reference.dpmpp_step import apply_row
+from ..reference.noise import STREAM_STEP
 from ._layout import finish
 from ._trace import record
 
@@ -93,11 +95,16 @@ def ddpm_step(
     return finish(result, out)
 
 
-def dpmpp_step(x_t, model_output, x0_last, coefficients, out, x0_out):
+def dpmpp_step(
+    x_t, model_output, history, coefficients, out, x0_out, *, last_sample=None, sample_out=None, noise=None, t=None,
+    seed=0, sample_offset=0,
+):  # fmt: skip
     record("dpmpp_step", NAME, "reference")
-    result, x0 = ref.dpmpp_step(
-        x_t, model_output, None, None, None, x0_last, coefficients=coefficients.to(torch.float64)
-    )
+    if noise is None and t is not None:
+        noise = ref.keyed_normal(x_t.shape, seed, t, STREAM_STEP, sample_offset, x_t.device).to(x_t.dtype)
+    result, x0, y = apply_row(coefficients.to(torch.float64), x_t, model_output, history, noise, last_sample)
+    if last_sample is not None:
+        return finish(result, out), finish(x0, x0_out), finish(y, sample_out)
     return finish(result, out), finish(x0, x0_out)
 
 

@@ -172,7 +172,10 @@ def ddpm_step(
     return finish(result, out)
 
 
-def dpmpp_step(x_t, model_output, x0_last, coefficients, out, x0_out):
+def dpmpp_step(
+    x_t, model_output, history, coefficients, out, x0_out, *, last_sample=None, sample_out=None, noise=None, t=None,
+    seed=0, sample_offset=0,
+):  # fmt: skip
     from ..kernels import dpmpp_step as tk
 
     record("dpmpp_step", NAME, "triton")
@@ -180,15 +183,41 @@ def dpmpp_step(x_t, model_output, x0_last, coefficients, out, x0_out):
     xd = dense(x_t, fmt)
     result = result_buffer(out, xd, fmt)
     x0 = result_buffer(x0_out, xd, fmt)
-    second = x0_last is not None and bool((coefficients[:, 5] != 0).any())  # a host table: free to read
+    corrected = last_sample is not None
+    # the history the rows read (a host table: free to read), as the cpu kernel picks per sample
+    k = coefficients
+    need = 0
+    if bool((k[:, 5] != 0).any()) or corrected:
+        need = 1
+    if bool((k[:, 6] != 0).any()) or (corrected and bool((k[:, 12] != 0).any())):
+        need = 2
+    if corrected and bool((k[:, 13] != 0).any()):
+        need = 3
+    y = result_buffer(sample_out, xd, fmt) if corrected else None
+    if noise is not None:
+        mode = tk.NOISE_GIVEN
+    elif t is not None and bool((k[:, 8] != 0).any()):
+        mode = tk.NOISE_KEYED
+    else:
+        mode = tk.NOISE_NONE
     tk.dpmpp_step(
         xd,
         dense(model_output, fmt),
-        dense(x0_last, fmt) if second else None,
+        [dense(h, fmt) for h in history[:need]],
         result,
         x0,
         to_device(coefficients, x_t.device),
+        last=dense(last_sample, fmt) if corrected else None,
+        y=y,
+        noise=dense(noise, fmt) if mode == tk.NOISE_GIVEN else None,
+        t=to_device(t, x_t.device) if mode == tk.NOISE_KEYED else None,
+        seed=seed,
+        sample_offset=sample_offset,
+        nhwc=fmt == torch.channels_last,
+        noise_mode=mode,
     )
+    if corrected:
+        return finish(result, out), finish(x0, x0_out), finish(y, sample_out)
     return finish(result, out), finish(x0, x0_out)
 
 

@@ -269,10 +269,15 @@ def test_accelerate_refuses_unsupported_models_unless_told():
     [
         (
             lambda: diffusers.PNDMScheduler(),
-            "PNDMScheduler: ddpm_fast's drop-ins replace DDPMScheduler, DDIMScheduler and DPMSolverMultistepScheduler only",
+            "PNDMScheduler: ddpm_fast's drop-ins replace DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler and "
+            "UniPCMultistepScheduler only",
         ),
         (lambda: diffusers.DDIMScheduler(thresholding=True), "DDIMScheduler: thresholding=True"),
-        (lambda: diffusers.DPMSolverMultistepScheduler(solver_order=3), "DPMSolverMultistepScheduler: solver_order=3"),
+        (
+            lambda: diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
+            "DPMSolverMultistepScheduler: algorithm_type='dpmsolver'",
+        ),
+        (lambda: diffusers.UniPCMultistepScheduler(predict_x0=False), "UniPCMultistepScheduler: predict_x0=False"),
         (lambda: diffusers.DDPMScheduler(thresholding=True), "DDPMScheduler: thresholding=True"),
         (lambda: diffusers.DDPMScheduler(variance_type="learned"), "DDPMScheduler: variance_type='learned'"),
     ],

@@ -172,6 +172,19 @@ BAD = [
     (dict(coefficients=torch.zeros(2, 7)), ValueError, "coefficients"),
     (dict(coefficients=torch.tensor([1.0, 0, 1, 1, 1, float("inf")])), ValueError, "coefficients"),
     (dict(coefficients=torch.ones(6), x0_last=None), ValueError, "x0_last: coefficients has a second-order"),
+    (dict(x0_last2=torch.zeros(2, 3, 4, 4)), ValueError, "t_last2: the third-order step"),
+    (dict(t_last2=700), ValueError, "x0_last2: the third-order step"),
+    (dict(x0_last2=torch.zeros(2, 3, 4, 4), t_last2=500), ValueError, "t_last2: every timestep"),
+    (dict(x0_last2=torch.zeros(2, 3, 4, 5), t_last2=700), ValueError, "x0_last2"),
+    (dict(x0_last=None, t_last=None, x0_last2=torch.zeros(2, 3, 4, 4), t_last2=700), ValueError, "x0_last: the third"),
+    (
+        dict(coefficients=torch.tensor([1.0, 0, 1, 1, 1, 0, 1, 0.5, 0])),
+        ValueError,
+        "x0_last2: coefficients has a third",
+    ),
+    (dict(sde=1), TypeError, "sde"),
+    (dict(sde=True, seed=-1), ValueError, "seed"),
+    (dict(sde=True, noise=torch.zeros(2, 3, 4, 5)), ValueError, "noise"),
     (dict(x_t=torch.zeros(0, 3)), ValueError, "x_t"),
     (dict(schedule="linear"), TypeError, "schedule"),
 ]
@@ -202,3 +215,142 @@ def test_float64_runs_the_reference_in_float64():
     err = (out - expected).abs().max().item()
     print(f"float64 dpmpp_step: max err {err:.3g}")
     assert out.dtype == torch.float64 and err <= 1e-12 and torch.equal(x0, x0_ref)
+
+
+# ------------------------------------------------------------------------------ third order (3M) and the SDE variant
+# (t, t_prev, t_last, t_last2) per sample; "mixed" runs a step to x_0 (first order there) beside inner steps
+STEPS3 = {
+    "early": (960, 920, 980, 999),
+    "middle": (500, 450, 600, 640),
+    "uneven": (300, 100, 310, 700),
+    "to_x0": (20, -1, 60, 100),
+    "mixed": ([900, 400, 30, 3], [850, 0, -1, 1], [950, 420, 60, 7], [999, 500, 90, 20]),
+}
+
+
+def _steps3(name, batch):
+    return tuple(torch.as_tensor(v).expand(batch).clone() for v in STEPS3[name])
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+@pytest.mark.parametrize("pt", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("sde", [False, True])
+@pytest.mark.parametrize("steps", list(STEPS3))
+def test_third_order_fp32_matches_reference(backend, pt, sde, steps):
+    x, m, d1 = _inputs((4, 3, 9, 11), scale=2.0)
+    d2, z, _ = _inputs((4, 3, 9, 11), seed=1)
+    t, t_prev, t_last, t_last2 = _steps3(steps, 4)
+    opts = dict(x0_last2=d2, t_last2=t_last2, sde=sde, noise=z if sde else None, prediction_type=pt)
+    expected, x0_ref = ref.dpmpp_step(x, m, t, t_prev, S, d1, t_last, **opts)
+    out, x0 = df.ops.dpmpp_step(x, m, t, t_prev, S, d1, t_last, backend=backend, **opts)
+    name = f"dpmpp_step {backend} {pt} sde={sde} order 3 {steps}"
+    assert_fp32_close(name, out, expected)
+    assert_fp32_close(name + " x0", x0, x0_ref)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("steps", ["early", "middle", "to_x0"])
+def test_sde_given_noise_fp32_matches_reference(backend, solver_type, order, steps):
+    x, m, d1 = _inputs((3, 4, 7, 5), scale=2.0)
+    z = _inputs((3, 4, 7, 5), seed=2)[0]
+    t, t_prev, t_last = _steps(steps, 3)
+    hist = (d1, t_last) if order == 2 else (None, None)
+    opts = dict(sde=True, noise=z, solver_type=solver_type)
+    expected, x0_ref = ref.dpmpp_step(x, m, t, t_prev, S, *hist, **opts)
+    out, x0 = df.ops.dpmpp_step(x, m, t, t_prev, S, *hist, backend=backend, **opts)
+    name = f"sde dpmpp_step {backend} {solver_type} order {order} {steps}"
+    assert_fp32_close(name, out, expected)
+    assert_fp32_close(name + " x0", x0, x0_ref)
+    if steps != "to_x0":  # the noise term is there: z = 0 gives another result
+        zero, _ = df.ops.dpmpp_step(x, m, t, t_prev, S, *hist, backend=backend, sde=True, noise=torch.zeros_like(z))
+        assert (zero - out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("shape, layout", layout_cases([(5, 3, 17, 9), (1, 1, 1, 1), (2, 7, 3, 1), (3, 40)]))
+def test_sde_keyed_noise_same_on_every_backend_and_split_invariant(shape, layout):
+    """Keyed z (stream 0 at step t, sample b's global index sample_offset + b): the torch reference, the cpu and the
+    Triton kernels give the same step for the same key, in any layout, and a batch split in two (the second half
+    with sample_offset) gives the whole batch's numbers."""
+    x, m, d1 = _inputs(shape)
+    d2 = _inputs(shape, seed=3)[0]
+    if layout == "channels_last":
+        x, m, d1, d2 = (a.contiguous(memory_format=torch.channels_last) for a in (x, m, d1, d2))
+    if layout == "strided":
+        m = torch.cat([m, m], dim=-1)[..., : shape[-1]]
+    B = shape[0]
+    t, t_prev, t_last, t_last2 = (torch.full((B,), v) for v in (500, 450, 600, 640))
+    expected, _ = ref.dpmpp_step(x, m, t, t_prev, S, d1, t_last, x0_last2=d2, t_last2=t_last2, sde=True, seed=11)
+    backends = ["torch", "triton"] + (["cpu"] if df.backends()["cpu"].startswith("available") else [])
+    h = B // 2
+    for backend in backends:
+        opts = dict(x0_last2=d2, t_last2=640, sde=True, seed=11, backend=backend)
+        out, _ = df.ops.dpmpp_step(x, m, 500, 450, S, d1, 600, **opts)
+        assert_fp32_close(f"keyed sde {backend} {shape} {layout}", out, expected)
+        tail, _ = df.ops.dpmpp_step(
+            x[h:], m[h:], 500, 450, S, d1[h:], 600, sample_offset=h, **{**opts, "x0_last2": d2[h:]}
+        )
+        assert_fp32_close(f"keyed sde {backend} {shape} {layout} split at {h}", tail, expected[h:])
+    other, _ = ref.dpmpp_step(x, m, t, t_prev, S, d1, t_last, x0_last2=d2, t_last2=t_last2, sde=True, seed=12)
+    assert (other - expected).abs().max() > 1e-3  # the key matters
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sde", [False, True])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 7), (2, 3, 32, 32)])
+def test_third_order_low_precision(backend, dtype, sde, shape):
+    x, m, d1 = _inputs(shape, dtype)
+    d2, z, _ = _inputs(shape, dtype, seed=4)
+    B = shape[0]
+    t, t_prev, t_last, t_last2 = (
+        torch.tensor(v[:B]) for v in ([900, 300, 40], [800, 250, -1], [950, 400, 60], [999, 500, 90])
+    )
+    opts = dict(x0_last2=d2, t_last2=t_last2, sde=sde, noise=z if sde else None, prediction_type="v_prediction")
+    out, x0 = df.ops.dpmpp_step(x, m, t, t_prev, S, d1, t_last, backend=backend, **opts)
+    assert out.dtype == x0.dtype == dtype
+    o32 = {**opts, "x0_last2": d2.float(), "noise": z.float() if sde else None}
+    r32, _ = ref.dpmpp_step(x.float(), m.float(), t, t_prev, S, d1.float(), t_last, **o32)
+    rlow, _ = ref.dpmpp_step(x, m, t, t_prev, S, d1, t_last, **opts)
+    assert_lowp_close(f"dpmpp_step order 3 {backend} {dtype} sde={sde}", out, r32, rlow)
+
+
+@pytest.mark.parametrize("sde", [False, True])
+@pytest.mark.parametrize("steps", list(STEPS3))
+def test_third_order_and_sde_rows_are_the_formulas(sde, steps):
+    """The rows the kernels run reproduce the formulas (order 3 written with E1, E2 as diffusers writes it) in
+    float64, orders 1 to 3, ODE and SDE."""
+    x, m, d1 = (a.double() for a in _inputs((4, 4, 5), scale=2.0))
+    d2, z, _ = (a.double() for a in _inputs((4, 4, 5), seed=5))
+    t, t_prev, t_last, t_last2 = _steps3(steps, 4)
+    for solver_type in ("midpoint", "heun"):
+        for hist, hist2 in (((None, None), (None, None)), ((d1, t_last), (None, None)), ((d1, t_last), (d2, t_last2))):
+            opts = dict(x0_last2=hist2[0], t_last2=hist2[1], sde=sde, noise=z, solver_type=solver_type)
+            expected, x0_ref = ref.dpmpp_step(x, m, t, t_prev, S, *hist, **opts)
+            k = ref.dpmpp_coefficients(t, t_prev, S, "epsilon", hist[1], solver_type, hist2[1], sde)
+            out, x0 = ref.dpmpp_step(x, m, None, None, None, hist[0], x0_last2=hist2[0], noise=z, coefficients=k)
+            err = (out - expected).abs().max().item()
+            order = 1 + (hist[0] is not None) + (hist2[0] is not None)
+            print(f"rows vs formulas sde={sde} {solver_type} {steps} order {order}: max err {err:.3g}")
+            assert err <= 1e-12 * max(1.0, expected.abs().max().item())
+            assert torch.equal(x0, x0_ref)
+
+
+def test_sde_noise_scale_and_first_order_limits():
+    """Independent checks of the SDE rows: the noise coefficient is sigma_t' sqrt(1 - e^{-2h}), so that (with D0 the
+    true x_0) the step's marginal variance matches q(x_t' | x_0): a_x^2 sigma_s0^2 + a_z^2 = sigma_t'^2; and the
+    step to x_0 is x_0 itself."""
+    t, t_prev = torch.tensor([999, 500, 100, 7]), torch.tensor([900, 300, 20, -1])
+    k = ref.dpmpp_coefficients(t, t_prev, S, "epsilon", sde=True)
+    abar = S.alphas_cumprod
+    sig_s = (1 - abar[t]).sqrt()
+    sig_t = torch.where(t_prev >= 0, (1 - abar[t_prev.clamp(min=0)]).sqrt(), torch.zeros(4, dtype=torch.float64))
+    alpha_t = torch.where(t_prev >= 0, abar[t_prev.clamp(min=0)].sqrt(), torch.ones(4, dtype=torch.float64))
+    var_err = (k[:, 3] ** 2 * sig_s**2 + k[:, 8] ** 2 - sig_t**2).abs().max().item()
+    # mean: x_t = alpha_s x0 + sigma_s eps -> a_x alpha_s + a_0 = alpha_t' (the x0 coefficient)
+    alpha_s = abar[t].sqrt()
+    mean_err = (k[:, 3] * alpha_s + k[:, 4] - alpha_t).abs().max().item()
+    print(f"SDE marginal variance err {var_err:.3g}, mean err {mean_err:.3g}")
+    assert var_err <= 1e-12 and mean_err <= 1e-12
+    assert k[3, 3] == 0 and k[3, 4] == 1 and k[3, 8] == 0

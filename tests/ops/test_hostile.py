@@ -118,6 +118,24 @@ def _dpmpp_x0_over_x0_last(be):
     df.ops.dpmpp_step(torch.randn(SHAPE), torch.randn(SHAPE), 9, 3, S, x0_last, 12, backend=be, x0_out=x0_out)
 
 
+def _unipc_rows():
+    from ddpm_fast.reference.unipc_step import unipc_coefficients
+
+    t, t_next, t1 = (torch.full((SHAPE[0],), v) for v in (9, 3, 12))
+    return unipc_coefficients(t, t_next, S, "epsilon", [t1], 2, 1).float()
+
+
+def _unipc_sample_out_over_last(be):
+    last, y = _shared(2)
+    x, m, d1 = (torch.randn(SHAPE) for _ in range(3))
+    df.ops.unipc_step(x, m, _unipc_rows(), (d1,), last, backend=be, sample_out=y)
+
+
+def _unipc_sample_out_is_out(be):
+    x, m, d1, last, buf = (torch.randn(SHAPE) for _ in range(5))
+    df.ops.unipc_step(x, m, _unipc_rows(), (d1,), last, backend=be, out=buf, sample_out=buf)
+
+
 def _gn_over_x(be):
     x, out = _shared(1)
     df.ops.group_norm_silu(x, 2, None, None, backend=be, out=out)
@@ -182,6 +200,8 @@ OVERLAPS = [  # (case, call taking a backend, pattern the ValueError must match)
     ("ddim_step out partly over x_t", _ddim_over_x, "out: overlaps x_t"),
     ("dpmpp_step out partly over x_t", _dpmpp_over_x, "out: overlaps x_t"),
     ("dpmpp_step x0_out partly over x0_last", _dpmpp_x0_over_x0_last, "x0_out: overlaps x0_last"),
+    ("unipc_step sample_out partly over last_sample", _unipc_sample_out_over_last, "sample_out: overlaps last_sample"),
+    ("unipc_step out is sample_out", _unipc_sample_out_is_out, "out and sample_out: overlap"),
     ("group_norm_silu out partly over x", _gn_over_x, "out: overlaps x"),
     ("group_norm_silu out over weight", _gn_over_weight, "out: overlaps weight"),
     ("group_norm_silu expanded out", _gn_expanded, "out: more than one"),
