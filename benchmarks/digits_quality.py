@@ -1,7 +1,7 @@
 """Sample a digits checkpoint with the reference and the fused backends (same seeds), and report quality and speed.
 
     python benchmarks/digits_quality.py --checkpoint runs/digits/checkpoint.pt [-n 500] [--grid docs/digits_samples.png]
-    python benchmarks/digits_quality.py --checkpoint runs/digits/checkpoint.pt -n 128 --bf16 --seeds 0,1,2
+    python benchmarks/digits_quality.py --checkpoint runs/digits/checkpoint.pt -n 128 --bf16 --seeds 0,1,2 [--steps 100]
 
 Quality: a digits classifier's class histogram and mean confidence of the samples, and the Frechet distance
 between samples and the real digits in the classifier's feature space (ddpm_fast/digits.py).
@@ -36,6 +36,7 @@ def main():
     p.add_argument("--json", default=None)
     p.add_argument("--bf16", action="store_true", help="compare the model in bf16 with fp32 over --seeds")
     p.add_argument("--seeds", default=None, help="comma list of seeds for --bf16 (default: --seed)")
+    p.add_argument("--steps", type=int, default=None, help="--bf16: respaced DDPM steps (default: every step)")
     args = p.parse_args()
     try:
         seeds = [args.seed] if args.seeds is None else [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -43,6 +44,8 @@ def main():
         seeds = []
     if not seeds:
         p.error(f"--seeds: expected a comma list of integers, got {args.seeds!r}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps: expected a positive number of steps, got {args.steps}")
     if args.n < 2:
         p.error(f"-n: expected at least 2 samples (the Frechet distance needs a covariance), got {args.n}")
     model, schedule = model_from_checkpoint(args.checkpoint)
@@ -110,7 +113,7 @@ def precision(args, seeds, model, schedule, clf):
             d = df.GaussianDiffusion(m, schedule, backend="cpu")
             t0 = time.perf_counter()
             with df.ops.trace() as calls, torch.inference_mode():
-                x = d.sample(args.n, seed=seed, progress=False)
+                x = d.sample(args.n, seed=seed, steps=args.steps, progress=False)
             seconds = time.perf_counter() - t0
             q = clf.quality(x)
             dist[name].append(q.frechet_distance)
@@ -119,7 +122,7 @@ def precision(args, seeds, model, schedule, clf):
             served = calls.summary()
             rows.append(
                 dict(
-                    sampler=f"cpu {name} ddpm {len(schedule)} steps",
+                    sampler=f"cpu {name} ddpm {args.steps or len(schedule)} steps",
                     seed=seed,
                     seconds=seconds,
                     frechet_distance=q.frechet_distance,

@@ -77,3 +77,26 @@ def test_cli_samples_a_checkpoint(tmp_path):
     print(r.stdout, r.stderr[-2000:])
     assert r.returncode == 0 and (out / "grid.png").exists() and "Frechet distance" in r.stdout
     assert np.load(out / "samples.npz")["arr_0"].shape == (4, 8, 8, 1)
+
+
+def test_digits_quality_compares_bf16_with_fp32_over_seeds(tmp_path):
+    """benchmarks/digits_quality.py --bf16: fp32 and bf16 rows per seed on the fused cpu kernels, the verdict
+    against fp32's seed-to-seed spread in the record; a bad --seeds is one line and a non-zero exit."""
+    import json
+
+    path = train_digits(str(tmp_path / "run"), steps=2, batch_size=8, timesteps=20, progress=False)
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "digits_quality.py")
+    record = tmp_path / "q.json"
+    args = [sys.executable, script, "--checkpoint", path, "-n", "8", "--bf16", "--steps", "10", "--seeds", "0,1"]
+    r = subprocess.run([*args, "--json", str(record)], capture_output=True, text=True, timeout=600)
+    print(r.stdout, r.stderr[-2000:])
+    assert r.returncode == 0
+    rec = json.loads(record.read_text())
+    rows = rec["rows"]
+    assert [(row["sampler"].split()[1], row["seed"]) for row in rows] == [
+        ("fp32", 0), ("bf16", 0), ("fp32", 1), ("bf16", 1)
+    ]  # fmt: skip
+    assert all("cpu/" in row["served"] and "torch/" not in row["served"] for row in rows)
+    assert rows[1]["max_abs_diff_vs_fp32"] > 0 and rec["verdict"].startswith("Frechet distance over seeds [0, 1]")
+    bad = subprocess.run([*args[:-1], "0,x"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--seeds" in bad.stderr and "Traceback" not in bad.stderr

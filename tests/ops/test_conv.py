@@ -58,7 +58,9 @@ def test_winograd_matches_reference(N, C, K, H, W, layout, with_residual, tile):
 
 @needs_cpu
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
-@pytest.mark.parametrize("N, C, K, H, W", [(1, 40, 70, 4, 4), (1, 64, 256, 8, 8), (3, 16, 33, 6, 6), (2, 32, 96, 20, 20)])
+@pytest.mark.parametrize(
+    "N, C, K, H, W", [(1, 40, 70, 4, 4), (1, 64, 256, 8, 8), (3, 16, 33, 6, 6), (2, 32, 96, 20, 20)]
+)
 @pytest.mark.parametrize("tile", [2, 4])
 def test_winograd_work_split_over_threads(threads, N, C, K, H, W, tile):
     """Fewer tile blocks than threads split the output channels into parts (32 channels a unit, the last part
