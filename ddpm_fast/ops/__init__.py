@@ -787,6 +787,10 @@ def conv2d(
     layouts are copied to channels_last once); the GPU backends run cuDNN. ``prepared``: an :class:`Prepared` the
     backend keeps its transformed weight in between calls (rebuilt when the weight changes). ``padding`` may be
     ``"valid"`` or ``"same"`` (the reference then runs).
+
+    Under autograd (fp32, no ``out``) the cpu backend runs the same forward kernels and a backward
+    (:class:`_Conv2d`): a 3x3 stride-1 Winograd layer's data gradient on the Winograd kernel, the weight and bias
+    gradients (and the other layers' data gradient) in ATen's convolution_backward; other backends run the reference.
     """
     x = C.tensor("x", x, min_dim=4)
     if x.dim() != 4:
@@ -835,8 +839,46 @@ def conv2d(
         raise TypeError(f"prepared: expected a ddpm_fast.ops.Prepared, got {type(prepared).__name__}")
     # out may be the residual (added elementwise) or x (the kernels then write a buffer of their own)
     C.outputs({"out": out}, {"x": x, "weight": weight, "bias": bias, "residual": residual}, in_place=("x", "residual"))
-    backend = resolve("conv2d", backend, x.device, _needs_grad(x, weight, bias, residual), x.dtype, padding=padding)
+    needs_grad = _needs_grad(x, weight, bias, residual)
+    requested = backend
+    backend = resolve("conv2d", requested, x.device, needs_grad, x.dtype, padding=padding)
+    if needs_grad and out is None and resolve("conv2d", requested, x.device, False, x.dtype, padding=padding) == "cpu":
+        if module("cpu").has_conv2d_backward(x, weight, bias, residual):  # fp32: the cpu kernels serve a backward
+            return _Conv2d.apply(x, weight, bias, residual, stride, padding, dilation, groups, prepared)
     return module(backend).conv2d(x, weight, bias, residual, stride, padding, dilation, groups, prepared, out)
+
+
+class _Conv2d(torch.autograd.Function):
+    """conv2d on the cpu kernels (Winograd or oneDNN forward) with a backward for y = conv(x, w) + b + residual:
+
+    - dx: for a 3x3 stride-1 pad-1 layer with enough channels, dx = conv3x3(dy, w_rot) with
+      w_rot[c, k, i, j] = w[k, c, 2 - i, 2 - j] (the transposed convolution of a stride-1 "same" 3x3 is the forward
+      convolution with the flipped, channel-swapped kernel), on the forward's Winograd kernel; other layers (1x1,
+      strided, few channels): ATen's convolution_backward.
+    - dw[k, c, i, j] = sum_{n,h,w} dy[n, k, h, w] x_pad[n, c, s h + d i, s w + d j] (stride s, dilation d) and
+      db[k] = sum_{n,h,w} dy[n, k, h, w]: ATen's convolution_backward (oneDNN) with output_mask (False, True, True),
+      (True, True, True) for the layers whose dx it computes too.
+    - d(residual) = dy.
+    The forward keeps x in channels_last (the layout the kernels read) and the weight; no double backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, stride, padding, dilation, groups, prepared):
+        out, xd = module("cpu").conv2d_train(x, weight, bias, residual, stride, padding, dilation, groups, prepared)
+        ctx.save_for_backward(xd, weight)
+        ctx.geometry = (stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+        ctx.prepared = prepared
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: it says so if asked
+    def backward(ctx, grad):
+        xd, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dx, dw, db = module("cpu").conv2d_backward(
+            grad, xd, weight, ctx.has_bias, *ctx.geometry, ctx.prepared, needs[:3]
+        )
+        return dx, dw, db, grad if needs[3] else None, None, None, None, None, None
 
 
 def linear(x, weight, bias=None, residual=None, *, scratch=None, backend=None, out=None):
