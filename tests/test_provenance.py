@@ -43,7 +43,6 @@ def test_fused_row_passes_on_the_cpu_kernels_and_ends_the_run_on_the_reference(m
         print(served)
         assert "conv2d cpu/winograd" in served and "attention cpu/native" in served and "torch/" not in served
         monkeypatch.setattr(ops._cpu, "unavailable", lambda: "hidden for this test")  # auto quietly runs the reference
-        model = df.UNet(**TINY).eval()  # one that has not resolved its kernels while the cpu backend was visible
         with pytest.raises(SystemExit) as e:
             common.fused_row("ddpm_fast cpu", lambda: model(x, t), backend="cpu", ops=UNET_OPS)
     assert _exit_line(e).startswith(

@@ -8,7 +8,6 @@ google/ddpm-cifar10-32 configuration.
 
 from __future__ import annotations
 
-import contextvars
 import math
 from dataclasses import dataclass
 
@@ -88,35 +87,6 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(emb)))
 
 
-# Inside a UNet's inference forward (no autograd) each layer calls the backend function its op resolved to
-# (ops.kernel_for) directly, once the op itself, with its checks, has run for the same backend, device, dtype and
-# shapes: the arguments are the model's own, and the input is checked once at the model's entry. The checks cost
-# tens of microseconds a call, several hundred calls a forward (measured: ops.group_norm_silu 35 us a call against
-# 7 us for its kernel on a tiny tensor, one thread). The value: ops.dispatch_state() during such a forward (part of
-# every key), else None.
-_LEAN = contextvars.ContextVar("ddpm_fast_unet_lean", default=None)
-
-
-class _Kernels(dict):
-    """A layer's resolved backend functions, by (op, backend, device, dtype, shapes); a few shapes at most."""
-
-    def call(self, key, checked, direct, op, backend, device, dtype, **facts):
-        """direct(fn) with the function resolved for ``key``; the first time (and outside a UNet's inference
-        forward) checked(), the op with its checks."""
-        state = _LEAN.get()
-        if state is None:
-            return checked()
-        key = (state, *key)
-        fn = self.get(key)
-        if fn is not None:
-            return direct(fn)
-        y = checked()
-        if len(self) >= 8:
-            self.clear()
-        self[key] = ops.kernel_for(op, backend, device, dtype, **facts)
-        return y
-
-
 def _gemm_backend(backend: str | None) -> str | None:
     """The backend of a model's convolutions and linear layers: the reference with backend 'torch', else the
     device's own (a model's backend names the kernels of its norms and attention; its GEMMs run in the fastest
@@ -131,16 +101,9 @@ class Linear(nn.Linear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.backend = None
-        self._kernels = _Kernels()
 
     def forward(self, x, residual=None, scratch=None):
-        backend = _gemm_backend(self.backend)
-        return self._kernels.call(
-            ("linear", backend, x.device, x.dtype, x.shape, residual is None),
-            lambda: ops.linear(x, self.weight, self.bias, residual, scratch=scratch, backend=backend),
-            lambda fn: fn(x, self.weight, self.bias, residual, scratch, None),
-            "linear", backend, x.device, x.dtype,
-        )  # fmt: skip
+        return ops.linear(x, self.weight, self.bias, residual, scratch=scratch, backend=_gemm_backend(self.backend))
 
 
 class Conv2d(nn.Conv2d):
@@ -153,20 +116,20 @@ class Conv2d(nn.Conv2d):
             raise ValueError(f"padding_mode: ops.conv2d pads with zeros, got {self.padding_mode!r}")
         self.backend = None
         self.prepared = ops.Prepared()
-        self._kernels = _Kernels()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        backend = _gemm_backend(self.backend)
-        geometry = (self.stride, self.padding, self.dilation, self.groups)
-        return self._kernels.call(
-            ("conv2d", backend, x.device, x.dtype, x.shape, residual is None),
-            lambda: ops.conv2d(
-                x, self.weight, self.bias, residual, stride=self.stride, padding=self.padding,
-                dilation=self.dilation, groups=self.groups, prepared=self.prepared, backend=backend,
-            ),
-            lambda fn: fn(x, self.weight, self.bias, residual, *geometry, self.prepared, None),
-            "conv2d", backend, x.device, x.dtype, padding=self.padding,
-        )  # fmt: skip
+        return ops.conv2d(
+            x,
+            self.weight,
+            self.bias,
+            residual,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            prepared=self.prepared,
+            backend=_gemm_backend(self.backend),
+        )
 
 
 class GroupNormAct(nn.GroupNorm):
@@ -176,18 +139,11 @@ class GroupNormAct(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps)
         self.silu = silu
         self.backend = None
-        self._kernels = _Kernels()
 
     def forward(self, x, add=None, out=None):
-        return self._kernels.call(
-            ("group_norm_silu", self.backend, x.device, x.dtype, x.shape, add is None),
-            lambda: ops.group_norm_silu(
-                x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu, add=add, backend=self.backend,
-                out=out,
-            ),
-            lambda fn: fn(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, add, out),
-            "group_norm_silu", self.backend, x.device, x.dtype,
-        )  # fmt: skip
+        return ops.group_norm_silu(
+            x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu, add=add, backend=self.backend, out=out
+        )
 
 
 class ResBlock(nn.Module):
@@ -201,12 +157,9 @@ class ResBlock(nn.Module):
         self.conv2 = Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = Conv2d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x, temb_act, temb_add=None):
-        """temb_add: time_emb_proj(temb_act) when the caller has it (UNet's inference projects every block's at once)."""
+    def forward(self, x, temb_act):
         h = self.conv1(self.norm1(x))
-        if temb_add is None:
-            temb_add = self.time_emb_proj(temb_act)
-        h = self.norm2(h, add=temb_add)  # the time embedding is added before the norm
+        h = self.norm2(h, add=self.time_emb_proj(temb_act))  # the time embedding is added before the norm
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return self.conv2(self.dropout(h), residual=skip)  # the residual add fused into the conv where it can be
 
@@ -228,7 +181,6 @@ class AttnBlock(nn.Module):
         self.backend = None
         self.scratch = ops.Scratch()  # a UNet gives all its attention blocks one
         self._qkv = ops.Prepared()
-        self._kernels = _Kernels()
 
     def _projection_weights(self, fold_out: bool):
         """to_q, to_k, to_v stacked into one (3C, C) projection, kept until a weight changes.
@@ -276,32 +228,14 @@ class AttnBlock(nn.Module):
         h = self.group_norm(x, out=self.scratch.get("normed", x)).flatten(2).transpose(1, 2)
         fold_out = self.num_heads == 1
         w, b = self._projection_weights(fold_out)
-        gemm, slot, kernels = _gemm_backend(self.backend), self.scratch.slot("qkv"), self._kernels
-        qkv = kernels.call(
-            ("linear", gemm, h.device, h.dtype, h.shape),
-            lambda: ops.linear(h, w, b, scratch=slot, backend=gemm),
-            lambda fn: fn(h, w, b, None, slot, None),
-            "linear", gemm, h.device, h.dtype,
-        )  # fmt: skip
+        qkv = ops.linear(h, w, b, scratch=self.scratch.slot("qkv"), backend=_gemm_backend(self.backend))
         q, k, v = qkv.split(C, dim=-1)
         if fold_out:  # attention with the output projection folded in and the residual in its epilogue
             res = x.permute(0, 2, 3, 1).reshape(B, 1, H * W, C)  # a view when x is channels_last
-            q, k, v = q[:, None], k[:, None], v[:, None]
-            o = kernels.call(
-                ("attention", self.backend, x.device, x.dtype, x.shape, True),
-                lambda: ops.attention(q, k, v, residual=res, backend=self.backend),
-                lambda fn: fn(q, k, v, None, res, None),
-                "attention", self.backend, x.device, x.dtype, q=q, k=k, v=v, residual=res,
-            )  # fmt: skip
+            o = ops.attention(q[:, None], k[:, None], v[:, None], residual=res, backend=self.backend)
             return o.transpose(2, 3).reshape(B, C, H, W)  # (B, HW, C) memory: channels_last, no copy
         o = self.scratch.get("heads", x, (B, H * W, C))  # (B, HW, heads, d): merging the heads is a view
-        q, k, v, oh = self._heads(q), self._heads(k), self._heads(v), self._heads(o)
-        kernels.call(
-            ("attention", self.backend, x.device, x.dtype, x.shape, False),
-            lambda: ops.attention(q, k, v, backend=self.backend, out=oh),
-            lambda fn: fn(q, k, v, None, None, oh),
-            "attention", self.backend, x.device, x.dtype, q=q, k=k, v=v,
-        )  # fmt: skip
+        ops.attention(self._heads(q), self._heads(k), self._heads(v), backend=self.backend, out=self._heads(o))
         x_rows = x.permute(0, 2, 3, 1).reshape(B * H * W, C)  # a view when x is channels_last
         out = self.to_out[0](o.view(B * H * W, C), residual=x_rows)  # o W_out^T + b_out + x in one call
         return out.view(B, H, W, C).permute(0, 3, 1, 2)
@@ -399,9 +333,6 @@ class UNet(nn.Module):
         self.conv_norm_out = GroupNormAct(cfg.num_groups, cin, cfg.eps, silu=True)
         self.conv_out = Conv2d(cin, cfg.out_channels, 3, padding=1)
         self.backend = None
-        self._temb = ops.Prepared()  # every ResBlock's time_emb_proj stacked (_time_projections)
-        self._resblocks = [m for m in self.modules() if isinstance(m, ResBlock)]  # a list: not registered again
-        self._kernels = _Kernels()
 
     @classmethod
     def ddpm_cifar10(cls, **overrides) -> UNet:
@@ -447,46 +378,14 @@ class UNet(nn.Module):
         if self.backend != "torch" and x.device.type == "cpu" and not torch.is_grad_enabled():
             # CPU inference runs channels_last: oneDNN convolutions and the fused NHWC kernels are faster there
             x = x.contiguous(memory_format=torch.channels_last)
-        lean = _LEAN.set(None if torch.is_grad_enabled() else ops.dispatch_state())
-        try:
-            return self._forward(x, t)
-        finally:
-            _LEAN.reset(lean)
-
-    def _time_projections(self, temb_act: torch.Tensor) -> dict:
-        """Every ResBlock's time_emb_proj(SiLU(temb)) from one GEMM over their stacked weights, {block: (B, C)}:
-        at batch 1 a (4 ch) x C projection is a few microseconds of arithmetic behind each call's fixed cost (the
-        CIFAR-10 U-Net has 22 of them)."""
-        blocks = self._resblocks
-        projs = [b.time_emb_proj for b in blocks]
-
-        def stack():
-            with torch.no_grad():
-                return torch.cat([p.weight for p in projs]).detach(), torch.cat([p.bias for p in projs]).detach()
-
-        w, b = self._temb.get([t for p in projs for t in (p.weight, p.bias)], "stacked", stack)
-        gemm = _gemm_backend(self.backend)
-        y = self._kernels.call(
-            ("linear", gemm, temb_act.device, temb_act.dtype, temb_act.shape),
-            lambda: ops.linear(temb_act, w, b, backend=gemm),
-            lambda fn: fn(temb_act, w, b, None, None, None),
-            "linear", gemm, temb_act.device, temb_act.dtype,
-        )  # fmt: skip
-        return dict(zip(blocks, y.split([p.out_features for p in projs], dim=1)))
-
-    def _forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temb = self.time_embedding(timestep_embedding(t, self.config.ch).to(x.dtype))
         temb_act = F.silu(temb)  # every ResBlock projects SiLU(temb): compute it once
-        adds = {} if _LEAN.get() is None else self._time_projections(temb_act)
-
-        def resblock(block, h):
-            return block(h, temb_act, adds.get(block))
 
         h = self.conv_in(x)
         hs = [h]
         for level in self.down_blocks:
             for j, block in enumerate(level.resnets):
-                h = resblock(block, h)
+                h = block(h, temb_act)
                 if level.attentions is not None:
                     h = level.attentions[j](h)
                 hs.append(h)
@@ -494,10 +393,10 @@ class UNet(nn.Module):
                 h = level.sampler(h)
                 hs.append(h)
         mid = self.mid_block
-        h = resblock(mid.resnets[1], mid.attentions[0](resblock(mid.resnets[0], h)))
+        h = mid.resnets[1](mid.attentions[0](mid.resnets[0](h, temb_act)), temb_act)
         for level in self.up_blocks:
             for j, block in enumerate(level.resnets):
-                h = resblock(block, torch.cat([h, hs.pop()], dim=1))
+                h = block(torch.cat([h, hs.pop()], dim=1), temb_act)
                 if level.attentions is not None:
                     h = level.attentions[j](h)
             if level.sampler is not None:

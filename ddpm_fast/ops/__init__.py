@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 
 import torch
 
@@ -43,10 +42,8 @@ __all__ = [
     "conv3x3",
     "ddim_step",
     "ddpm_step",
-    "dispatch_state",
     "dpmpp_step",
     "group_norm_silu",
-    "kernel_for",
     "keyed_normal",
     "linear",
     "q_sample",
@@ -56,24 +53,6 @@ __all__ = [
     "winograd_weight",
     "winograd_weight_bf16",
 ]
-
-
-def kernel_for(op: str, backend, device: torch.device, dtype: torch.dtype, **facts):
-    """The backend function ``ops.<op>`` hands its arguments to, without autograd, for tensors of ``dtype`` on
-    ``device`` (``facts``: what the backends' capability rules look at, as the op passes them to ``resolve``). It
-    takes the op's arguments after the op's checks, positionally (e.g. ``conv2d(x, weight, bias, residual, stride,
-    padding, dilation, groups, prepared, out)``), and records its call in a :func:`trace` as the op does. A model
-    whose arguments are its own may call it after one checked call of the op for the same shapes: the U-Net's
-    inference does (ddpm_fast/models/unet.py), where the checks cost tens of microseconds a call, keyed with
-    :func:`dispatch_state`."""
-    return getattr(module(resolve(op, backend, device, False, dtype, **facts)), op)
-
-
-def dispatch_state() -> tuple:
-    """What a process may switch at run time that changes which backend ``resolve`` picks: DDPM_FAST_BACKEND,
-    TRITON_INTERPRET and whether oneDNN is enabled. A cache of :func:`kernel_for` keys on it."""
-    env = os.environ
-    return env.get("DDPM_FAST_BACKEND"), env.get("TRITON_INTERPRET"), torch.backends.mkldnn.enabled
 
 
 def _needs_grad(*tensors) -> bool:
