@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import ddpm_fast as df
-from tests.helpers import needs_cpu
+from tests.helpers import HAS_CPU, needs_cpu
 
 FP32_ATOL, FP32_RTOL = 2e-5, 1e-5  # DESIGN.md's fp32 tolerance for reductions, against float64
 
@@ -73,16 +73,30 @@ def test_conv2d_prepared_weight_follows_the_weight():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
-def test_conv2d_other_dtypes_and_training_run_the_reference(dtype):
+def test_conv2d_other_dtypes_run_the_reference(dtype):
     x, w = torch.randn(2, 16, 5, 5, dtype=dtype), torch.randn(16, 16, 3, 3, dtype=dtype)
     with df.ops.trace() as calls:
         got = df.ops.conv2d(x, w, padding=1)
     assert [c.backend for c in calls] == ["torch"]
     torch.testing.assert_close(got, F.conv2d(x, w, padding=1))
+
+
+def test_conv2d_training_runs_the_cpu_kernels_or_the_reference():
+    """fp32 under autograd: the cpu kernels forward and backward (ops._Conv2d) where the extension is built, the
+    reference otherwise; the weight's gradient equals F.conv2d's either way."""
+    x = torch.randn(2, 16, 5, 5)
     wg = torch.randn(16, 16, 3, 3, requires_grad=True)
     with df.ops.trace() as calls:
-        df.ops.conv2d(torch.randn(2, 16, 5, 5), wg, padding=1).sum().backward()
-    assert [c.backend for c in calls] == ["torch"] and wg.grad is not None
+        df.ops.conv2d(x, wg, padding=1).sum().backward()
+    want = "cpu" if HAS_CPU else "torch"
+    assert {c.backend for c in calls} == {want} and wg.grad is not None
+    if HAS_CPU:
+        assert [c.op for c in calls] == ["conv2d", "conv2d_backward"]
+    w2 = wg.detach().clone().requires_grad_(True)
+    F.conv2d(x, w2, padding=1).sum().backward()
+    err = (wg.grad - w2.grad).abs().max().item()
+    print(f"conv2d weight gradient ({want}) vs F.conv2d's: max err {err:.3g}")
+    torch.testing.assert_close(wg.grad, w2.grad, atol=1e-4, rtol=1e-4)
 
 
 @needs_cpu
