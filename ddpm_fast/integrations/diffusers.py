@@ -388,6 +388,22 @@ def _noise_unfused_reason(variance_noise, sample: torch.Tensor) -> str | None:
     return None
 
 
+def _check_multistep_config(config, num_inference_steps, solver: str) -> None:
+    """What a multistep scheduler's set_timesteps takes silently: a solver order outside 1-3 and more inference
+    steps than the training schedule has timesteps."""
+    order = config.solver_order
+    if isinstance(order, bool) or order not in (1, 2, 3):
+        raise ValueError(f"solver_order: {solver} has orders 1, 2 and 3, got {order!r}")
+    n = config.num_train_timesteps
+    if num_inference_steps is not None and not (
+        isinstance(num_inference_steps, numbers.Integral) and not isinstance(num_inference_steps, bool)
+        and 1 <= num_inference_steps <= n
+    ):  # fmt: skip
+        raise ValueError(
+            f"num_inference_steps: expected an int in [1, {n}] (num_train_timesteps), got {num_inference_steps!r}"
+        )
+
+
 class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
     """diffusers.DPMSolverMultistepScheduler with ``step`` on ddpm_fast's fused DPM-Solver++ step.
 
@@ -516,17 +532,7 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, **kwargs):
         """diffusers' set_timesteps, after checking what it would take silently: a solver order it has no update for
         (it runs order 3's for any order above 2) and more steps than the training schedule has timesteps."""
-        order = self.config.solver_order
-        if isinstance(order, bool) or order not in (1, 2, 3):
-            raise ValueError(f"solver_order: DPM-Solver++ multistep has orders 1, 2 and 3, got {order!r}")
-        n = self.config.num_train_timesteps
-        if num_inference_steps is not None and not (
-            isinstance(num_inference_steps, numbers.Integral) and not isinstance(num_inference_steps, bool)
-            and 1 <= num_inference_steps <= n
-        ):  # fmt: skip
-            raise ValueError(
-                f"num_inference_steps: expected an int in [1, {n}] (num_train_timesteps), got {num_inference_steps!r}"
-            )
+        _check_multistep_config(self.config, num_inference_steps, "DPM-Solver++ multistep")
         return super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps, **kwargs)
 
     def _check_step(self, model_output, timestep, sample) -> None:
@@ -698,17 +704,7 @@ class FusedUniPCMultistepScheduler(UniPCMultistepScheduler):
     def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
         """diffusers' set_timesteps, after checking what it would take silently: a solver order it has no update for
         and more steps than the training schedule has timesteps."""
-        order = self.config.solver_order
-        if isinstance(order, bool) or order not in (1, 2, 3):
-            raise ValueError(f"solver_order: the fused UniPC has orders 1, 2 and 3, got {order!r}")
-        n = self.config.num_train_timesteps
-        if num_inference_steps is not None and not (
-            isinstance(num_inference_steps, numbers.Integral) and not isinstance(num_inference_steps, bool)
-            and 1 <= num_inference_steps <= n
-        ):  # fmt: skip
-            raise ValueError(
-                f"num_inference_steps: expected an int in [1, {n}] (num_train_timesteps), got {num_inference_steps!r}"
-            )
+        _check_multistep_config(self.config, num_inference_steps, "the fused UniPC")
         return super().set_timesteps(num_inference_steps, device=device, **kwargs)
 
     _check_step = FusedDPMSolverMultistepScheduler._check_step

@@ -21,7 +21,7 @@ import numbers
 import torch
 
 from ..reference.ddim_step import ddim_coefficients
-from ..reference.dpmpp_step import SOLVER_TYPES, dpmpp_coefficients, full_row
+from ..reference.dpmpp_step import SOLVER_TYPES, dpmpp_coefficients, full_row, history_read
 from ..reference.noise import STREAM_X_T
 from . import _checks as C
 from ._layout import MEMORY_FORMATS
@@ -412,13 +412,7 @@ def unipc_step(
             if corrected
             else "last_sample: given, but the rows have no corrector (c_* all 0)"
         )
-    need = 0
-    if bool((k[:, 5] != 0).any()) or corrected:
-        need = 1
-    if bool((k[:, 6] != 0).any()) or (corrected and bool((k[:, 12] != 0).any())):
-        need = 2
-    if corrected and bool((k[:, 13] != 0).any()):
-        need = 3
+    need = history_read(k, corrected)
     if len(x0_history) < need:
         raise ValueError(f"x0_history: the rows read {need} earlier data predictions, {len(x0_history)} given")
     inputs = {"x_t": x_t, "model_output": model_output, **dict(zip(names, x0_history)), "last_sample": last_sample}

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as ref
+from ..reference.dpmpp_step import history_read
 from ._layout import dense, finish, memory_format, result_buffer, rows
 from ._trace import record
 
@@ -186,13 +187,7 @@ def dpmpp_step(
     corrected = last_sample is not None
     # the history the rows read (a host table: free to read), as the cpu kernel picks per sample
     k = coefficients
-    need = 0
-    if bool((k[:, 5] != 0).any()) or corrected:
-        need = 1
-    if bool((k[:, 6] != 0).any()) or (corrected and bool((k[:, 12] != 0).any())):
-        need = 2
-    if corrected and bool((k[:, 13] != 0).any()):
-        need = 3
+    need = history_read(k, corrected)
     y = result_buffer(sample_out, xd, fmt) if corrected else None
     if noise is not None:
         mode = tk.NOISE_GIVEN

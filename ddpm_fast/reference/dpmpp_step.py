@@ -61,6 +61,16 @@ COLUMNS = ("px", "pm", "q", "a_x", "a_0", "a_d", "a_e", "rho", "a_z", "c_l", "c_
 ROW = len(COLUMNS)
 
 
+def history_read(k: torch.Tensor, corrected: bool) -> int:
+    """How many earlier data predictions (D1, D2, D3) the (B, 14) rows read: D1 where a_d or a corrector is there,
+    D2 where a_e (or the corrector's c_e), D3 where the corrector's c_f is nonzero for some sample."""
+    if corrected and bool((k[:, 13] != 0).any()):
+        return 3
+    if bool((k[:, 6] != 0).any()) or (corrected and bool((k[:, 12] != 0).any())):
+        return 2
+    return 1 if corrected or bool((k[:, 5] != 0).any()) else 0
+
+
 def full_row(k: torch.Tensor) -> torch.Tensor:
     """A (B, 6), (B, 9) or (B, 14) coefficient table as (B, 14), the missing columns zero."""
     if k.shape[1] == ROW:
