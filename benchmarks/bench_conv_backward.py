@@ -1,15 +1,14 @@
 """A convolution under autograd, forward + backward: ops.conv2d on the cpu kernels (Winograd forward, data gradient
 dx = conv3x3(dy, w_rot) on the same Winograd kernel, weight and bias gradients by ATen's convolution_backward) vs
 F.conv2d + ATen's autograd (what diffusers' training runs), NCHW and channels_last. Also the backward's parts alone:
-the data gradient by Winograd vs by ATen, and the Winograd weight transforms (rebuilt once a training step, the
-weight having changed) by the extension's kernel and by the basis GEMM the training path uses.
+the data gradient by Winograd vs by ATen, and the Winograd weight transforms (built in each forward and backward
+under autograd) by the extension's kernel and by the basis GEMM the training path uses.
 
     python benchmarks/bench_conv_backward.py [--batch 8] [--cin 128] [--cout 128] [--size 32] [--threads 1]
         [--rounds 7] [--json PATH]
 
 Every forward + backward row first changes the weight in place (w.mul_(1.0)), as an optimizer step does between
-training steps, so the Winograd transforms are rebuilt as in training; one row keeps the weight, its transforms
-cached. Times: interleaved rounds in this process (common.interleaved_medians); ratios paired by round.
+training steps. Times: interleaved rounds in this process (common.interleaved_medians); ratios paired by round.
 """
 
 from __future__ import annotations
@@ -54,20 +53,18 @@ def main():
     b = torch.zeros(K, requires_grad=True)
     dy = torch.randn(B, K, S, S)
     dy_cl = dy.contiguous(memory_format=torch.channels_last)
-    prepared = df.ops.Prepared()
 
-    def step(fn, inp, g, changed=True):
+    def step(fn, inp, g):
         def run():
-            if changed:  # as an optimizer step does: the weight's in-place version moves, its transforms are rebuilt
-                with torch.no_grad():
-                    w.mul_(1.0)
+            with torch.no_grad():  # as an optimizer step does: the weight's in-place version moves
+                w.mul_(1.0)
             xi = inp.detach().requires_grad_(True)
             w.grad = b.grad = None
             fn(xi).backward(g)
 
         return run
 
-    fused = step(lambda xi: df.ops.conv2d(xi, w, b, padding=1, prepared=prepared), x_cl, dy_cl)
+    fused = step(lambda xi: df.ops.conv2d(xi, w, b, padding=1), x_cl, dy_cl)
     with df.ops.trace() as calls:
         fused()
     served = calls.summary()
@@ -79,9 +76,6 @@ def main():
     packed = _cpu._winograd_weight_gemm(wd, tile, True)
     providers = {
         "fused fwd+bwd (channels_last)": fused,
-        "fused, weight unchanged (cached)": step(
-            lambda xi: df.ops.conv2d(xi, w, b, padding=1, prepared=prepared), x_cl, dy_cl, changed=False
-        ),
         "F.conv2d fwd+bwd NCHW": step(lambda xi: F.conv2d(xi, w, b, padding=1), x, dy),
         "F.conv2d fwd+bwd channels_last": step(lambda xi: F.conv2d(xi, w, b, padding=1), x_cl, dy_cl),
         "dx: Winograd (weight transformed)": lambda: _cpu._winograd_conv(dy_cl, None, None, None, packed, None),

@@ -764,6 +764,8 @@ def conv2d(
     Under autograd (fp32, no ``out``) the cpu backend runs the same forward kernels and a backward
     (:class:`_Conv2d`): a 3x3 stride-1 Winograd layer's data gradient on the Winograd kernel, the weight and bias
     gradients (and the other layers' data gradient) in ATen's convolution_backward; other backends run the reference.
+    There ``prepared`` is not used: an optimizer step changes the weight, so the transforms are built for each call
+    and freed with it (kept, they would add 8x the 3x3 weights to a training step's memory).
     """
     x = C.tensor("x", x, min_dim=4)
     if x.dim() != 4:
@@ -817,7 +819,7 @@ def conv2d(
     backend = resolve("conv2d", requested, x.device, needs_grad, x.dtype, padding=padding)
     if needs_grad and out is None and resolve("conv2d", requested, x.device, False, x.dtype, padding=padding) == "cpu":
         if module("cpu").has_conv2d_backward(x, weight, bias, residual):  # fp32: the cpu kernels serve a backward
-            return _Conv2d.apply(x, weight, bias, residual, stride, padding, dilation, groups, prepared)
+            return _Conv2d.apply(x, weight, bias, residual, stride, padding, dilation, groups)
     return module(backend).conv2d(x, weight, bias, residual, stride, padding, dilation, groups, prepared, out)
 
 
@@ -835,12 +837,11 @@ class _Conv2d(torch.autograd.Function):
     The forward keeps x in channels_last (the layout the kernels read) and the weight; no double backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, stride, padding, dilation, groups, prepared):
-        out, xd = module("cpu").conv2d_train(x, weight, bias, residual, stride, padding, dilation, groups, prepared)
+    def forward(ctx, x, weight, bias, residual, stride, padding, dilation, groups):
+        out, xd = module("cpu").conv2d_train(x, weight, bias, residual, stride, padding, dilation, groups)
         ctx.save_for_backward(xd, weight)
         ctx.geometry = (stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
-        ctx.prepared = prepared
         return out
 
     @staticmethod
@@ -848,10 +849,8 @@ class _Conv2d(torch.autograd.Function):
     def backward(ctx, grad):
         xd, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        dx, dw, db = module("cpu").conv2d_backward(
-            grad, xd, weight, ctx.has_bias, *ctx.geometry, ctx.prepared, needs[:3]
-        )
-        return dx, dw, db, grad if needs[3] else None, None, None, None, None, None
+        dx, dw, db = module("cpu").conv2d_backward(grad, xd, weight, ctx.has_bias, *ctx.geometry, needs[:3])
+        return dx, dw, db, grad if needs[3] else None, None, None, None, None
 
 
 def linear(x, weight, bias=None, residual=None, *, scratch=None, backend=None, out=None):

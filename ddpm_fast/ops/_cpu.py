@@ -486,13 +486,15 @@ def has_conv2d_backward(x, weight, bias, residual) -> bool:
     return all(t.dtype == torch.float32 for t in (x, weight, bias, residual) if t is not None)
 
 
-def conv2d_train(x, weight, bias, residual, stride, padding, dilation, groups, prepared):
+def conv2d_train(x, weight, bias, residual, stride, padding, dilation, groups):
     """The forward of :func:`conv2d` under autograd: (out, the channels_last x the kernels read, kept for the
-    weight gradient). A Winograd layer's transformed weight comes from :func:`_winograd_weight_gemm` (training
-    changes the weight every step, so it is rebuilt every step), put in ``prepared`` where conv2d looks for it."""
+    weight gradient). A Winograd layer's transformed weight comes from :func:`_winograd_weight_gemm` and lives for
+    this call only: training changes the weight every step, so a kept transform is never used again, and the U-Net's
+    kept transforms (forward and rotated, 4x the weights each at F(4x4, 3x3)) would add ~1 GB to a training step's
+    peak memory (the layer's inference cache, ``conv2d(prepared=)``, is not touched)."""
     xd = x.contiguous(memory_format=torch.channels_last)
+    prepared = Prepared()
     if x.dtype == torch.float32 and _winograd(weight, stride, padding, dilation, groups):
-        prepared = Prepared() if prepared is None else prepared
         tile = winograd_tile(xd.shape[0], xd.shape[2], xd.shape[3])
         prepared.get((weight,), ("winograd", tile), lambda: _winograd_weight_gemm(weight.detach(), tile, False))
     return conv2d(xd, weight, bias, residual, stride, padding, dilation, groups, prepared, None), xd
@@ -525,12 +527,12 @@ def _winograd_weight_gemm(weight, tile, rotated):
     return torch.mm(M, taps).view(-1, C, K)
 
 
-def conv2d_backward(grad, xd, weight, has_bias, stride, padding, dilation, groups, prepared, needs):
+def conv2d_backward(grad, xd, weight, has_bias, stride, padding, dilation, groups, needs):
     """(dx, dw, db) of ``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` for dL/dy = grad, each None
     where ``needs`` (three bools) says it is not wanted. Winograd-eligible 3x3 layers: dx = conv3x3(grad, w_rot)
-    (:func:`_rotated`) on the forward's Winograd kernel, its transformed weight kept in ``prepared`` beside the
-    forward's (both rebuilt when the weight changes); dw and db by ATen's convolution_backward (oneDNN). Other
-    layers: all three by ATen's convolution_backward."""
+    (:func:`_rotated`) on the forward's Winograd kernel, its transformed weight built for the call (as the
+    forward's is); dw and db by ATen's convolution_backward (oneDNN). Other layers: all three by ATen's
+    convolution_backward."""
     cl = torch.channels_last
     g = grad.contiguous(memory_format=cl)
     w = weight.detach()
@@ -540,10 +542,7 @@ def conv2d_backward(grad, xd, weight, has_bias, stride, padding, dilation, group
     if _winograd(w, stride, padding, dilation, groups) and needs[0]:
         record("conv2d_backward", NAME, "winograd+aten")
         tile = winograd_tile(g.shape[0], g.shape[2], g.shape[3])
-        packed = prepared_value(
-            prepared, (weight,), ("winograd_rot", tile), lambda: _winograd_weight_gemm(w, tile, True)
-        )
-        dx = _winograd_conv(g, None, None, None, packed, None)
+        dx = _winograd_conv(g, None, None, None, _winograd_weight_gemm(w, tile, True), None)  # built per call
         mask = [False, needs[1], has_bias and needs[2]]
     else:
         record("conv2d_backward", NAME, "aten")
