@@ -18,7 +18,7 @@ fresh t and eps each step. The optimizer step is eager in every row.
 Kernels: a training step runs under autograd, where q_sample, GroupNorm+SiLU (fp32 CPU, forward and backward),
 attention (CPU, forward with its log-sum-exp and flash-style backward) and the convolutions (fp32 CPU: Winograd or
 oneDNN forward; the 3x3 layers' data gradient on the Winograd kernel, weight and bias gradients in ATen's
-convolution_backward) have cpu kernels today; the linear layers run the reference. The ddpm_fast row therefore is
+convolution_backward, the 1x1 shortcuts' gradients as GEMMs) have cpu kernels today; the linear layers run the reference. The ddpm_fast row therefore is
 not "fused": its record holds ``served`` (ops.trace() of one step: every op, backend and kernel) and the ops each
 side served. The run ends in one line if one of those ops did not run on the cpu kernels in that row.
 

@@ -49,6 +49,7 @@ def test_one_round_on_the_small_unet_writes_every_row_and_what_served_it(tmp_pat
     assert ours["reference_ops"] == ["linear"] and ours["all_fused"] is False
     served = ("q_sample cpu/native x1", "group_norm_silu_backward cpu/native", "attention_backward cpu/native")
     served += ("conv2d cpu/onednn", "conv2d_backward cpu/winograd+aten", "conv2d_backward cpu/aten")
+    served += ("conv2d_backward cpu/gemm",)
     for part in served + ("linear torch/reference",):
         assert part in ours["served"], ours["served"]
     reference = rows["ddpm_fast reference"]

@@ -94,7 +94,7 @@ def test_training_runs_the_reference_and_says_so():
         model(torch.randn(1, 3, 16, 16), torch.tensor([3])).sum().backward()
     fused = {str(c) for c in calls if c.fused}
     with_backward = {f"{op}{part} cpu/native" for op in ("group_norm_silu", "attention") for part in ("", "_backward")}
-    backward = {"conv2d_backward cpu/winograd+aten", "conv2d_backward cpu/aten"}
+    backward = {"conv2d_backward cpu/winograd+aten", "conv2d_backward cpu/aten", "conv2d_backward cpu/gemm"}
     conv = {"conv2d cpu/winograd", "conv2d cpu/winograd4x4", "conv2d cpu/onednn"} | backward
     assert fused <= with_backward | conv, fused
     assert {c.op for c in calls if not c.fused} >= {"linear"}

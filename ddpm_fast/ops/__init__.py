@@ -762,8 +762,9 @@ def conv2d(
     ``"valid"`` or ``"same"`` (the reference then runs).
 
     Under autograd (fp32, no ``out``) the cpu backend runs the same forward kernels and a backward
-    (:class:`_Conv2d`): a 3x3 stride-1 Winograd layer's data gradient on the Winograd kernel, the weight and bias
-    gradients (and the other layers' data gradient) in ATen's convolution_backward; other backends run the reference.
+    (:class:`_Conv2d`): a 3x3 stride-1 Winograd layer's data gradient on the Winograd kernel, a 1x1 layer's gradients
+    as GEMMs, the other weight and bias gradients (and the other layers' data gradient) in ATen's
+    convolution_backward; other backends run the reference.
     There ``prepared`` is not used: an optimizer step changes the weight, so the transforms are built for each call
     and freed with it (kept, they would add 8x the 3x3 weights to a training step's memory).
     """
@@ -828,11 +829,11 @@ class _Conv2d(torch.autograd.Function):
 
     - dx: for a 3x3 stride-1 pad-1 layer with enough channels, dx = conv3x3(dy, w_rot) with
       w_rot[c, k, i, j] = w[k, c, 2 - i, 2 - j] (the transposed convolution of a stride-1 "same" 3x3 is the forward
-      convolution with the flipped, channel-swapped kernel), on the forward's Winograd kernel; other layers (1x1,
-      strided, few channels): ATen's convolution_backward.
+      convolution with the flipped, channel-swapped kernel), on the forward's Winograd kernel; 1x1 layers: a GEMM
+      over the pixels; other layers (strided, few channels): ATen's convolution_backward.
     - dw[k, c, i, j] = sum_{n,h,w} dy[n, k, h, w] x_pad[n, c, s h + d i, s w + d j] (stride s, dilation d) and
       db[k] = sum_{n,h,w} dy[n, k, h, w]: ATen's convolution_backward (oneDNN) with output_mask (False, True, True),
-      (True, True, True) for the layers whose dx it computes too.
+      (True, True, True) for the layers whose dx it computes too; for a 1x1 layer, GEMMs (dw = dy^T x over pixels).
     - d(residual) = dy.
     The forward keeps x in channels_last (the layout the kernels read) and the weight; no double backward."""
 

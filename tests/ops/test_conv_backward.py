@@ -1,7 +1,7 @@
 """conv2d under autograd on the cpu kernels (ops._Conv2d): the forward on Winograd or oneDNN, the data gradient of a
 3x3 stride-1 pad-1 layer as the forward Winograd convolution of dy with w_rot[c, k, i, j] = w[k, c, 2 - i, 2 - j],
-the weight and bias gradients (and every gradient of the other layers) by ATen's convolution_backward; d(residual)
-= dy. Against float64 autograd of F.conv2d on odd shapes, finite differences, NaN, double backward, a weight that
+the weight and bias gradients (and every gradient of the other layers but 1x1 ones, which are GEMMs) by ATen's
+convolution_backward; d(residual) = dy. Against float64 autograd of F.conv2d on odd shapes, finite differences, NaN, double backward, a weight that
 changes between steps."""
 
 import pytest
@@ -14,12 +14,13 @@ from tests.helpers import assert_fp32_close, needs_cpu
 
 # (N, C, K, H, W, kernel, stride, padding, the forward kernel, the backward kernel): odd H/W, C and K above the
 # Winograd minimum and not multiples of 16, batch 1 and 3; then a 1x1 shortcut, a strided downsampling and a
-# 3-channel end through oneDNN and ATen's backward
+# 3-channel end through oneDNN and ATen's backward (the 1x1's backward as GEMMs)
 CASES = [
     (1, 17, 35, 5, 11, 3, 1, 1, "winograd", "winograd+aten"),
     (3, 19, 21, 7, 9, 3, 1, 1, "winograd", "winograd+aten"),
     (3, 33, 18, 13, 15, 3, 1, 1, "winograd4x4", "winograd+aten"),  # 48 tiles: F(4x4) at one or two threads
-    (3, 19, 21, 7, 9, 1, 1, 0, "onednn", "aten"),
+    (3, 19, 21, 7, 9, 1, 1, 0, "onednn", "gemm"),
+    (1, 21, 19, 1, 1, 1, 1, 0, "onednn", "gemm"),  # one pixel: channels_last and contiguous are the same strides
     (3, 19, 21, 9, 7, 3, 2, 1, "onednn", "aten"),
     (1, 3, 20, 9, 9, 3, 1, 1, "onednn", "aten"),
 ]
