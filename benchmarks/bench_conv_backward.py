@@ -2,7 +2,8 @@
 dx = conv3x3(dy, w_rot) on the same Winograd kernel, weight and bias gradients by ATen's convolution_backward) vs
 F.conv2d + ATen's autograd (what diffusers' training runs), NCHW and channels_last. Also the backward's parts alone:
 the data gradient by Winograd vs by ATen, and the Winograd weight transforms (built in each forward and backward
-under autograd) by the extension's kernel and by the basis GEMM the training path uses.
+under autograd): w's, w_rot's by the kernel's rotated mode (what the training path runs), and w_rot's from a
+rotated copy of w.
 
     python benchmarks/bench_conv_backward.py [--batch 8] [--cin 128] [--cout 128] [--size 32] [--threads 1]
         [--rounds 7] [--json PATH]
@@ -73,7 +74,7 @@ def main():
     wd = w.detach()
     geometry = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
     tile = _cpu.winograd_tile(B, S, S)
-    packed = _cpu._winograd_weight_gemm(wd, tile, True)
+    packed = _cpu.winograd_weight(wd, tile, rotated=True)
     providers = {
         "fused fwd+bwd (channels_last)": fused,
         "F.conv2d fwd+bwd NCHW": step(lambda xi: F.conv2d(xi, w, b, padding=1), x, dy),
@@ -85,9 +86,9 @@ def main():
         "dw, db: ATen convolution_backward": lambda: torch.ops.aten.convolution_backward(
             dy_cl, x_cl, wd, [K], *geometry, [False, True, True]
         ),
-        "w_rot's transform: kernel": lambda: _cpu.winograd_weight(_cpu._rotated(wd).contiguous(), tile),
-        "w_rot's transform: basis GEMM": lambda: _cpu._winograd_weight_gemm(wd, tile, True),
-        "w's transform: basis GEMM": lambda: _cpu._winograd_weight_gemm(wd, tile, False),
+        "w_rot's transform: copy + kernel": lambda: _cpu.winograd_weight(_cpu._rotated(wd).contiguous(), tile),
+        "w_rot's transform: kernel, rotated": lambda: _cpu.winograd_weight(wd, tile, rotated=True),
+        "w's transform: kernel": lambda: _cpu.winograd_weight(wd, tile),
     }
     info = machine()
     print(

@@ -376,15 +376,16 @@ void attention_backward_cpu(const at::Tensor& q, const at::Tensor& k, const at::
   cpu::attention_backward(a);
 }
 
-at::Tensor winograd_weight_cpu(const at::Tensor& w, int64_t tile) {
+at::Tensor winograd_weight_cpu(const at::Tensor& w, int64_t tile, bool rotated) {
   TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.scalar_type() == at::kFloat &&
                   w.device().is_cpu(),
               "ddpm_fast: winograd_weight expects a float32 CPU (K, C, 3, 3) weight");
   TORCH_CHECK(tile == 2 || tile == 4, "ddpm_fast: winograd_weight: tile must be 2 or 4");
   const at::Tensor wc = w.contiguous();
-  at::Tensor u = at::empty({(tile + 2) * (tile + 2), w.size(1), w.size(0)}, w.options());
-  (tile == 4 ? cpu::winograd_weight_transform_4x4 : cpu::winograd_weight_transform)(
-      wc.data_ptr<float>(), w.size(0), w.size(1), u.data_ptr<float>());
+  const int64_t K = w.size(0), C = w.size(1);
+  at::Tensor u = at::empty({(tile + 2) * (tile + 2), rotated ? K : C, rotated ? C : K}, w.options());
+  (tile == 4 ? cpu::winograd_weight_transform_4x4 : cpu::winograd_weight_transform)(wc.data_ptr<float>(), K, C,
+                                                                                     u.data_ptr<float>(), rotated);
   return u;
 }
 
@@ -528,7 +529,7 @@ TORCH_LIBRARY(ddpm_fast, m) {
   m.def(
       "attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor grad_out, Tensor lse, float scale, "
       "Tensor(a!) grad_q, Tensor(b!) grad_k, Tensor(c!) grad_v) -> ()");
-  m.def("winograd_weight(Tensor w, int tile=2) -> Tensor");
+  m.def("winograd_weight(Tensor w, int tile=2, bool rotated=False) -> Tensor");
   m.def("conv3x3(Tensor x, Tensor u, Tensor? bias, Tensor? residual, Tensor(a!) out) -> ()");
   m.def("winograd_weight_bf16(Tensor w) -> Tensor");
   m.def("conv3x3_bf16(Tensor x, Tensor u, Tensor? bias, Tensor? residual, Tensor(a!) out) -> ()");

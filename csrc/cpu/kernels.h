@@ -186,8 +186,10 @@ struct WinogradBf16Args {
   c10::BFloat16* out;             // (N, H, W, K)
 };
 
-void winograd_weight_transform(const float* w, int64_t K, int64_t C, float* u);
-void winograd_weight_transform_4x4(const float* w, int64_t K, int64_t C, float* u);
+// U[(tile + 2)^2][C][K] = G g G^T of each filter g = w[k][c] of w[K][C][3][3]; rotated: U[..][K][C] of the filters
+// flipped in both spatial axes (w_rot[c][k][i][j] = w[k][c][2 - i][2 - j], the data gradient's weight).
+void winograd_weight_transform(const float* w, int64_t K, int64_t C, float* u, bool rotated = false);
+void winograd_weight_transform_4x4(const float* w, int64_t K, int64_t C, float* u, bool rotated = false);
 void winograd_conv3x3(const WinogradArgs& args);
 // U (16, C, K) fp32 -> the packed bf16 layout of WinogradBf16Args::u.
 void winograd_pack_bf16(const float* u, int64_t K, int64_t C, c10::BFloat16* packed);

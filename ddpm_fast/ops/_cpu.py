@@ -17,7 +17,6 @@ import torch
 
 from .. import _ext
 from ._layout import dense, finish, memory_format, result_buffer, rows, signed64
-from ._prepared import Prepared
 from ._trace import record
 
 NAME = "cpu"
@@ -343,8 +342,9 @@ def attention_backward(qf, kf, vf, o, lse, grad, scale):
     return dq, dk, dv
 
 
-def winograd_weight(weight, tile=2):
-    return torch.ops.ddpm_fast.winograd_weight(weight.detach(), tile)
+def winograd_weight(weight, tile=2, rotated=False):
+    """U = G g G^T of every filter, ((tile + 2)^2, C, K); rotated: of :func:`_rotated`'s w_rot, ((tile + 2)^2, K, C)."""
+    return torch.ops.ddpm_fast.winograd_weight(weight.detach(), tile, rotated)
 
 
 def winograd_weight_bf16(weight):
@@ -488,16 +488,12 @@ def has_conv2d_backward(x, weight, bias, residual) -> bool:
 
 def conv2d_train(x, weight, bias, residual, stride, padding, dilation, groups):
     """The forward of :func:`conv2d` under autograd: (out, the channels_last x the kernels read, kept for the
-    weight gradient). A Winograd layer's transformed weight comes from :func:`_winograd_weight_gemm` and lives for
-    this call only: training changes the weight every step, so a kept transform is never used again, and the U-Net's
-    kept transforms (forward and rotated, 4x the weights each at F(4x4, 3x3)) would add ~1 GB to a training step's
-    peak memory (the layer's inference cache, ``conv2d(prepared=)``, is not touched)."""
+    weight gradient). The transformed (or reordered) weight is built for this call only: training changes the weight
+    every step, so a kept one would never be used again, and the U-Net's kept Winograd transforms (forward and
+    rotated, 4x the weights each at F(4x4, 3x3)) would add ~1 GB to a training step's peak memory (the layer's
+    inference cache, ``conv2d(prepared=)``, is not touched)."""
     xd = x.contiguous(memory_format=torch.channels_last)
-    prepared = Prepared()
-    if x.dtype == torch.float32 and _winograd(weight, stride, padding, dilation, groups):
-        tile = winograd_tile(xd.shape[0], xd.shape[2], xd.shape[3])
-        prepared.get((weight,), ("winograd", tile), lambda: _winograd_weight_gemm(weight.detach(), tile, False))
-    return conv2d(xd, weight, bias, residual, stride, padding, dilation, groups, prepared, None), xd
+    return conv2d(xd, weight, bias, residual, stride, padding, dilation, groups, None, None), xd
 
 
 def _rotated(weight):
@@ -505,26 +501,6 @@ def _rotated(weight):
     3x3 y = x * w, dx[n, c, h, w] = sum_{k,i,j} dy[n, k, h + 1 - i, w + 1 - j] w[k, c, i, j] = (dy * w_rot)[n, c, h, w]
     with the same padding: the data gradient is a forward 3x3 convolution."""
     return weight.detach().transpose(0, 1).flip(2, 3)
-
-
-_WINOGRAD_BASIS = {}  # tile -> the (tile + 2)^2 x 9 matrix of the Winograd weight transform
-
-
-def _winograd_weight_gemm(weight, tile, rotated):
-    """winograd_weight(weight, tile) (``rotated``: of :func:`_rotated`'s w_rot) as one small GEMM: the transform
-    U = G g G^T is linear in the 9 taps of g, U[t] = sum_s M[t, s] g[s] with M's columns the kernel's own transforms
-    of the 9 one-hot 3x3 kernels ((tile + 2)^2 x 9, built once). The rotation reverses the taps (s -> 8 - s) and
-    swaps the channels, so M[:, ::-1] times w viewed as (9, K * C) is w_rot's transform in the (T, K, C) layout the
-    kernel takes, with no copy. For the CIFAR U-Net's 128 -> 128 layers at one thread the kernel's F(4x4, 3x3)
-    transform took 6 ms (a quarter of the convolution at batch 8), this 0.4-0.9 ms."""
-    M = _WINOGRAD_BASIS.get(tile)
-    if M is None:
-        M = _WINOGRAD_BASIS[tile] = winograd_weight(torch.eye(9).view(9, 1, 3, 3), tile)[:, 0, :].contiguous()
-    K, C = weight.shape[:2]
-    if rotated:  # (T, 9) @ (9, K * C): w_rot's (T, C' = K, K' = C)
-        return torch.mm(M.flip(1), weight.reshape(K * C, 9).t()).view(-1, K, C)
-    taps = weight.reshape(K, C, 9).permute(2, 1, 0).reshape(9, C * K)  # one copy of the weight, (9, C * K)
-    return torch.mm(M, taps).view(-1, C, K)
 
 
 def _pointwise(weight, stride, padding, groups) -> bool:
@@ -567,7 +543,7 @@ def conv2d_backward(grad, xd, weight, has_bias, stride, padding, dilation, group
     if _winograd(w, stride, padding, dilation, groups) and needs[0]:
         record("conv2d_backward", NAME, "winograd+aten")
         tile = winograd_tile(g.shape[0], g.shape[2], g.shape[3])
-        dx = _winograd_conv(g, None, None, None, _winograd_weight_gemm(w, tile, True), None)  # built per call
+        dx = _winograd_conv(g, None, None, None, winograd_weight(w, tile, rotated=True), None)  # built per call
         mask = [False, needs[1], has_bias and needs[2]]
     else:
         record("conv2d_backward", NAME, "aten")
@@ -621,7 +597,7 @@ def _register_fakes() -> None:
         if hasattr(torch.ops.ddpm_fast, name):  # an extension built before the op existed lacks it
             torch.library.register_fake(f"ddpm_fast::{name}")(lambda *args, **kwargs: None)
     torch.library.register_fake("ddpm_fast::winograd_weight")(
-        lambda w, tile=2: w.new_empty((tile + 2) ** 2, w.shape[1], w.shape[0])
+        lambda w, tile=2, rotated=False: w.new_empty((tile + 2) ** 2, *(w.shape[:2] if rotated else w.shape[1::-1]))
     )
 
 

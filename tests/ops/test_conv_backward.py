@@ -82,18 +82,31 @@ def test_gradients_match_float64(N, C, K, H, W, k, stride, padding, forward, bac
             _close(f"d{name} {case}", o, e)
 
 
+# G of F(2x2, 3x3) and F(4x4, 3x3) (csrc/cpu/winograd.cpp): U = G g G^T
+_G = {
+    2: [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+    4: [[1, 0, 0], [1 / 3, 1 / 3, 1 / 3], [-1 / 3, 1 / 3, -1 / 3], [-16 / 15, -8 / 15, -4 / 15], [1 / 15, -2 / 15, 4 / 15],
+        [0, 0, 1]],
+}  # fmt: skip
+
+
 @needs_cpu
-def test_rotated_weight_transform_is_the_kernels():
-    """The training path's transforms by the basis GEMM equal the extension's winograd_weight of w and of
-    w_rot = w.transpose(0, 1).flip(2, 3) (to fp32 rounding: a different order of the same sums)."""
-    w = torch.randn(37, 21, 3, 3, generator=torch.Generator().manual_seed(5))
-    w_rot = w.transpose(0, 1).flip(2, 3).contiguous()
-    for tile in (2, 4):
-        for rotated, want in ((False, _cpu.winograd_weight(w, tile)), (True, _cpu.winograd_weight(w_rot, tile))):
-            got = _cpu._winograd_weight_gemm(w, tile, rotated)
-            err = (got - want).abs().max().item()
-            print(f"tile {tile} rotated={rotated}: max diff from the kernel's transform {err:.3g}")
-            assert got.shape == want.shape and err <= 1e-6 * want.abs().max().item()
+@pytest.mark.parametrize("K, C", [(37, 21), (16, 16), (5, 40)])
+def test_weight_transform_and_its_rotated_mode_match_float64(K, C):
+    """winograd_weight(w, tile) is G g G^T of every filter in the (T, C, K) layout the kernel reads, and its rotated
+    mode the same of w_rot = w.transpose(0, 1).flip(2, 3) in (T, K, C) (the data gradient's weight, no copy of w),
+    against float64; channel counts off the kernel's 16 lanes."""
+    w = torch.randn(K, C, 3, 3, generator=torch.Generator().manual_seed(5))
+    w_rot = w.transpose(0, 1).flip(2, 3)
+    for tile, G in _G.items():
+        G = torch.tensor(G, dtype=torch.float64)
+        T = (tile + 2) ** 2
+        for rotated, g in ((False, w), (True, w_rot)):
+            exact = torch.einsum("ia,kcab,jb->ijck", G, g.double(), G).reshape(T, g.shape[1], g.shape[0])
+            got = _cpu.winograd_weight(w, tile, rotated=rotated)
+            err = (got.double() - exact).abs().max().item() / exact.abs().max().item()
+            print(f"tile {tile} rotated={rotated} {tuple(got.shape)}: max err / max |U| {err:.3g}")
+            assert got.shape == exact.shape and err <= 1e-6
 
 
 @needs_cpu
