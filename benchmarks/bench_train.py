@@ -15,12 +15,13 @@ shorter than a round, leave alone):
 Every row: model.train(), Adam (lr 2e-4), zero_grad(set_to_none=True), fp32, 32x32, the same random x0 each step,
 fresh t and eps each step. The optimizer step is eager in every row.
 
-Kernels: a training step runs under autograd, where q_sample, GroupNorm+SiLU (fp32 CPU, forward and backward),
-attention (CPU, forward with its log-sum-exp and flash-style backward) and the convolutions (fp32 CPU: Winograd or
-oneDNN forward; the 3x3 layers' data gradient on the Winograd kernel, weight and bias gradients in ATen's
-convolution_backward, the 1x1 shortcuts' gradients as GEMMs) have cpu kernels today; the linear layers run the reference. The ddpm_fast row therefore is
-not "fused": its record holds ``served`` (ops.trace() of one step: every op, backend and kernel) and the ops each
-side served. The run ends in one line if one of those ops did not run on the cpu kernels in that row.
+Kernels: a training step runs under autograd, where every op has cpu kernels forward and backward: q_sample,
+GroupNorm+SiLU, attention (forward with its log-sum-exp, flash-style backward), the convolutions (Winograd or oneDNN
+forward; the 3x3 layers' data gradient on the Winograd kernel, their weight and bias gradients in ATen's
+convolution_backward, the 1x1 shortcuts' gradients as GEMMs) and the linear layers (oneDNN forward and data
+gradient, the weight gradient in the BLAS). Parts of the backward run in ATen and the BLAS, so the record holds
+``served`` (ops.trace() of one step: every op, backend and kernel) and the ops each side served. The run ends in one
+line if one of those ops did not run on the cpu kernels in that row.
 
 Gradient agreement: from identical weights and the same x0, t and eps, one loss.backward() of the ddpm_fast row and
 of the reference row; per parameter max|g - g_ref| / max|g_ref|, the largest over the parameters is reported.
@@ -60,7 +61,7 @@ REF = "ddpm_fast reference"
 EAGER = "diffusers eager"
 COMPILED = "diffusers torch.compile"
 PROVIDERS = [OURS, REF, EAGER, COMPILED]
-# the ops that run ddpm_fast's cpu kernels under autograd today: the ddpm_fast row must show them on the cpu backend
+# the ops of a training step, each on ddpm_fast's cpu kernels under autograd: the ddpm_fast row must show them so
 FUSED_IN_TRAINING = [
     "q_sample",
     "group_norm_silu",
@@ -69,6 +70,8 @@ FUSED_IN_TRAINING = [
     "attention_backward",
     "conv2d",
     "conv2d_backward",
+    "linear",
+    "linear_backward",
 ]
 LR = 2e-4
 SIZE = 32

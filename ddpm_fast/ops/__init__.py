@@ -861,6 +861,9 @@ def linear(x, weight, bias=None, residual=None, *, scratch=None, backend=None, o
     GEMMs in oneDNN, else in the BLAS torch links; the GPU backends in cuBLAS. ``scratch``: a
     :meth:`Scratch.slot` the op may return its result in instead of a fresh tensor (valid until that slot's next
     use; inference only), or None.
+
+    Under autograd (fp32, no ``out``) the cpu backend runs the same forward and a backward (:class:`_Linear`): the
+    data gradient in oneDNN, the weight gradient in the BLAS; other backends run the reference.
     """
     x = C.tensor("x", x, min_dim=1)
     C.alike(
@@ -889,5 +892,29 @@ def linear(x, weight, bias=None, residual=None, *, scratch=None, backend=None, o
     # out may be the residual (added elementwise), never x or weight: the GEMM reads them all while it writes
     C.outputs({"out": out}, {"x": x, "weight": weight, "bias": bias, "residual": residual}, in_place=("residual",))
     needs_grad = _needs_grad(x, weight, bias, residual)
-    backend = resolve("linear", backend, x.device, needs_grad, x.dtype)
+    requested = backend
+    backend = resolve("linear", requested, x.device, needs_grad, x.dtype)
+    if needs_grad and out is None and resolve("linear", requested, x.device, False, x.dtype) == "cpu":
+        if module("cpu").has_linear_backward(x, weight, bias, residual):  # fp32: the cpu GEMMs serve a backward
+            return _Linear.apply(x, weight, bias, residual)
     return module(backend).linear(x, weight, bias, residual, None if needs_grad else scratch, out)
+
+
+class _Linear(torch.autograd.Function):
+    """linear on the cpu GEMMs with a backward for y = x W^T + b + residual, over the rows x2 = x.reshape(-1, in):
+    dx = dy W, dW = dy^T x2, db = the column sums of dy, d(residual) = dy (:func:`_cpu.linear_backward`). The
+    forward keeps x and the weight; no double backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return module("cpu").linear(x, weight, bias, residual, None, None)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: it says so if asked
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dx, dw, db = module("cpu").linear_backward(grad, x, weight, ctx.has_bias, needs[:3])
+        return dx, dw, db, grad if needs[3] else None

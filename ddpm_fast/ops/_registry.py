@@ -11,8 +11,8 @@ rules (``refuses(op, **facts)``: None, or why this call is not one its kernel ta
 - a backend asked for by name that cannot run raises, saying why (RuntimeError unavailable, NotImplementedError no
   kernel for the op, ValueError wrong device, TypeError a call its kernel does not take).
 - when autograd needs a gradient through an op, the reference runs (the fused kernels have no backward; q_sample,
-  which has one, resolves without asking, group_norm_silu and conv2d take the cpu kernels' backward in fp32 and
-  attention theirs in any fused dtype).
+  which has one, resolves without asking, group_norm_silu, conv2d and linear take the cpu kernels' backward in fp32
+  and attention theirs in any fused dtype).
 """
 
 from __future__ import annotations

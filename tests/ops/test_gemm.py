@@ -136,7 +136,9 @@ def test_linear_cpu_matches_float64(rows, n_in, n_out, with_residual, library, m
 
 
 @needs_cpu
-def test_linear_out_and_the_reference_in_training():
+def test_linear_out_and_training():
+    """out= without autograd; under autograd (fp32) the cpu GEMMs forward and backward (ops._Linear) where the
+    extension is built, the reference otherwise, and fp64 on the reference."""
     x, w, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(6)
     out = torch.empty(5, 6)
     assert df.ops.linear(x, w, b, out=out) is out
@@ -144,8 +146,63 @@ def test_linear_out_and_the_reference_in_training():
     wg = w.clone().requires_grad_()
     with df.ops.trace() as calls:
         df.ops.linear(x, wg, b).sum().backward()
-    assert [c.backend for c in calls] == ["torch"]
+    assert [(c.op, c.backend) for c in calls] == (
+        [("linear", "cpu"), ("linear_backward", "cpu")] if HAS_CPU else [("linear", "torch")]
+    )
     torch.testing.assert_close(wg.grad, torch.ones(5, 6).t() @ x)
+    wd = w.double().requires_grad_()
+    with df.ops.trace() as calls:
+        df.ops.linear(x.double(), wd).sum().backward()
+    assert [c.backend for c in calls] == ["torch"]
+
+
+@needs_cpu
+@pytest.mark.parametrize("rows, n_in, n_out", LINEARS)
+@pytest.mark.parametrize("bias, residual", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("library", ["onednn", "blas"])
+def test_linear_gradients_match_float64(rows, n_in, n_out, bias, residual, library, monkeypatch):
+    """dx, dW, db and d(residual) of the cpu linear under autograd against float64 autograd of F.linear, x with two
+    leading dims; x's gradient alone and the weight's alone; no double backward."""
+    if library == "blas":
+        monkeypatch.setattr(df.ops._cpu, "_linear_onednn", lambda: False)
+    elif not df.ops._cpu._linear_onednn():
+        pytest.skip("the extension runs its GEMMs in the BLAS here (DDPM_FAST_GEMM=blas or no oneDNN)")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, rows, n_in, generator=g)
+    w = torch.randn(n_out, n_in, generator=g) / n_in**0.5
+    b = torch.randn(n_out, generator=g) if bias else None
+    r = torch.randn(2, rows, n_out, generator=g) if residual else None
+    dy = torch.randn(2, rows, n_out, generator=g)
+
+    def grads(dtype, fused):
+        leaves = [None if t is None else t.detach().to(dtype, copy=True).requires_grad_(True) for t in (x, w, b, r)]
+        xl, wl, bl, rl = leaves
+        y = df.ops.linear(xl, wl, bl, rl) if fused else F.linear(xl, wl, bl) + (0 if rl is None else rl)
+        y.backward(dy.to(dtype))
+        return y, [None if t is None else t.grad for t in leaves]
+
+    with df.ops.trace() as calls:
+        y, ours = grads(torch.float32, True)
+    kernel = "onednn+blas" if library == "onednn" else "blas"
+    assert [str(c) for c in calls] == [f"linear cpu/{library}", f"linear_backward cpu/{kernel}"], calls.summary()
+    y64, exact = grads(torch.float64, False)
+    case = f"{(rows, n_in, n_out)} {library} bias={bias} residual={residual}"
+    _close(f"linear y {case}", y, y64, y)
+    for name, o, e in zip(("x", "weight", "bias", "residual"), ours, exact):
+        assert (o is None) == (e is None), name
+        if o is not None:  # dW and db sum over the 2 * rows rows: the bound is relative to their largest element
+            assert o.dtype == torch.float32
+            _close(f"linear d{name} {case}", o, e, o)
+    for i in (0, 1):  # one input needing a gradient at a time
+        leaves = [t.clone().requires_grad_(j == i) for j, t in enumerate((x, w))]
+        df.ops.linear(*leaves).backward(dy)
+        want = (dy.reshape(-1, n_out) @ w).view(x.shape) if i == 0 else dy.reshape(-1, n_out).t() @ x.reshape(-1, n_in)
+        torch.testing.assert_close(leaves[i].grad, want, rtol=1e-4, atol=1e-4)
+        assert leaves[1 - i].grad is None
+    xg = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(df.ops.linear(xg, w), xg, dy.clone().requires_grad_(True), create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
 
 
 def test_conv2d_in_place_on_its_input_and_scratch_names():
