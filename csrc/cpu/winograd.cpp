@@ -261,35 +261,39 @@ void weight_transform(const float* w, int64_t K, int64_t C, bool rotated, const 
   constexpr int L = 16;
   const int64_t R = rotated ? K : C, N = rotated ? C : K;
   at::parallel_for(0, R, 8, [&](int64_t r0, int64_t r1) {
-    alignas(64) float g[9][L], t[A][3][L];
-    for (int64_t r = r0; r < r1; ++r) {
+    alignas(64) float g[9][L];
+    for (int64_t r_row = r0; r_row < r1; ++r_row) {
       for (int64_t n0 = 0; n0 < N; n0 += L) {
         const int nl = static_cast<int>(std::min<int64_t>(L, N - n0));
         for (int j = 0; j < L; ++j) {
           if (j >= nl) {
             for (int s = 0; s < 9; ++s) g[s][j] = 0.f;
           } else if (rotated) {  // w[r][n0 + j][8 - s]
-            const float* f = w + (r * C + n0 + j) * 9;
+            const float* f = w + (r_row * C + n0 + j) * 9;
             for (int s = 0; s < 9; ++s) g[s][j] = f[8 - s];
           } else {  // w[n0 + j][r][s]
-            const float* f = w + ((n0 + j) * C + r) * 9;
+            const float* f = w + ((n0 + j) * C + r_row) * 9;
             for (int s = 0; s < 9; ++s) g[s][j] = f[s];
           }
         }
-        for (int i = 0; i < A; ++i)
-          for (int q = 0; q < 3; ++q)
-#pragma GCC ivdep
-            for (int j = 0; j < L; ++j) t[i][q][j] = G[i][0] * g[q][j] + G[i][1] * g[3 + q][j] + G[i][2] * g[6 + q][j];
-        for (int i = 0; i < A; ++i)
-          for (int p = 0; p < A; ++p) {
-            float* dst = u + ((i * A + p) * R + r) * N + n0;
-            if (nl == L) {
-#pragma GCC ivdep
-              for (int j = 0; j < L; ++j) dst[j] = G[p][0] * t[i][0][j] + G[p][1] * t[i][1][j] + G[p][2] * t[i][2][j];
-            } else {
-              for (int j = 0; j < nl; ++j) dst[j] = G[p][0] * t[i][0][j] + G[p][1] * t[i][1][j] + G[p][2] * t[i][2][j];
+        for (int j0 = 0; j0 < L; j0 += Vec::size()) {  // G g G^T on the lanes j0 ..
+          const int live = std::min<int>(Vec::size(), nl - j0);
+          if (live <= 0) break;
+          Vec gv[9], t[A][3];
+          for (int s = 0; s < 9; ++s) gv[s] = Vec::loadu(&g[s][j0]);
+          for (int i = 0; i < A; ++i)
+            for (int q = 0; q < 3; ++q)
+              t[i][q] = madd(Vec(G[i][0]), gv[q], madd(Vec(G[i][1]), gv[3 + q], Vec(G[i][2]) * gv[6 + q]));
+          for (int i = 0; i < A; ++i)
+            for (int p = 0; p < A; ++p) {
+              const Vec r = madd(Vec(G[p][0]), t[i][0], madd(Vec(G[p][1]), t[i][1], Vec(G[p][2]) * t[i][2]));
+              float* dst = u + ((i * A + p) * R + r_row) * N + n0 + j0;
+              if (live == Vec::size())
+                r.store(dst);
+              else
+                r.store(dst, live);
             }
-          }
+        }
       }
     }
   });
