@@ -100,3 +100,37 @@ def test_digits_quality_compares_bf16_with_fp32_over_seeds(tmp_path):
     assert rows[1]["max_abs_diff_vs_fp32"] > 0 and rec["verdict"].startswith("Frechet distance over seeds [0, 1]")
     bad = subprocess.run([*args[:-1], "0,x"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--seeds" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_digits_quality_solvers_against_ddpm_over_seeds(tmp_path):
+    """benchmarks/digits_quality.py --solvers: DDPM with every step and each fewer-step method at each step count,
+    per seed, on the fused cpu kernels; the summary's means and speed over DDPM-T; CLI mistakes are one line."""
+    import json
+
+    path = train_digits(str(tmp_path / "run"), steps=2, batch_size=8, timesteps=20, progress=False)
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "digits_quality.py")
+    record = tmp_path / "q.json"
+    args = [sys.executable, script, "--checkpoint", path, "-n", "6", "--solvers", "--seeds", "0,1"]
+    r = subprocess.run(
+        [*args, "--steps-list", "4,10", "--json", str(record)], capture_output=True, text=True, timeout=600
+    )
+    print(r.stdout, r.stderr[-2000:])
+    assert r.returncode == 0
+    rec = json.loads(record.read_text())
+    methods = ["ddim", "dpmpp_2m", "dpmpp_3m", "sde_dpmpp_2m", "unipc"]
+    configs = [("ddpm", 20)] + [(m, s) for s in (4, 10) for m in methods]
+    assert [(row["method"], row["steps"], row["seed"]) for row in rec["rows"]] == [
+        (m, s, seed) for seed in (0, 1) for m, s in configs
+    ]
+    assert all("cpu/" in row["served"] and "torch/" not in row["served"] for row in rec["rows"])
+    summary = {(row["method"], row["steps"]): row for row in rec["summary"]}
+    assert list(summary) == configs and summary["ddpm", 20]["speed_vs_ddpm_T"] == 1.0
+    for (method, steps), row in summary.items():
+        fd = [x["frechet_distance"] for x in rec["rows"] if (x["method"], x["steps"]) == (method, steps)]
+        assert abs(row["frechet_mean"] - sum(fd) / 2) < 1e-9
+    assert summary["unipc", 4]["speed_vs_ddpm_T"] > 1.5  # 4 steps against 20 (the model dominates both)
+    assert rec["verdict"].startswith("DDPM-20: Frechet distance")
+    for extra, word in ((["--steps-list", "0"], "--steps-list"), (["--steps-list", "30"], "--steps-list"),
+                        (["--bf16"], "--solvers")):  # fmt: skip
+        bad = subprocess.run([*args, *extra], capture_output=True, text=True, timeout=120)
+        assert bad.returncode != 0 and word in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
