@@ -118,15 +118,16 @@ class GaussianDiffusion:
         corrected sample. ``orders``: the predictor orders so far (the corrector's order is the previous step's)."""
         from .reference.unipc_step import unipc_coefficients
 
-        n, B = len(timesteps), x.shape[0]
+        n = len(timesteps)
         t_next = timesteps[i + 1] if i + 1 < n else -1
         p = min(order, n - i, i + 1)  # lower_order_final and the warm-up, as diffusers' step
         c = orders[-1] if i > 0 else 0
-        full = [torch.full((B,), v) for v in (timesteps[i], t_next, *timesteps[max(0, i - 2) : i][::-1])]
-        rows = unipc_coefficients(full[0], full[1], self.schedule, self.prediction_type, full[2:], p, c, solver_type)
+        # every sample is at the same t: one row for all (its float64 terms are computed row by row)
+        full = [torch.full((1,), v) for v in (timesteps[i], t_next, *timesteps[max(0, i - 2) : i][::-1])]
+        row = unipc_coefficients(full[0], full[1], self.schedule, self.prediction_type, full[2:], p, c, solver_type)
         history = tuple(x0s[(i - j) % 2] for j in range(1, min(i, 2) + 1))  # D1, D2 newest first
         ops.unipc_step(
-            x, model_output, rows.to(torch.float32), history, last if c else None, backend=self.backend, out=x,
+            x, model_output, row[0].to(torch.float32), history, last if c else None, backend=self.backend, out=x,
             x0_out=x0s[i % 2], sample_out=last,
         )  # fmt: skip
         orders.append(p)
