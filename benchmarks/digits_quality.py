@@ -164,24 +164,17 @@ def precision(args, seeds, model, schedule, clf):
         f"Frechet distance over seeds {seeds}: fp32 {mean['fp32']:.3f} (spread {spread:.3f}), bf16 {mean['bf16']:.3f}: "
         f"bf16 {'within' if within else 'outside'} fp32's seed-to-seed spread"
     )
+    finish(args, seeds, rows, verdict, frechet_mean=mean, fp32_spread=spread, bf16_within_fp32_spread=within)
+
+
+def finish(args, seeds, rows, verdict, **fields):
+    """Print the verdict and write the record (the machine, the rows, ``fields``, the command line) to --json."""
     print(verdict)
     if len(seeds) < 2:
         print("(one seed: no spread to compare against; give --seeds 0,1,2)")
     if args.json:
-        write_json(
-            args.json,
-            {
-                "machine": machine(),
-                "n": args.n,
-                "seeds": seeds,
-                "rows": rows,
-                "frechet_mean": mean,
-                "fp32_spread": spread,
-                "bf16_within_fp32_spread": within,
-                "verdict": verdict,
-                "command": "python " + " ".join(sys.argv),
-            },
-        )
+        record = {"machine": machine(), "n": args.n, "seeds": seeds, "rows": rows, **fields, "verdict": verdict}
+        write_json(args.json, {**record, "command": "python " + " ".join(sys.argv)})
 
 
 SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "sde_dpmpp_2m", "unipc")
@@ -243,24 +236,7 @@ def solvers(args, seeds, steps_list, model, schedule, clf):
         f"DDPM-{T}: Frechet distance {base_mean:.3f}, spread over seeds {seeds} {spread:.3f}; at 20 steps within "
         f"that spread and at least 25x faster: {', '.join(r['method'] for r in hits) or 'none'}"
     )
-    print(verdict)
-    if len(seeds) < 2:
-        print("(one seed: no spread to compare against; give --seeds 0,1,2)")
-    if args.json:
-        write_json(
-            args.json,
-            {
-                "machine": machine(),
-                "n": args.n,
-                "seeds": seeds,
-                "rows": rows,
-                "summary": summary,
-                "ddpm_T_frechet_mean": base_mean,
-                "ddpm_T_spread": spread,
-                "verdict": verdict,
-                "command": "python " + " ".join(sys.argv),
-            },
-        )
+    finish(args, seeds, rows, verdict, summary=summary, ddpm_T_frechet_mean=base_mean, ddpm_T_spread=spread)
 
 
 if __name__ == "__main__":

@@ -113,20 +113,31 @@ def test_conv2d_named_cpu_backend_refuses_what_it_cannot_run():
 LINEARS = [(7, 16, 24), (1, 3, 5), (64, 256, 768)]  # (rows, in, out)
 
 
-@needs_cpu
-@pytest.mark.parametrize("rows, n_in, n_out", LINEARS)
-@pytest.mark.parametrize("with_residual", [False, True])
-@pytest.mark.parametrize("library", ["onednn", "blas"])
-def test_linear_cpu_matches_float64(rows, n_in, n_out, with_residual, library, monkeypatch):
-    if library == "blas":
+@pytest.fixture(params=["onednn", "blas"])
+def library(request, monkeypatch):
+    """The GEMM library the cpu linear runs in: oneDNN (skipped where the extension has it off) or the BLAS."""
+    if request.param == "blas":
         monkeypatch.setattr(df.ops._cpu, "_linear_onednn", lambda: False)
     elif not df.ops._cpu._linear_onednn():
         pytest.skip("the extension runs its GEMMs in the BLAS here (DDPM_FAST_GEMM=blas or no oneDNN)")
-    g = torch.Generator().manual_seed(1)
+    return request.param
+
+
+def _linear_tensors(seed, rows, n_in, n_out, bias, residual):
+    """x (2, rows, in), w, b, residual and an output gradient, unit-scale outputs."""
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, rows, n_in, generator=g)
     w = torch.randn(n_out, n_in, generator=g) / n_in**0.5
-    b = torch.randn(n_out, generator=g)
-    r = torch.randn(2, rows, n_out, generator=g) if with_residual else None
+    b = torch.randn(n_out, generator=g) if bias else None
+    r = torch.randn(2, rows, n_out, generator=g) if residual else None
+    return x, w, b, r, torch.randn(2, rows, n_out, generator=g)
+
+
+@needs_cpu
+@pytest.mark.parametrize("rows, n_in, n_out", LINEARS)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_linear_cpu_matches_float64(rows, n_in, n_out, with_residual, library):
+    x, w, b, r, _ = _linear_tensors(1, rows, n_in, n_out, True, with_residual)
     scratch = df.ops.Scratch()
     with torch.inference_mode(), df.ops.trace() as calls:
         got = df.ops.linear(x, w, b, r, scratch=scratch.slot("y"))
@@ -159,20 +170,10 @@ def test_linear_out_and_training():
 @needs_cpu
 @pytest.mark.parametrize("rows, n_in, n_out", LINEARS)
 @pytest.mark.parametrize("bias, residual", [(True, True), (False, False), (True, False)])
-@pytest.mark.parametrize("library", ["onednn", "blas"])
-def test_linear_gradients_match_float64(rows, n_in, n_out, bias, residual, library, monkeypatch):
+def test_linear_gradients_match_float64(rows, n_in, n_out, bias, residual, library):
     """dx, dW, db and d(residual) of the cpu linear under autograd against float64 autograd of F.linear, x with two
     leading dims; x's gradient alone and the weight's alone; no double backward."""
-    if library == "blas":
-        monkeypatch.setattr(df.ops._cpu, "_linear_onednn", lambda: False)
-    elif not df.ops._cpu._linear_onednn():
-        pytest.skip("the extension runs its GEMMs in the BLAS here (DDPM_FAST_GEMM=blas or no oneDNN)")
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, rows, n_in, generator=g)
-    w = torch.randn(n_out, n_in, generator=g) / n_in**0.5
-    b = torch.randn(n_out, generator=g) if bias else None
-    r = torch.randn(2, rows, n_out, generator=g) if residual else None
-    dy = torch.randn(2, rows, n_out, generator=g)
+    x, w, b, r, dy = _linear_tensors(2, rows, n_in, n_out, bias, residual)
 
     def grads(dtype, fused):
         leaves = [None if t is None else t.detach().to(dtype, copy=True).requires_grad_(True) for t in (x, w, b, r)]
