@@ -6,11 +6,11 @@ weights, side by side in one run.
 
     python benchmarks/sample_speed.py                       # CPU default, about a minute
     python benchmarks/sample_speed.py --model cifar10 --batch 8 --steps 1000 --json out.json --plot out.png
-    python benchmarks/sample_speed.py --method dpmpp_2m --steps 20   # or --method ddim: few-step solvers
+    python benchmarks/sample_speed.py --method dpmpp_2m --steps 20   # or ddim, dpmpp_3m: few-step solvers
 
---method ddim / dpmpp_2m: the paper's T=1000 schedule sampled in --steps solver steps (the timesteps 0, T/steps, ...
+--method ddim / dpmpp_2m / dpmpp_3m: the paper's T=1000 schedule sampled in --steps solver steps (the timesteps 0, T/steps, ...
 that GaussianDiffusion.sample(steps=...) takes); diffusers' rows are its pipeline with DDIMScheduler (leading spacing,
-the same timesteps) or DPMSolverMultistepScheduler (set to the same timesteps), and every row draws x_T from the same
+the same timesteps) or DPMSolverMultistepScheduler (solver_order 2 or 3, set to the same timesteps), and every row draws x_T from the same
 generator, so every row's images are compared with diffusers' (the solvers add no noise after x_T). Under the table,
 "float32 floor": diffusers' own loop from x_T moved by one ulp against its images, the chain's sensitivity to float32
 rounding (large for DDIM with clip_sample, both sides' default, and the random-weight U-Net: a few 1e-3 at 20 steps);
@@ -105,9 +105,9 @@ def main() -> None:
     )
     p.add_argument(
         "--method",
-        choices=["ddpm", "ddim", "dpmpp_2m"],
+        choices=["ddpm", "ddim", "dpmpp_2m", "dpmpp_3m"],
         default="ddpm",
-        help="ddpm: T=--steps DDPM steps (the default run); ddim / dpmpp_2m: --steps solver steps of T=1000",
+        help="ddpm: T=--steps DDPM steps (the default run); ddim / dpmpp_2m / dpmpp_3m: --steps solver steps of T=1000",
     )
     p.add_argument("--json", help="write a JSON record here")
     p.add_argument("--plot", help="write a PNG bar chart here")
@@ -163,7 +163,7 @@ def main() -> None:
             pipes[name] = diffusers.DDPMPipeline(unet=unet, scheduler=sched)
             pipes[name].set_progress_bar_config(disable=True)
         accelerated = str(df.accelerate(pipes["diffusers+accelerate"]))  # strict: an AccelerateError if it cannot
-        if args.method == "dpmpp_2m":
+        if args.method in ("dpmpp_2m", "dpmpp_3m"):
             pin_timesteps(pipes["diffusers+accelerate"].scheduler, solver_ts)
         if args.compile:  # compiled lazily: the first round's time includes the compile (time to first image)
             pipes["diffusers+compile"].unet = torch.compile(pipes["diffusers+compile"].unet)
@@ -298,6 +298,7 @@ STEP_OP = {
     "ddpm": "ddpm_step",
     "ddim": "ddpm_step",
     "dpmpp_2m": "dpmpp_step",
+    "dpmpp_3m": "dpmpp_step",
 }  # the fused op each method runs (DDIM: the reverse-step kernel with its table)
 
 
@@ -308,7 +309,8 @@ def make_scheduler(diffusers, method: str, T: int, beta_end: float, timesteps: l
         return diffusers.DDPMScheduler(**common)
     if method == "ddim":  # leading spacing, no offset: T/steps * i, the last step to abar = 1 (set_alpha_to_one)
         return diffusers.DDIMScheduler(**common, timestep_spacing="leading", steps_offset=0, set_alpha_to_one=True)
-    return pin_timesteps(diffusers.DPMSolverMultistepScheduler(**common), timesteps)
+    order = 3 if method == "dpmpp_3m" else 2
+    return pin_timesteps(diffusers.DPMSolverMultistepScheduler(**common, solver_order=order), timesteps)
 
 
 def float32_floor(pipe, images, batch: int, steps: int, device: str) -> float:
