@@ -59,6 +59,12 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tensors)
 
 
+def _cpu_backward(op: str, requested, x, tensors, **facts) -> bool:
+    """Whether a call under autograd runs the cpu kernels forward and backward: the backend the call would resolve
+    to without autograd is cpu, and the cpu backward takes its tensors (fp32)."""
+    return resolve(op, requested, x.device, False, x.dtype, **facts) == "cpu" and module("cpu").has_backward(*tensors)
+
+
 # ----------------------------------------------------------------------------------------------- noising
 def q_sample(x0, t, noise, schedule, *, seed=None, sample_offset=0, coefficients=None, backend=None, out=None):
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4), t per sample.
@@ -818,9 +824,12 @@ def conv2d(
     needs_grad = _needs_grad(x, weight, bias, residual)
     requested = backend
     backend = resolve("conv2d", requested, x.device, needs_grad, x.dtype, padding=padding)
-    if needs_grad and out is None and resolve("conv2d", requested, x.device, False, x.dtype, padding=padding) == "cpu":
-        if module("cpu").has_conv2d_backward(x, weight, bias, residual):  # fp32: the cpu kernels serve a backward
-            return _Conv2d.apply(x, weight, bias, residual, stride, padding, dilation, groups)
+    if (
+        needs_grad
+        and out is None
+        and _cpu_backward("conv2d", requested, x, (x, weight, bias, residual), padding=padding)
+    ):
+        return _Conv2d.apply(x, weight, bias, residual, stride, padding, dilation, groups)
     return module(backend).conv2d(x, weight, bias, residual, stride, padding, dilation, groups, prepared, out)
 
 
@@ -894,9 +903,8 @@ def linear(x, weight, bias=None, residual=None, *, scratch=None, backend=None, o
     needs_grad = _needs_grad(x, weight, bias, residual)
     requested = backend
     backend = resolve("linear", requested, x.device, needs_grad, x.dtype)
-    if needs_grad and out is None and resolve("linear", requested, x.device, False, x.dtype) == "cpu":
-        if module("cpu").has_linear_backward(x, weight, bias, residual):  # fp32: the cpu GEMMs serve a backward
-            return _Linear.apply(x, weight, bias, residual)
+    if needs_grad and out is None and _cpu_backward("linear", requested, x, (x, weight, bias, residual)):
+        return _Linear.apply(x, weight, bias, residual)
     return module(backend).linear(x, weight, bias, residual, None if needs_grad else scratch, out)
 
 

@@ -481,9 +481,10 @@ def conv2d(x, weight, bias, residual, stride, padding, dilation, groups, prepare
     return finish(y, out)
 
 
-def has_conv2d_backward(x, weight, bias, residual) -> bool:
-    """Whether conv2d_backward serves a gradient of this call: fp32 tensors (bf16 training runs the reference)."""
-    return all(t.dtype == torch.float32 for t in (x, weight, bias, residual) if t is not None)
+def has_backward(*tensors) -> bool:
+    """Whether conv2d_backward and linear_backward serve a gradient of a call with these tensors: fp32 (bf16
+    training runs the reference)."""
+    return all(t.dtype == torch.float32 for t in tensors if t is not None)
 
 
 def conv2d_train(x, weight, bias, residual, stride, padding, dilation, groups):
@@ -508,22 +509,18 @@ def _pointwise(weight, stride, padding, groups) -> bool:
 
 
 def _pointwise_backward(g, xd, w, has_bias, needs):
-    """A 1x1 stride-1 convolution on channels_last tensors is a GEMM over the N*H*W pixels, y2 = x2 w2^T with x2
-    (NHW, C), w2 (K, C): dx2 = dy2 w2, dw2 = dy2^T x2, db = the column sums of dy2, on the views, no copies. (ATen
-    sends it to _slow_conv2d_backward: 17 ms where these GEMMs take 4 for a 512 -> 256 shortcut at batch 8, 16x16,
-    one thread.)"""
+    """A 1x1 stride-1 convolution on channels_last tensors is a linear layer over the N*H*W pixels, y2 = x2 w2^T with
+    x2 (NHW, C), w2 (K, C): its backward is :func:`_rows_backward` on the views. (ATen sends it to
+    _slow_conv2d_backward: 17 ms where these GEMMs take 4 for a 512 -> 256 shortcut at batch 8, 16x16, one
+    thread.)"""
     record("conv2d_backward", NAME, "gemm")
     N, K, H, W = g.shape
     C = xd.shape[1]
-    g2 = g.permute(0, 2, 3, 1).reshape(N * H * W, K)
-    dx = dw = db = None
-    if needs[0]:
-        dx = torch.mm(g2, w.view(K, C)).view(N, H, W, C).permute(0, 3, 1, 2)
-    if needs[1]:
-        dw = torch.mm(g2.t(), xd.permute(0, 2, 3, 1).reshape(N * H * W, C)).view(K, C, 1, 1)
-    if has_bias and needs[2]:
-        db = g2.sum(0)
-    return dx, dw, db
+    rows = N * H * W
+    g2, x2 = g.permute(0, 2, 3, 1).reshape(rows, K), xd.permute(0, 2, 3, 1).reshape(rows, C)
+    dx2, dw, db, _ = _rows_backward(g2, x2, w.view(K, C), has_bias, needs)
+    dx = None if dx2 is None else dx2.view(N, H, W, C).permute(0, 3, 1, 2)
+    return dx, None if dw is None else dw.view(K, C, 1, 1), db
 
 
 def conv2d_backward(grad, xd, weight, has_bias, stride, padding, dilation, groups, needs):
@@ -587,36 +584,36 @@ def linear(x, weight, bias, residual, scratch, out):
     return finish(y.view(*lead, K), out)
 
 
-def has_linear_backward(x, weight, bias, residual) -> bool:
-    """Whether linear_backward serves a gradient of this call: fp32 tensors (bf16 training runs the reference)."""
-    return all(t.dtype == torch.float32 for t in (x, weight, bias, residual) if t is not None)
+def _rows_backward(g2, x2, w, has_bias, needs):
+    """(dx2, dw, db, library) of y2 = x2 w^T + b over rows (x2 (M, in), dy2 = g2 (M, out), w (out, in)), each
+    None where ``needs`` says it is not wanted: dx2 = dy2 w in oneDNN (w^T copied: a weight, small) where the
+    extension runs its GEMMs in oneDNN, dw = dy2^T x2 in the BLAS (the transposed operand read in place; oneDNN
+    would need both operands copied), db = the column sums of dy2; ``library``: what served them ("onednn+blas" or
+    "blas"). oneDNN's GEMM ran 2.3x MKL's on Zen 5 (MKL takes its AVX2 path on AMD) at the U-Net's attention
+    projections: 2048 x 256 x 256, one thread."""
+    dx2 = dw = db = None
+    library = "blas"
+    if needs[0]:
+        if _linear_onednn():
+            library = "onednn+blas"
+            dx2 = torch.ops.mkldnn._linear_pointwise(g2.contiguous(), w.t().contiguous(), None, "none", [], "")
+        else:
+            dx2 = torch.mm(g2, w)
+    if needs[1]:
+        dw = torch.mm(g2.t(), x2)
+    if has_bias and needs[2]:
+        db = g2.sum(0)
+    return dx2, dw, db, library
 
 
 def linear_backward(grad, x, weight, has_bias, needs):
-    """(dx, dw, db) of ``x W^T + b`` for dL/dy = grad over the rows (x2 = x.reshape(-1, in), dy2 likewise), each
-    None where ``needs`` says it is not wanted: dx = dy2 W in oneDNN (W^T copied: a weight, small) where the
-    extension runs its GEMMs in oneDNN, dW = dy2^T x2 in the BLAS (the transposed operand read in place; oneDNN
-    would need both operands copied), db = the column sums of dy2. oneDNN's GEMM ran 2.3x MKL's on Zen 5 (MKL
-    takes its AVX2 path on AMD) at the U-Net's attention projections: 2048 x 256 x 256, one thread."""
+    """(dx, dw, db) of ``x W^T + b`` for dL/dy = grad, over the rows of x and grad (:func:`_rows_backward`)."""
     K, n_in = weight.shape
-    g2 = grad.reshape(-1, K)
-    w = weight.detach()
-    dx = dw = db = None
-    if needs[0]:
-        if _linear_onednn():
-            record("linear_backward", NAME, "onednn+blas")
-            dx2 = torch.ops.mkldnn._linear_pointwise(g2.contiguous(), w.t().contiguous(), None, "none", [], "")
-        else:
-            record("linear_backward", NAME, "blas")
-            dx2 = torch.mm(g2, w)
-        dx = dx2.view(x.shape)
-    else:
-        record("linear_backward", NAME, "blas")
-    if needs[1]:
-        dw = torch.mm(g2.t(), x.detach().reshape(-1, n_in))
-    if has_bias and needs[2]:
-        db = g2.sum(0)
-    return dx, dw, db
+    dx2, dw, db, library = _rows_backward(
+        grad.reshape(-1, K), x.detach().reshape(-1, n_in), weight.detach(), has_bias, needs
+    )
+    record("linear_backward", NAME, library)
+    return None if dx2 is None else dx2.view(x.shape), dw, db
 
 
 def _register_fakes() -> None:
